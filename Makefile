@@ -1,0 +1,39 @@
+# lmtrain — the two commands of the quick start are `make demo` and `make test`.
+
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_MIRROR ?=
+RUN ?= runs/demo
+
+.PHONY: help install demo test data clean
+
+help:
+	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
+	@echo "make test   run the test suite (creates $(VENV) with the test extras)"
+	@echo "make data   fetch PTB and WikiText-2 into data/ (DATA_MIRROR=DIR copies from a mirror)"
+
+# torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/lmtrain train --config configs/demo.toml --run-dir $(RUN) --overwrite
+	$(BIN)/lmtrain evaluate $(RUN) --split test
+	$(BIN)/lmtrain generate $(RUN) --prompt "The" --max-tokens 80 --num-samples 3 --temperature 0.8 --seed 1
+
+test: install
+	$(BIN)/python -m pytest -q
+
+data:
+	$(PYTHON) data/fetch.py --dest data $(if $(DATA_MIRROR),--mirror $(DATA_MIRROR))
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
