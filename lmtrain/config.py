@@ -1,0 +1,236 @@
+"""Run configuration: frozen dataclasses filled from defaults < TOML file < `--set` overrides.
+
+Every default lives here and nowhere else. A TOML file has up to three tables, `[tokenizer]`,
+`[model]` and `[train]`, whose keys are the fields below; an override is `section.key=value`
+with a TOML value (`train.lr=0.5`, `model.tie_weights=true`) or a bare string
+(`train.optimizer=adamw`). Unknown sections or keys and values of the wrong type raise
+`LmtrainError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmtrain.errors import LmtrainError
+
+TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
+CELLS = ("lstm",)
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("plateau", "epoch")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "bpe"  # bpe | unigram | char | word (whitespace-separated words)
+    vocab_size: int = 4000  # an upper bound for char and word; exact for bpe and unigram
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"
+    layers: int = 2
+    embedding_size: int = 200
+    hidden_size: int = 200
+    dropout: float = 0.0  # on the embedding output, between layers and before the decoder
+    tie_weights: bool = False  # decoder shares the embedding matrix; needs embedding_size == hidden_size
+    init_range: float = 0.1  # every parameter starts uniform in [-init_range, init_range]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps in all (0: no limit)
+    batch_size: int = 20  # parallel token streams
+    eval_batch_size: int = 10
+    bptt: int = 35  # tokens per truncated-BPTT window
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 1.0
+    # plateau: divide lr by lr_decay whenever validation does not improve;
+    # epoch: lr = lr / lr_decay ** max(0, epoch - lr_decay_start) for epoch = 1, 2, ...
+    lr_schedule: str = "plateau"
+    lr_decay: float = 4.0
+    lr_decay_start: int = 0
+    weight_decay: float = 0.0
+    clip: float = 0.25  # max global gradient norm (0: no clipping)
+    seed: int = 1111
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 100  # optimizer steps between progress records in metrics.jsonl
+
+
+@dataclass(frozen=True)
+class Config:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {"tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
+    """Resolve a Config from the defaults, an optional TOML file and `section.key=value` overrides."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        for section, table in read_toml(path).items():
+            if section not in SECTIONS:
+                raise LmtrainError(f"{path}: unknown config section [{section}] (known: {', '.join(SECTIONS)})")
+            if not isinstance(table, dict):
+                raise LmtrainError(f"{path}: '{section}' must be a table [{section}]")
+            for key, value in table.items():
+                values[section][key] = check_value(section, key, value)
+    for item in overrides:
+        section, key, value = parse_override(item)
+        values[section][key] = value
+    return from_dict(values)
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> Config:
+    """Build a Config from nested plain values (as stored in checkpoints), checking every key."""
+    sections = {}
+    for section, cls in SECTIONS.items():
+        table = values.get(section, {})
+        for key, value in table.items():
+            check_value(section, key, value)
+        sections[section] = cls(**table)
+    unknown = set(values) - set(SECTIONS)
+    if unknown:
+        raise LmtrainError(f"unknown config section '{sorted(unknown)[0]}'")
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as a TOML document that `load_config` reads back unchanged."""
+    lines = []
+    for section, table in to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise LmtrainError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise LmtrainError(f"config path is a directory, not a TOML file: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LmtrainError(f"{path}: not valid TOML: {e}") from None
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`train.lr=0.5` -> ("train", "lr", 0.5), typed by the field it sets."""
+    name, sep, raw = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise LmtrainError(f"--set expects section.key=value, got '{item}'")
+    field_type = field_types(section).get(key)
+    if field_type is None:
+        check_value(section, key, None)  # raises with the right message
+    raw = raw.strip()
+    if field_type is str:
+        value: Any = raw.strip("'\"")
+    else:
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+    return section, key, check_value(section, key, value)
+
+
+def field_types(section: str) -> dict[str, type]:
+    cls = SECTIONS.get(section)
+    if cls is None:
+        raise LmtrainError(f"unknown config section '{section}' (known: {', '.join(SECTIONS)})")
+    return {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type] for f in dataclasses.fields(cls)}
+
+
+def check_value(section: str, key: str, value: Any) -> Any:
+    """Return `value` converted to the field's type, or raise naming `section.key`."""
+    types = field_types(section)
+    if key not in types:
+        raise LmtrainError(f"unknown config key '{section}.{key}' (known in [{section}]: {', '.join(types)})")
+    want = types[key]
+    ok = (
+        (want is bool and isinstance(value, bool))
+        or (want is int and isinstance(value, int) and not isinstance(value, bool))
+        or (want is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (want is str and isinstance(value, str))
+    )
+    if not ok:
+        raise LmtrainError(f"config key '{section}.{key}' must be {want.__name__}, got {value!r}")
+    return float(value) if want is float else value
+
+
+def validate(config: Config) -> None:
+    """Range and choice checks that the types alone do not express."""
+    t, m, tr = config.tokenizer, config.model, config.train
+    choices = [
+        ("tokenizer.kind", t.kind, TOKENIZER_KINDS),
+        ("model.cell", m.cell, CELLS),
+        ("train.optimizer", tr.optimizer, OPTIMIZERS),
+        ("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
+        ("train.device", tr.device, DEVICES),
+    ]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise LmtrainError(f"config key '{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    positive = [
+        ("tokenizer.vocab_size", t.vocab_size),
+        ("model.layers", m.layers),
+        ("model.embedding_size", m.embedding_size),
+        ("model.hidden_size", m.hidden_size),
+        ("train.batch_size", tr.batch_size),
+        ("train.eval_batch_size", tr.eval_batch_size),
+        ("train.bptt", tr.bptt),
+        ("train.lr", tr.lr),
+        ("train.lr_decay", tr.lr_decay),
+        ("train.log_interval", tr.log_interval),
+    ]
+    for key, value in positive:
+        if value <= 0:
+            raise LmtrainError(f"config key '{key}' must be positive, got {value}")
+    non_negative = [
+        ("train.epochs", tr.epochs),
+        ("train.max_steps", tr.max_steps),
+        ("train.clip", tr.clip),
+        ("train.weight_decay", tr.weight_decay),
+        ("train.lr_decay_start", tr.lr_decay_start),
+        ("model.init_range", m.init_range),
+    ]
+    for key, value in non_negative:
+        if value < 0:
+            raise LmtrainError(f"config key '{key}' must not be negative, got {value}")
+    if tr.epochs == 0 and tr.max_steps == 0:
+        raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
+    if not 0.0 <= m.dropout < 1.0:
+        raise LmtrainError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if t.vocab_size < 3:
+        raise LmtrainError(f"config key 'tokenizer.vocab_size' must be at least 3, got {t.vocab_size}")
+    if m.tie_weights and m.embedding_size != m.hidden_size:
+        raise LmtrainError(
+            f"model.tie_weights needs model.embedding_size == model.hidden_size "
+            f"(got {m.embedding_size} and {m.hidden_size})"
+        )
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

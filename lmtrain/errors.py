@@ -1,0 +1,9 @@
+"""The one exception type that reaches the user as a single line."""
+
+
+class LmtrainError(Exception):
+    """A problem with the user's input or environment, not a bug.
+
+    The CLI prints `error: <message>` on one line and exits with code 2.
+    Messages name the offending path, key or value and, where it helps, the fix.
+    """
