@@ -1,0 +1,56 @@
+"""Checkpoints: plain state_dicts and values, written atomically and loaded without unpickling code.
+
+A checkpoint is a dict:
+    format      "lmtrain-checkpoint", version 1
+    config      the resolved config as nested plain values (lmtrain.config.to_dict)
+    corpus      where the corpus came from (an absolute path or "builtin")
+    vocab_size  the tokenizer's vocabulary size
+    model       the model's state_dict
+    optimizer   the optimizer's state_dict
+    progress    epoch, step, lr, best_valid_nll
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtrain.errors import LmtrainError
+
+FORMAT, VERSION = "lmtrain-checkpoint", 1
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same directory, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with `weights_only=True`, so a crafted file cannot run code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LmtrainError(f"checkpoint not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        first_line = str(e).strip().split("\n")[0][:200]
+        raise LmtrainError(f"{path} is not a readable lmtrain checkpoint ({first_line})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise LmtrainError(f"{path} is not an lmtrain checkpoint")
+    if payload.get("version") != VERSION:
+        raise LmtrainError(f"{path}: unsupported checkpoint version {payload.get('version')}")
+    return payload

@@ -1,0 +1,200 @@
+"""The command line: parse, resolve the config, call one function. The only place that exits.
+
+Precedence of settings: the dataclass defaults (lmtrain/config.py) < the TOML file given with
+--config < each --set section.key=value, in order. Problems with the user's input print one line,
+`error: ...`, on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from lmtrain.config import Config, load_config
+from lmtrain.corpus import BUILTIN, load_corpus, read_lines, text_stats
+from lmtrain.errors import LmtrainError
+from lmtrain.evaluate import combine, evaluate as evaluate_tokens
+from lmtrain.generate import sample
+from lmtrain.model import LanguageModel, count_parameters
+from lmtrain.prepare import encode_corpus, encode_split, get_tokenizer
+from lmtrain.progress import TerminalProgress
+from lmtrain.run import create_run_dir, load_run, tokenizer_info, write_run_files
+from lmtrain.train import min_train_tokens, resolve_device, seed_everything, train as train_model
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Train, evaluate and sample next-word LSTM language models.",
+)
+
+
+@contextmanager
+def user_errors():
+    """Turn LmtrainError into one line on stderr and exit code 2."""
+    try:
+        yield
+    except LmtrainError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def train(
+    corpus: Annotated[Optional[Path], typer.Argument(help="Directory with train.txt/valid.txt/test.txt, or one text file. Default: the built-in corpus.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (see configs/).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+) -> None:
+    """Train a tokenizer and a language model on CORPUS."""
+    with user_errors():
+        cfg = load_config(config, overrides or [])
+        texts = load_corpus(corpus)
+        device = resolve_device(cfg.train.device)
+        say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
+        tokenizer = get_tokenizer(texts.splits["train"], cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+        data = encode_corpus(tokenizer, texts.splits)
+        n_train, needed = len(data["train"].tokens), min_train_tokens(cfg.train)
+        if n_train < needed:
+            raise LmtrainError(
+                f"the training split has {n_train:,} tokens, too few for one batch of "
+                f"train.batch_size {cfg.train.batch_size} x train.bptt {cfg.train.bptt} = {needed:,} tokens "
+                "(use a larger corpus or lower train.batch_size / train.bptt)"
+            )
+        run_dir = run_dir or default_run_dir(texts.source)
+        try:
+            create_run_dir(run_dir, overwrite)
+        except OSError as e:
+            raise LmtrainError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+        write_run_files(run_dir, cfg, tokenizer)
+        seed_everything(cfg.train.seed)
+        model = LanguageModel(cfg.model, tokenizer.vocab_size).to(device)
+        say(
+            f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
+            f"vocab {tokenizer.vocab_size:,} ({cfg.tokenizer.kind}) | {count_parameters(model):,} parameters | "
+            f"device {device} | run {run_dir}"
+        )
+        info = {"corpus": texts.source, **tokenizer_info(tokenizer)}
+        try:
+            record = train_model(model, cfg, data, run_dir, info, TerminalProgress())
+        except KeyboardInterrupt:
+            say(f"\ninterrupted; checkpoints of finished epochs are in {run_dir}")
+            raise typer.Exit(130) from None
+        say(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps; run in {run_dir}")
+        say(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+
+
+def default_run_dir(source: str) -> Path:
+    name = "builtin" if source == BUILTIN else Path(source).stem or "corpus"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory (its best.pt) or a checkpoint file.")],
+    files: Annotated[Optional[list[Path]], typer.Argument(help="Text files to score instead of a split of the training corpus.", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Split of the training corpus: train, valid or test.")] = "test",
+    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams (default: the run's train.eval_batch_size). 1 gives every token its full left context.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity, word-level perplexity and bits per byte of a trained model."""
+    with user_errors():
+        if split not in ("train", "valid", "test"):
+            raise LmtrainError(f"--split must be train, valid or test, got '{split}'")
+        if batch_size is not None and batch_size < 1:
+            raise LmtrainError(f"--batch-size must be at least 1, got {batch_size}")
+        loaded = load_run(run, resolve_device("auto"))
+        batch = batch_size or loaded.config.train.eval_batch_size
+        bptt = loaded.config.train.bptt
+        if files:
+            texts = {str(f): read_lines(f) for f in files}
+        else:
+            texts = {split: corpus_split(loaded.corpus, split)}
+        results = {}
+        for name, lines in texts.items():
+            results[name] = evaluate_tokens(loaded.model, encode_split(loaded.tokenizer, lines), batch, bptt)
+        report = dict(combine(list(results.values())))
+        if files:
+            report["files"] = [{"file": name, **m} for name, m in results.items()]
+        else:
+            report["split"] = split
+        if as_json:
+            typer.echo(json.dumps(report))
+            return
+        for name, m in results.items():
+            typer.echo(format_metrics(name, m))
+        if len(results) > 1:
+            typer.echo(format_metrics("all", report))
+
+
+def corpus_split(source: str, split: str) -> list[str]:
+    if source != BUILTIN and not Path(source).exists():
+        raise LmtrainError(f"the run's training corpus {source} is no longer there; pass text files to score instead")
+    return load_corpus(None if source == BUILTIN else Path(source)).splits[split]
+
+
+def format_metrics(name: str, m: dict) -> str:
+    return (
+        f"{name}: {m['tokens']:,} tokens | ppl {m['ppl']:.2f} | word ppl {m['word_ppl']:.2f} "
+        f"({m['words']:,} words) | {m['bits_per_byte']:.3f} bits/byte"
+    )
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="Run directory (its best.pt) or a checkpoint file.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to sample per sample.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens only (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens whose probability reaches p.")] = 1.0,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, drawn as one batch.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text.")] = None,
+) -> None:
+    """Sample text from a trained model, printing it as it is drawn."""
+    with user_errors():
+        checks = [
+            (max_tokens >= 1, f"--max-tokens must be at least 1, got {max_tokens}"),
+            (temperature >= 0, f"--temperature must not be negative, got {temperature}"),
+            (top_k >= 0, f"--top-k must not be negative, got {top_k}"),
+            (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+            (num_samples >= 1, f"--num-samples must be at least 1, got {num_samples}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmtrainError(message)
+        loaded = load_run(run, resolve_device("auto"))
+        generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+        steps = sample(loaded.model, loaded.tokenizer.encode_prompt(prompt) if prompt else [], max_tokens,
+                       num_samples, temperature, top_k, top_p, generator)
+        if num_samples == 1:
+            sys.stdout.write(prompt)
+            for token in steps:
+                sys.stdout.write(loaded.tokenizer.token_text(int(token)))
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        drawn = torch.stack(list(steps), dim=1)  # (samples, max_tokens)
+        for k, ids in enumerate(drawn.tolist(), 1):
+            sys.stdout.write(f"--- sample {k}\n{prompt}{loaded.tokenizer.decode(ids)}\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

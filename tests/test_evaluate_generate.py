@@ -1,0 +1,82 @@
+"""Metrics on hand-computable cases, the learning-rate schedules, and sampling."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmtrain.config import ModelConfig, TrainConfig
+from lmtrain.evaluate import combine, metrics, total_nll
+from lmtrain.generate import pick, sample
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import EOS_ID
+from lmtrain.train import epoch_lr
+
+
+def uniform_model(vocab_size):
+    """A model whose logits are all equal: every token has probability 1 / vocab_size."""
+    model = LanguageModel(ModelConfig(layers=1, embedding_size=4, hidden_size=4), vocab_size)
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_uniform_model_perplexity_is_vocab_size(batch_size):
+    tokens = np.random.default_rng(0).integers(0, 50, size=101)
+    nll_sum, n = total_nll(uniform_model(50), tokens, batch_size, bptt=8)
+    assert n == 101  # every token scored once, whatever the batch layout
+    assert math.isclose(math.exp(nll_sum / n), 50, rel_tol=1e-6)
+
+
+def test_metrics_from_known_counts():
+    m = metrics(nll_sum=100 * math.log(8), n_tokens=100, n_words=50, n_bytes=300)
+    assert math.isclose(m["ppl"], 8)
+    assert math.isclose(m["word_ppl"], 64)  # two tokens per word
+    assert math.isclose(m["bits_per_byte"], 100 * 3 / 300)
+    both = combine([m, metrics(100 * math.log(2), 100, 100, 100)])
+    assert both["tokens"] == 200 and math.isclose(both["ppl"], 4)  # token-weighted, not averaged
+
+
+def test_windows_carry_the_state_exactly():
+    """Batch 1 in windows of 5 equals one pass over the whole text from `<eos>`."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=6, hidden_size=6), 20).double().eval()
+    tokens = np.random.default_rng(1).integers(2, 20, size=57)
+    windowed, n = total_nll(model, tokens, 1, 5)
+    inputs = torch.tensor([EOS_ID] + tokens[:-1].tolist()).unsqueeze(1)
+    logits, _ = model(inputs, model.init_state(1))
+    whole = torch.nn.functional.cross_entropy(logits.squeeze(1), torch.from_numpy(tokens), reduction="sum").item()
+    assert n == 57 and math.isclose(windowed, whole, rel_tol=1e-12)
+
+
+def test_epoch_schedule_is_zaremba_decay():
+    c = TrainConfig(lr=1.0, lr_schedule="epoch", lr_decay=2.0, lr_decay_start=4)
+    assert [epoch_lr(c, e, 1.0) for e in range(1, 8)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]
+    plateau = TrainConfig(lr=1.0, lr_schedule="plateau")
+    assert epoch_lr(plateau, 3, 0.25) == 0.25
+
+
+def test_pick_respects_top_k_top_p_and_greedy():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    assert pick(logits, 0.0, 0, 1.0, g).item() == 0
+    top2 = {pick(logits, 1.0, 2, 1.0, g).item() for _ in range(200)}
+    assert top2 == {0, 1}
+    nucleus = {pick(logits, 1.0, 0, 0.75, g).item() for _ in range(200)}
+    assert nucleus == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are cut
+    everything = {pick(logits, 1.0, 0, 1.0, g).item() for _ in range(400)}
+    assert everything == {0, 1, 2, 3}
+
+
+def test_sampling_is_seeded_and_batch_equals_single():
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=8, hidden_size=8), 30)
+    run = lambda seed, n: torch.stack(list(sample(model, [3, 4], 12, n, 1.0, 0, 1.0, torch.Generator().manual_seed(seed))), 1)
+    assert torch.equal(run(1, 1), run(1, 1))
+    assert not torch.equal(run(1, 1), run(2, 1))
+    assert run(1, 4).shape == (4, 12)
+    greedy = lambda n: torch.stack(list(sample(model, [3, 4], 6, n, 0.0)), 1)
+    assert torch.equal(greedy(3), greedy(1).expand(3, -1))  # one primed state shared by all samples
