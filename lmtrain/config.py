@@ -82,7 +82,10 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
             if not isinstance(table, dict):
                 raise LmtrainError(f"{path}: '{section}' must be a table [{section}]")
             for key, value in table.items():
-                values[section][key] = check_value(section, key, value)
+                try:
+                    values[section][key] = check_value(section, key, value)
+                except LmtrainError as e:
+                    raise LmtrainError(f"{path}: {e}") from None
     for item in overrides:
         section, key, value = parse_override(item)
         values[section][key] = value

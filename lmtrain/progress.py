@@ -25,8 +25,8 @@ class QuietProgress:
 class TerminalProgress(QuietProgress):
     """A tqdm bar per epoch (loss, perplexity, tokens/s, ETA) and one summary line after it."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
         self.bar: tqdm | None = None
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
