@@ -21,6 +21,7 @@ TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
 CELLS = ("lstm",)
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch")
+LOSS_REDUCTIONS = ("token_mean", "sequence_sum")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -56,6 +57,10 @@ class TrainConfig:
     lr_decay: float = 4.0
     lr_decay_start: int = 0
     weight_decay: float = 0.0
+    # token_mean: the gradient of the mean loss per token (the PyTorch example's convention);
+    # sequence_sum: summed over the window's steps, averaged over streams (Zaremba et al. 2014's),
+    # i.e. bptt times larger, so their lr and clip values apply unchanged
+    loss_reduction: str = "token_mean"
     clip: float = 0.25  # max global gradient norm (0: no clipping)
     seed: int = 1111
     device: str = "auto"  # auto | cpu | cuda
@@ -187,6 +192,7 @@ def validate(config: Config) -> None:
         ("model.cell", m.cell, CELLS),
         ("train.optimizer", tr.optimizer, OPTIMIZERS),
         ("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
+        ("train.loss_reduction", tr.loss_reduction, LOSS_REDUCTIONS),
         ("train.device", tr.device, DEVICES),
     ]
     for key, value, allowed in choices:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
+from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import total_nll
 from lmtrain.model import LanguageModel, detach_state
 from lmtrain.progress import QuietProgress
@@ -38,8 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from lmtrain.errors import LmtrainError
-
         raise LmtrainError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     return torch.device(name)
 
@@ -108,7 +107,7 @@ def train(
                 logits, state = model(x, state)
                 loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * x.size(0) if tc.loss_reduction == "sequence_sum" else loss).backward()
                 if tc.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
                 optimizer.step()

@@ -87,6 +87,7 @@ def test_ptb_small_is_zaremba_small():
     assert (c.model.layers, c.model.hidden_size, c.model.embedding_size, c.model.dropout) == (2, 200, 200, 0.0)
     assert (c.train.bptt, c.train.batch_size, c.train.lr, c.train.clip, c.train.epochs) == (20, 20, 1.0, 5.0, 13)
     assert (c.train.lr_schedule, c.train.lr_decay, c.train.lr_decay_start, c.model.init_range) == ("epoch", 2.0, 4, 0.1)
+    assert c.train.loss_reduction == "sequence_sum"
     assert (c.tokenizer.kind, c.tokenizer.vocab_size) == ("word", 10_000)
     with open(CONFIGS / "ptb-small.toml", "rb") as f:
         assert set(tomllib.load(f)) <= {"tokenizer", "model", "train"}
