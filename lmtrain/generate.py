@@ -1,6 +1,6 @@
 """Sampling: prime the state with the prompt once, then one model step per new token.
 
-The state is a fixed-size (h, c) per layer, so memory does not grow with the generated length.
+The state is a fixed-size tuple per layer ((h, c) for the LSTM), so memory does not grow with the generated length.
 Sampling runs on the CPU generator, so the same seed gives the same text on any device.
 """
 
@@ -35,7 +35,7 @@ def sample(
     device = model.decoder.weight.device
     context = torch.tensor([EOS_ID] + prompt_ids, dtype=torch.int64, device=device).unsqueeze(1)  # (T, 1)
     logits, state = model(context, model.init_state(1))
-    state = [(h.expand(num_samples, -1).contiguous(), c.expand(num_samples, -1).contiguous()) for h, c in state]
+    state = [tuple(s.expand(num_samples, -1).contiguous() for s in layer_state) for layer_state in state]
     last = logits[-1].expand(num_samples, -1)  # (B, V)
     for _ in range(max_tokens):
         token = pick(last.float().cpu(), temperature, top_k, top_p, generator)

@@ -1,41 +1,51 @@
-"""The language model: embedding -> stacked LSTM layers (ours) -> decoder, with explicit state.
+"""The language model: embedding -> stacked recurrent layers (ours) -> decoder, with explicit state.
 
     tokens (T, B) ─ embedding ─▶ (T, B, E) ─ dropout ─▶ LSTM 1 ─ dropout ─▶ ... ─▶ LSTM L
                  ─ dropout ─▶ (T, B, H) ─ decoder (tied to the embedding or not) ─▶ logits (T, B, V)
 
-The recurrent state is a list with one (h, c) pair per layer, each (B, H). It is passed in and
-returned, never kept on the module.
+The recurrent state is a list with one tuple per layer (the cell's state, h first: (h, c) for the
+LSTM), each tensor (B, H). It is passed in and returned, never kept on the module.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmtrain.cells import lstm
+from lmtrain.cells import get_cell
 from lmtrain.config import ModelConfig
-from lmtrain.recurrence import lstm_layer
+from lmtrain.recurrence import run_layer
 
-State = list[tuple[Tensor, Tensor]]
+State = list[tuple[Tensor, ...]]
 
 
-class LSTMLayer(nn.Module):
-    """One layer's parameters; the recurrence itself is `lmtrain.recurrence.lstm_layer`.
+class RecurrentLayer(nn.Module):
+    """One layer's parameters; the recurrence itself is `lmtrain.recurrence.run_layer`.
 
-    w_ih: (4H, I), w_hh: (4H, H), bias: (4H,), gate order i, f, g, o. One bias per gate, where
-    torch.nn.LSTM has two (b_ih + b_hh add up to ours).
+    w_ih: (GH, I), w_hh: (GH, H), b_ih: (GH,), and b_hh: (GH,) only for cells that keep the
+    recurrent bias apart (GRU); extra per-unit parameters as the cell declares (peepholes).
+    G is the cell's gate count; gate order is the cell module's.
     """
 
-    def __init__(self, input_size: int, hidden_size: int):
+    def __init__(self, cell: ModuleType, input_size: int, hidden_size: int):
         super().__init__()
+        self.cell = cell
         self.hidden_size = hidden_size
-        self.w_ih = nn.Parameter(torch.empty(lstm.GATES * hidden_size, input_size))
-        self.w_hh = nn.Parameter(torch.empty(lstm.GATES * hidden_size, hidden_size))
-        self.bias = nn.Parameter(torch.empty(lstm.GATES * hidden_size))
+        width = cell.GATES * hidden_size
+        self.w_ih = nn.Parameter(torch.empty(width, input_size))
+        self.w_hh = nn.Parameter(torch.empty(width, hidden_size))
+        self.b_ih = nn.Parameter(torch.empty(width))
+        self.b_hh = nn.Parameter(torch.empty(width)) if cell.RECURRENT_BIAS else None
+        self.extra = nn.ParameterList(nn.Parameter(torch.empty(blocks * hidden_size)) for blocks in cell.EXTRA.values())
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        return lstm_layer(x, state, self.w_ih, self.w_hh, self.bias)
+    def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
+        return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra))
 
 
 class LanguageModel(nn.Module):
@@ -45,7 +55,8 @@ class LanguageModel(nn.Module):
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
         sizes = [config.embedding_size] + [config.hidden_size] * config.layers
-        self.layers = nn.ModuleList(LSTMLayer(sizes[i], sizes[i + 1]) for i in range(config.layers))
+        cell = get_cell(config.cell)
+        self.layers = nn.ModuleList(RecurrentLayer(cell, sizes[i], sizes[i + 1]) for i in range(config.layers))
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
@@ -54,8 +65,7 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         """Zero state for `batch_size` streams on the model's device and dtype."""
-        w = self.decoder.weight
-        return [(w.new_zeros(batch_size, layer.hidden_size), w.new_zeros(batch_size, layer.hidden_size)) for layer in self.layers]
+        return [layer.init_state(batch_size, self.decoder.weight) for layer in self.layers]
 
     def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (T, B) int64 -> logits (T, B, V) and the new state."""
@@ -71,7 +81,7 @@ class LanguageModel(nn.Module):
 
 def detach_state(state: State) -> State:
     """Cut the graph between BPTT windows while keeping the values."""
-    return [(h.detach(), c.detach()) for h, c in state]
+    return [tuple(s.detach() for s in layer_state) for layer_state in state]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,71 +1,100 @@
-"""The recurrence engine: an LSTM layer over T steps with hand-written backpropagation through time.
+"""The recurrence engine: any cell over T steps, with hand-written backpropagation through time.
+
+A cell (a module in lmtrain/cells/) supplies its gate count G, its state names (h first: h is the
+layer's output), whether it keeps a separate recurrent bias, its extra per-unit parameters, and
+two per-step functions: `forward_step` and `backward_step`. The engine does the rest:
 
 Forward:
-  1. one GEMM for the input projections of all steps: gates = x W_ih^T + b        (T, B, 4H)
-  2. per step t: gates[t] += h_{t-1} W_hh^T (one GEMM), then the cell's pointwise math
-     turns gates[t] into activations in place and writes c_t, tanh(c_t), h_t.
+  1. one GEMM for the input projections of all steps:   xg = x W_ih^T + b_ih        (T, B, GH)
+  2. per step t: one GEMM for the recurrent projection:  hg = h_{t-1} W_hh^T (+ b_hh) (B, GH),
+     then the cell's pointwise forward turns (xg[t], hg, state_{t-1}) into state_t.
 Backward, steps in reverse:
-  per step: the pointwise backward gives d gates[t]; dh_{t-1} = d gates[t] W_hh (one GEMM).
-  then one GEMM each for dW_ih = dG^T X, dW_hh = dG^T H_prev and dX = dG W_ih.
+  per step: the cell's pointwise backward gives d xg[t], d hg[t] and the gradient of state_{t-1};
+  one GEMM carries d hg[t] back to h_{t-1}: dh_{t-1} += d hg[t] W_hh.
+  Then one GEMM each for dW_ih = dXG^T X, dW_hh = dHG^T H_prev and dX = dXG W_ih.
 
-Saved for backward: the activations (T, B, 4H), the cell states c_0..c_T and h_0..h_T
-(T+1, B, H), and tanh(c_t) (T, B, H). The code is device-agnostic: the same ops run on CPU and CUDA.
+A cell may also offer `sequence_kernel`: a compiled forward/backward over the whole sequence
+(see lmtrain/kernels/). The engine uses it when it is available for the tensors at hand and falls
+back to the per-step Python loop above otherwise; both compute the same thing.
+
+Everything here is device-agnostic torch code.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
-from lmtrain.cells import lstm
 
+class Recurrence(torch.autograd.Function):
+    """outputs = Recurrence.apply(cell, n_state, x, w_ih, w_hh, b_ih, b_hh, *state, *extra).
 
-class LSTMFunction(torch.autograd.Function):
-    """y, h_T, c_T = LSTMFunction.apply(x, h_0, c_0, w_ih, w_hh, bias).
-
-    x: (T, B, I); h_0, c_0: (B, H); w_ih: (4H, I); w_hh: (4H, H); bias: (4H,).
-    y: (T, B, H), the hidden state at every step; h_T, c_T: (B, H).
+    x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
+    state: n_state tensors (B, H); extra: the cell's per-unit parameters.
+    outputs: y (T, B, H) followed by the n_state final state tensors (B, H).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor):
+    def forward(ctx, cell: ModuleType, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
+        state, extra = tuple(rest[:n_state]), tuple(rest[n_state:])
         steps, batch, _ = x.shape
-        hidden = h0.size(1)
-        # (T, B, 4H): input projections of all steps, turned into activations step by step
-        acts = torch.addmm(bias, x.reshape(steps * batch, -1), w_ih.t()).view(steps, batch, lstm.GATES * hidden)
-        hs = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T
-        cs = x.new_empty(steps + 1, batch, hidden)  # c_0 .. c_T
-        tanh_cs = x.new_empty(steps, batch, hidden)
-        hs[0] = h0
-        cs[0] = c0
+        # (T, B, GH): the input projections of all steps in one GEMM
+        xg = torch.addmm(b_ih, x.reshape(steps * batch, -1), w_ih.t()).view(steps, batch, -1)
+        hidden = state[0].size(1)
+        hs = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T; h_t is the output of step t
+        hs[0] = state[0]
+        states, saved = [state], []
         w_hh_t = w_hh.t()
         for t in range(steps):
-            acts[t].addmm_(hs[t], w_hh_t)
-            lstm.pointwise_forward(acts[t], cs[t], cs[t + 1], tanh_cs[t], hs[t + 1])
-        ctx.save_for_backward(x, w_ih, w_hh, acts, hs, cs, tanh_cs)
-        return hs[1:].clone(), hs[steps].clone(), cs[steps].clone()
+            hg = torch.addmm(b_hh, state[0], w_hh_t) if b_hh is not None else state[0] @ w_hh_t
+            state, step_saved = cell.forward_step(xg[t], hg, state, extra)
+            hs[t + 1] = state[0]
+            states.append(state)
+            saved.append(step_saved)
+        ctx.cell, ctx.n_state, ctx.has_b_hh = cell, n_state, b_hh is not None
+        ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
+        ctx.save_for_backward(x, w_ih, w_hh, hs, *extra)
+        return (hs[1:].clone(), *(s.clone() for s in state))
 
     @staticmethod
-    def backward(ctx, dy: Tensor, dh_last: Tensor, dc_last: Tensor):
-        x, w_ih, w_hh, acts, hs, cs, tanh_cs = ctx.saved_tensors
+    def backward(ctx, dy: Tensor, *d_final):
+        x, w_ih, w_hh, hs, *extra = ctx.saved_tensors
+        extra = tuple(extra)
+        cell = ctx.cell
         steps, batch, _ = x.shape
-        dgates = torch.empty_like(acts)  # (T, B, 4H)
-        dh = dh_last.clone()
-        dc = dc_last.clone()
+        d_state = list(d_final)
+        dxg = dhg = None
+        d_extra = [torch.zeros_like(e) for e in extra]
         for t in reversed(range(steps)):
-            dh += dy[t]
-            dc = lstm.pointwise_backward(acts[t], cs[t], tanh_cs[t], dh, dc, dgates[t])
-            dh = dgates[t] @ w_hh
-        flat = dgates.view(steps * batch, -1)  # (T*B, 4H)
-        dx = (flat @ w_ih).view_as(x) if ctx.needs_input_grad[0] else None
-        dw_ih = flat.t() @ x.reshape(steps * batch, -1)
-        dw_hh = flat.t() @ hs[:-1].reshape(steps * batch, -1)
-        dbias = flat.sum(0)
-        return dx, dh, dc, dw_ih, dw_hh, dbias
+            d_state[0] = d_state[0] + dy[t]
+            dxg_t, dhg_t, d_prev, d_extra_t = cell.backward_step(tuple(d_state), ctx.saved[t], ctx.states[t], extra)
+            if dxg is None:
+                dxg = dxg_t.new_empty(steps, *dxg_t.shape)
+                dhg = dxg if dhg_t is dxg_t else dhg_t.new_empty(steps, *dhg_t.shape)
+            dxg[t] = dxg_t
+            if dhg is not dxg:
+                dhg[t] = dhg_t
+            d_state = list(d_prev)
+            d_state[0] = dhg_t @ w_hh if d_prev[0] is None else torch.addmm(d_prev[0], dhg_t, w_hh)
+            for acc, d in zip(d_extra, d_extra_t):
+                acc += d
+        flat_xg = dxg.view(steps * batch, -1)  # (T*B, GH)
+        flat_hg = dhg.view(steps * batch, -1)
+        dx = (flat_xg @ w_ih).view_as(x) if ctx.needs_input_grad[2] else None
+        dw_ih = flat_xg.t() @ x.reshape(steps * batch, -1)
+        dw_hh = flat_hg.t() @ hs[:-1].reshape(steps * batch, -1)
+        db_ih = flat_xg.sum(0)
+        db_hh = flat_hg.sum(0) if ctx.has_b_hh else None
+        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
 
 
-def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, bias: Tensor):
-    """Run one LSTM layer: x (T, B, I), state (h, c) each (B, H) -> y (T, B, H), (h_T, c_T)."""
-    h0, c0 = state
-    y, h, c = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, bias)
-    return y, (h, c)
+def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = ()):
+    """Run `cell` over x (T, B, I) from `state` -> y (T, B, H) and the final state (a tuple)."""
+    kernel = getattr(cell, "sequence_kernel", None)
+    if kernel is not None and kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra):
+        return kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra)
+    outputs = Recurrence.apply(cell, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+    return outputs[0], tuple(outputs[1:])

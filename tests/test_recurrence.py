@@ -6,7 +6,7 @@ import torch
 from lmtrain.cells import lstm
 from lmtrain.config import ModelConfig
 from lmtrain.model import LanguageModel
-from lmtrain.recurrence import LSTMFunction, lstm_layer
+from lmtrain.recurrence import Recurrence, run_layer
 
 F64 = torch.float64
 
@@ -32,14 +32,15 @@ def grads_of(outputs, inputs, seed=1):
 
 
 def test_gradcheck_with_state_in_and_out():
-    inputs = random_layer_inputs(steps=4, batch=2, input_size=3, hidden=3)
-    assert torch.autograd.gradcheck(LSTMFunction.apply, inputs)
+    x, h0, c0, w_ih, w_hh, b = random_layer_inputs(steps=4, batch=2, input_size=3, hidden=3)
+    run = lambda x, h0, c0, w_ih, w_hh, b: Recurrence.apply(lstm, 2, x, w_ih, w_hh, b, None, h0, c0)
+    assert torch.autograd.gradcheck(run, (x, h0, c0, w_ih, w_hh, b))
 
 
 def test_matches_plain_autograd_reference():
     inputs = random_layer_inputs()
     x, h0, c0, w_ih, w_hh, b = inputs
-    y, (h, c) = lstm_layer(x, (h0, c0), w_ih, w_hh, b)
+    y, (h, c) = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b)
     y_ref, (h_ref, c_ref) = lstm.reference(x, (h0, c0), w_ih, w_hh, b)
     for ours, ref in [(y, y_ref), (h, h_ref), (c, c_ref)]:
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
@@ -65,7 +66,7 @@ def test_stack_matches_torch_nn_lstm(layers):
         w_hh = getattr(reference, f"weight_hh_l{k}").detach().clone().requires_grad_()
         bias = (getattr(reference, f"bias_ih_l{k}") + getattr(reference, f"bias_hh_l{k}")).detach().clone().requires_grad_()
         ours_params.append((w_ih, w_hh, bias))
-        out, (h, c) = lstm_layer(out, (h0[k], c0[k]), w_ih, w_hh, bias)
+        out, (h, c) = run_layer(lstm, out, (h0[k], c0[k]), w_ih, w_hh, bias)
         h_ours.append(h)
         c_ours.append(c)
     h_ours, c_ours = torch.stack(h_ours), torch.stack(c_ours)
@@ -87,7 +88,7 @@ def test_bias_gradient_matches_both_torch_biases():
     x = torch.randn(5, 2, 3, dtype=F64)
     reference(x)[0].sum().backward()
     bias = (reference.bias_ih_l0 + reference.bias_hh_l0).detach().clone().requires_grad_()
-    y, _ = lstm_layer(x, (torch.zeros(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64)), reference.weight_ih_l0.detach(), reference.weight_hh_l0.detach(), bias)
+    y, _ = run_layer(lstm, x, (torch.zeros(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64)), reference.weight_ih_l0.detach(), reference.weight_hh_l0.detach(), bias)
     y.sum().backward()
     torch.testing.assert_close(bias.grad, reference.bias_hh_l0.grad, rtol=0, atol=1e-12)
 
