@@ -18,7 +18,7 @@ from typing import Any
 from lmtrain.errors import LmtrainError
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm",)
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch")
 LOSS_REDUCTIONS = ("token_mean", "sequence_sum")
@@ -33,6 +33,8 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # one of CELLS for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
+    # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
     cell: str = "lstm"
     layers: int = 2
     embedding_size: int = 200
@@ -40,6 +42,12 @@ class ModelConfig:
     dropout: float = 0.0  # on the embedding output, between layers and before the decoder
     tie_weights: bool = False  # decoder shares the embedding matrix; needs embedding_size == hidden_size
     init_range: float = 0.1  # every parameter starts uniform in [-init_range, init_range]
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        """The cell name of each layer."""
+        names = tuple(self.cell.split(","))
+        return names * self.layers if len(names) == 1 else names
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,7 @@ def from_dict(values: dict[str, dict[str, Any]]) -> Config:
     """Build a Config from nested plain values (as stored in checkpoints), checking every key."""
     sections = {}
     for section, cls in SECTIONS.items():
-        table = values.get(section, {})
-        for key, value in table.items():
-            check_value(section, key, value)
+        table = {key: check_value(section, key, value) for key, value in values.get(section, {}).items()}
         sections[section] = cls(**table)
     unknown = set(values) - set(SECTIONS)
     if unknown:
@@ -172,6 +178,8 @@ def check_value(section: str, key: str, value: Any) -> Any:
     types = field_types(section)
     if key not in types:
         raise LmtrainError(f"unknown config key '{section}.{key}' (known in [{section}]: {', '.join(types)})")
+    if (section, key) == ("model", "cell"):
+        value = join_cell_names(value)
     want = types[key]
     ok = (
         (want is bool and isinstance(value, bool))
@@ -184,12 +192,21 @@ def check_value(section: str, key: str, value: Any) -> Any:
     return float(value) if want is float else value
 
 
+def join_cell_names(value: Any) -> Any:
+    """`model.cell` as one comma-joined string: ["lstm", "gru"] and "lstm, gru" give "lstm,gru"."""
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        value = ",".join(value)
+    if isinstance(value, str):
+        value = ",".join(name.strip() for name in value.split(","))
+    return value
+
+
 def validate(config: Config) -> None:
     """Range and choice checks that the types alone do not express."""
     t, m, tr = config.tokenizer, config.model, config.train
     choices = [
         ("tokenizer.kind", t.kind, TOKENIZER_KINDS),
-        ("model.cell", m.cell, CELLS),
+        *(("model.cell", name, CELLS) for name in m.cell.split(",")),
         ("train.optimizer", tr.optimizer, OPTIMIZERS),
         ("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
         ("train.loss_reduction", tr.loss_reduction, LOSS_REDUCTIONS),
@@ -224,6 +241,11 @@ def validate(config: Config) -> None:
     for key, value in non_negative:
         if value < 0:
             raise LmtrainError(f"config key '{key}' must not be negative, got {value}")
+    if len(m.cells) != m.layers:
+        raise LmtrainError(
+            f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
+            f"(give one name for all layers or one per layer)"
+        )
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
     if not 0.0 <= m.dropout < 1.0:

@@ -55,8 +55,9 @@ class LanguageModel(nn.Module):
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
         sizes = [config.embedding_size] + [config.hidden_size] * config.layers
-        cell = get_cell(config.cell)
-        self.layers = nn.ModuleList(RecurrentLayer(cell, sizes[i], sizes[i + 1]) for i in range(config.layers))
+        self.layers = nn.ModuleList(
+            RecurrentLayer(get_cell(name), sizes[i], sizes[i + 1]) for i, name in enumerate(config.cells)
+        )
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight

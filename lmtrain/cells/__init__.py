@@ -4,9 +4,16 @@ for the interface. Adding a cell means adding a module here and a line to CELLS.
 
 from types import ModuleType
 
-from lmtrain.cells import lstm
+from lmtrain.cells import coupled, gru, lstm, peephole, rnn, slstm
 
-CELLS: dict[str, ModuleType] = {"lstm": lstm}
+CELLS: dict[str, ModuleType] = {
+    "lstm": lstm,
+    "peephole": peephole,
+    "coupled": coupled,
+    "gru": gru,
+    "rnn": rnn,
+    "slstm": slstm,
+}
 
 
 def get_cell(name: str) -> ModuleType:
