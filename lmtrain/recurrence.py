@@ -42,25 +42,22 @@ class Recurrence(torch.autograd.Function):
         steps, batch, _ = x.shape
         # (T, B, GH): the input projections of all steps in one GEMM
         xg = torch.addmm(b_ih, x.reshape(steps * batch, -1), w_ih.t()).view(steps, batch, -1)
-        hidden = state[0].size(1)
-        hs = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T; h_t is the output of step t
-        hs[0] = state[0]
         states, saved = [state], []
         w_hh_t = w_hh.t()
         for t in range(steps):
             hg = torch.addmm(b_hh, state[0], w_hh_t) if b_hh is not None else state[0] @ w_hh_t
             state, step_saved = cell.forward_step(xg[t], hg, state, extra)
-            hs[t + 1] = state[0]
             states.append(state)
             saved.append(step_saved)
         ctx.cell, ctx.n_state, ctx.has_b_hh = cell, n_state, b_hh is not None
         ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
-        ctx.save_for_backward(x, w_ih, w_hh, hs, *extra)
-        return (hs[1:].clone(), *(s.clone() for s in state))
+        ctx.save_for_backward(x, w_ih, w_hh, *extra)
+        y = torch.stack([s[0] for s in states[1:]])  # (T, B, H)
+        return (y, *(s.clone() for s in state))
 
     @staticmethod
     def backward(ctx, dy: Tensor, *d_final):
-        x, w_ih, w_hh, hs, *extra = ctx.saved_tensors
+        x, w_ih, w_hh, *extra = ctx.saved_tensors
         extra = tuple(extra)
         cell = ctx.cell
         steps, batch, _ = x.shape
@@ -84,7 +81,8 @@ class Recurrence(torch.autograd.Function):
         flat_hg = dhg.view(steps * batch, -1)
         dx = (flat_xg @ w_ih).view_as(x) if ctx.needs_input_grad[2] else None
         dw_ih = flat_xg.t() @ x.reshape(steps * batch, -1)
-        dw_hh = flat_hg.t() @ hs[:-1].reshape(steps * batch, -1)
+        h_prev = torch.stack([s[0] for s in ctx.states[:-1]])  # (T, B, H): h_0 .. h_{T-1}
+        dw_hh = flat_hg.t() @ h_prev.view(steps * batch, -1)
         db_ih = flat_xg.sum(0)
         db_hh = flat_hg.sum(0) if ctx.has_b_hh else None
         return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmtrain.kernels import lstm as sequence_kernel  # noqa: F401  (the engine's fast path)
+
 GATES = 4
 STATE = ("h", "c")
 RECURRENT_BIAS = False
