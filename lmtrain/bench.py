@@ -1,0 +1,218 @@
+"""Speed and memory of our recurrent stacks against torch.nn.LSTM, measured in one process.
+
+Every candidate of one setting (layers × hidden, batch, bptt, dtype) runs round-robin: one
+repeat of each in turn, after warm-up, so a slow moment of a shared machine hits all of them
+alike; the figure is the median over the repeats. Two things are timed:
+
+  stack: forward + backward of the recurrent layers alone on a random (T, B, H) input;
+  step:  a whole training step (embedding, stack, decoder, loss, backward, clipping, SGD) of a
+         language model, ours against the same model with torch.nn.LSTM as its stack.
+
+Peak memory is the highest amount of tensor memory held during one forward + backward, above
+what was held before it (on CPU from the profiler's allocation events, on CUDA from the caching
+allocator's peak).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmtrain.config import ModelConfig
+from lmtrain.model import LanguageModel, RecurrentLayer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Record:
+    what: str  # "stack" or "step"
+    cell: str
+    impl: str  # "ours" or "torch"
+    layers: int
+    hidden_size: int
+    batch_size: int
+    bptt: int
+    dtype: str
+    device: str
+    tokens_per_s: float
+    peak_mem_mb: float
+    ratio_vs_torch: float | None = None  # ours / torch.nn.LSTM, same setting and dtype
+
+
+class TorchLSTMStack(nn.Module):
+    """The reference: torch.nn.LSTM (oneDNN on CPU, cuDNN on CUDA)."""
+
+    def __init__(self, layers: int, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+class OurStack(nn.Module):
+    def __init__(self, cell: str, layers: int, hidden: int):
+        super().__init__()
+        from lmtrain.cells import get_cell
+
+        self.layers = nn.ModuleList(RecurrentLayer(get_cell(cell), hidden, hidden) for _ in range(layers))
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x, layer.init_state(x.size(1), x))
+        return x
+
+
+class TorchLSTMLanguageModel(nn.Module):
+    """The PyTorch word-language-model example's shape, for the full-step comparison."""
+
+    def __init__(self, vocab: int, layers: int, hidden: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens, state=None):
+        y, state = self.lstm(self.embedding(tokens), state)
+        return self.decoder(y), state
+
+
+def stack_step(stack: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run():
+        x.grad = None
+        for p in stack.parameters():
+            p.grad = None
+        stack(x).float().sum().backward()
+
+    return run
+
+
+def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def run():
+        state = model.init_state(tokens.size(1)) if ours else None
+        logits, _ = model(tokens, state)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+
+    return run
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each run, interleaved: one call of each per round."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
+    """Peak tensor memory (MB) allocated by one call of `run`, above what was held before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # each event's self memory is what it allocated minus what it freed itself ("[memory]"
+    # events are frees and allocations outside any operator): a running sum in time order
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int,
+                 repeats: int, warmup: int, device: torch.device) -> list[Record]:
+    records = []
+    for hidden in sizes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            x = torch.randn(bptt, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+            stacks = {"torch.nn.LSTM": TorchLSTMStack(layers, hidden)}
+            stacks.update({cell: OurStack(cell, layers, hidden) for cell in cells})
+            runs = {name: stack_step(stack.to(device=device, dtype=dtype), x) for name, stack in stacks.items()}
+            medians = time_round_robin(runs, repeats, warmup, device)
+            base = medians["torch.nn.LSTM"]
+            for name, run in runs.items():
+                ours = name != "torch.nn.LSTM"
+                records.append(Record(
+                    "stack", name if ours else "lstm", "ours" if ours else "torch", layers, hidden, batch, bptt,
+                    dtype_name, device.type, bptt * batch / medians[name], peak_memory_mb(run, device),
+                    base / medians[name],
+                ))
+    return records
+
+
+def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int, vocab: int,
+                      repeats: int, warmup: int, device: torch.device) -> list[Record]:
+    records = []
+    for hidden in sizes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            tokens = torch.randint(0, vocab, (bptt, batch), device=device)
+            targets = torch.randint(0, vocab, (bptt, batch), device=device)
+            ours = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
+            reference = TorchLSTMLanguageModel(vocab, layers, hidden)
+            runs = {
+                "ours": train_step(ours.to(device=device, dtype=dtype), tokens, targets, True),
+                "torch": train_step(reference.to(device=device, dtype=dtype), tokens, targets, False),
+            }
+            medians = time_round_robin(runs, repeats, warmup, device)
+            for impl, run in runs.items():
+                records.append(Record(
+                    "step", "lstm", impl, layers, hidden, batch, bptt, dtype_name, device.type,
+                    bptt * batch / medians[impl], peak_memory_mb(run, device), medians["torch"] / medians[impl],
+                ))
+    return records
+
+
+def as_dicts(records: list[Record]) -> list[dict]:
+    return [asdict(r) for r in records]
+
+
+def format_table(records: list[Record]) -> str:
+    """A markdown table of the records."""
+    lines = [
+        "| what | cell | impl | layers × hidden | batch | bptt | dtype | tokens/s | peak MB | ours / torch |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in records:
+        ratio = "" if r.impl == "torch" else f"{r.ratio_vs_torch:.2f}"
+        lines.append(
+            f"| {r.what} | {r.cell} | {r.impl} | {r.layers} × {r.hidden_size} | {r.batch_size} | {r.bptt} | "
+            f"{r.dtype} | {r.tokens_per_s:,.0f} | {r.peak_mem_mb:,.1f} | {ratio} |"
+        )
+    return "\n".join(lines)

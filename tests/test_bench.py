@@ -1,0 +1,52 @@
+"""The benchmark's plumbing on a tiny setting: record fields, interleaving, memory accounting."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from lmtrain.bench import peak_memory_mb, time_round_robin
+from lmtrain.cli import app
+
+FIELDS = {"cell", "impl", "layers", "hidden_size", "batch_size", "bptt", "dtype", "tokens_per_s", "peak_mem_mb", "ratio_vs_torch"}
+
+
+def test_bench_json_records():
+    args = ["bench", "--json", "--sizes", "16", "--dtypes", "fp32", "--cells", "lstm,gru", "--repeats", "5",
+            "--warmup", "1", "--bptt", "4", "--batch-size", "2", "--vocab-size", "50", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(FIELDS <= set(r) for r in records)
+    stack = {(r["cell"], r["impl"]) for r in records if r["what"] == "stack"}
+    assert stack == {("lstm", "torch"), ("lstm", "ours"), ("gru", "ours")}
+    steps = [r for r in records if r["what"] == "step"]
+    assert {r["impl"] for r in steps} == {"ours", "torch"}
+    for r in records:
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        torch_rate = next(t["tokens_per_s"] for t in records if t["what"] == r["what"] and t["impl"] == "torch")
+        assert abs(r["ratio_vs_torch"] - r["tokens_per_s"] / torch_rate) < 1e-9 * r["ratio_vs_torch"] + 1e-12
+
+
+def test_bench_rejects_unknown_cell():
+    result = CliRunner().invoke(app, ["bench", "--cells", "lstm,transformer"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: --cells: unknown cell 'transformer' (known: lstm, peephole, coupled, gru, rnn, slstm)"]
+
+
+def test_round_robin_interleaves_and_takes_medians():
+    order = []
+    medians = time_round_robin({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=5, warmup=1, device=torch.device("cpu"))
+    assert order == ["a", "b"] * 6
+    assert set(medians) == {"a", "b"}
+
+
+def test_peak_memory_counts_tensors_alive_together():
+    def run():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = a * 2  # 4 MiB more while a is alive
+        del a
+        c = b + 1  # a is gone: 8 MiB again, not 12
+        del b, c
+
+    assert abs(peak_memory_mb(run, torch.device("cpu")) - 8.0) < 0.1
