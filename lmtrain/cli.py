@@ -192,6 +192,53 @@ def generate(
             sys.stdout.write(f"--- sample {k}\n{prompt}{loaded.tokenizer.decode(ids)}\n")
 
 
+@app.command()
+def bench(
+    cells: Annotated[str, typer.Option(help="Our cells to time, comma-separated, or 'all'.")] = "all",
+    sizes: Annotated[str, typer.Option(help="Hidden sizes (= input sizes), comma-separated.")] = "200,650",
+    dtypes: Annotated[str, typer.Option(help="fp32, bf16 or both, comma-separated.")] = "fp32,bf16",
+    layers: Annotated[int, typer.Option(help="Stacked layers.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Parallel streams.")] = 20,
+    bptt: Annotated[int, typer.Option(help="Time steps per window.")] = 35,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of the full training step.")] = 10_000,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of each candidate (median reported).")] = 7,
+    warmup: Annotated[int, typer.Option(help="Untimed repeats first.")] = 2,
+    step: Annotated[bool, typer.Option(help="Also time the full training step against one on torch.nn.LSTM.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per measurement, one per line.")] = False,
+) -> None:
+    """Training throughput and peak memory of our cells against torch.nn.LSTM, interleaved."""
+    from lmtrain import bench as benchmarks
+    from lmtrain.cells import CELLS
+
+    with user_errors():
+        names = list(CELLS) if cells == "all" else [c.strip() for c in cells.split(",")]
+        unknown = [c for c in names if c not in CELLS]
+        if unknown:
+            raise LmtrainError(f"--cells: unknown cell '{unknown[0]}' (known: {', '.join(CELLS)})")
+        try:
+            size_list = [int(s) for s in sizes.split(",")]
+        except ValueError:
+            raise LmtrainError(f"--sizes must be comma-separated integers, got '{sizes}'") from None
+        dtype_list = [d.strip() for d in dtypes.split(",")]
+        if any(d not in benchmarks.DTYPES for d in dtype_list):
+            raise LmtrainError(f"--dtypes must be fp32 and/or bf16, got '{dtypes}'")
+        if min([layers, batch_size, bptt, vocab_size, repeats, *size_list]) < 1 or warmup < 0:
+            raise LmtrainError("--layers, --batch-size, --bptt, --vocab-size, --repeats and --sizes must be positive")
+        if repeats < 5:
+            say(f"note: {repeats} repeats; medians of fewer than 5 are easily swayed on a shared machine")
+        dev = resolve_device(device)
+        records = benchmarks.bench_stacks(names, size_list, dtype_list, layers, batch_size, bptt, repeats, warmup, dev)
+        if step:
+            records += benchmarks.bench_train_steps(size_list, dtype_list, layers, batch_size, bptt, vocab_size, repeats, warmup, dev)
+        if as_json:
+            for record in benchmarks.as_dicts(records):
+                typer.echo(json.dumps(record))
+        else:
+            typer.echo(f"device {dev} | torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats}")
+            typer.echo(benchmarks.format_table(records))
+
+
 def main() -> None:
     app()
 
