@@ -12,14 +12,13 @@ A checkpoint is a dict:
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmtrain.atomic import atomic_open
 from lmtrain.errors import LmtrainError
 
 FORMAT, VERSION = "lmtrain-checkpoint", 1
@@ -27,16 +26,8 @@ FORMAT, VERSION = "lmtrain-checkpoint", 1
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same directory, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from lmtrain.config import Config, load_config
-from lmtrain.corpus import BUILTIN, load_corpus, read_lines, text_stats
+from lmtrain.config import load_config
+from lmtrain.corpus import BUILTIN, load_corpus, read_lines
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import combine, evaluate as evaluate_tokens
 from lmtrain.generate import sample

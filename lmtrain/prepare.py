@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import sentencepiece
 
+from lmtrain.atomic import atomic_open
 from lmtrain.corpus import text_stats
 from lmtrain.tokenizer import Tokenizer, train_tokenizer
 from lmtrain.tokens import TokenFile, read_tokens, write_tokens
@@ -70,10 +70,8 @@ def try_write(path: Path, data: bytes) -> None:
     """Write `data` atomically to `path`, or do nothing when the cache is not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path) as f:
             f.write(data)
-        os.replace(tmp, path)
     except OSError:
         pass
 

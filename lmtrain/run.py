@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import Config, from_dict, to_toml
 from lmtrain.errors import LmtrainError
@@ -44,8 +45,10 @@ def create_run_dir(path: Path, overwrite: bool) -> None:
 
 
 def write_run_files(run_dir: Path, config: Config, tokenizer: Tokenizer) -> None:
-    (run_dir / "tokenizer.model").write_bytes(tokenizer.model_proto)
-    (run_dir / RUN_MARKER).write_text(to_toml(config), encoding="utf-8")
+    with atomic_open(run_dir / "tokenizer.model") as f:
+        f.write(tokenizer.model_proto)
+    with atomic_open(run_dir / RUN_MARKER) as f:
+        f.write(to_toml(config).encode("utf-8"))
 
 
 def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:

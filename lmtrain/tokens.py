@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmtrain.atomic import atomic_open
 from lmtrain.errors import LmtrainError
 
 MAGIC = b"LMTRTOK\0"
@@ -52,17 +52,9 @@ def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, text_bytes: in
         raise ValueError("token id out of vocabulary range")
     header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, len(tokens), text_bytes, text_words, text_lines, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(header)
+        f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
 
 
 def read_tokens(path: Path) -> TokenFile:
