@@ -27,6 +27,7 @@ from lmtrain.model import LanguageModel, count_parameters
 from lmtrain.prepare import encode_corpus, encode_split, get_tokenizer
 from lmtrain.progress import TerminalProgress
 from lmtrain.run import create_run_dir, load_run, tokenizer_info, write_run_files
+from lmtrain.synth import DEFAULT_ALPHABET, DEFAULT_K, memoryless_perplexity, optimum_perplexity, write_copy_corpus
 from lmtrain.train import min_train_tokens, resolve_device, seed_everything, train as train_model
 
 app = typer.Typer(
@@ -237,6 +238,35 @@ def bench(
         else:
             typer.echo(f"device {dev} | torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats}")
             typer.echo(benchmarks.format_table(records))
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write train.txt, valid.txt and test.txt to.")],
+    k: Annotated[int, typer.Option("--k", help="Random symbols per line, repeated after the separator.")] = DEFAULT_K,
+    alphabet: Annotated[int, typer.Option(help="Distinct symbols (s0, s1, ...).")] = DEFAULT_ALPHABET,
+    lines: Annotated[int, typer.Option(help="Training lines; valid and test get 5 % as many each.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 1,
+) -> None:
+    """Write the copy task: a synthetic corpus whose best possible perplexity is known (lmtrain/synth.py)."""
+    with user_errors():
+        checks = [
+            (k >= 1, f"--k must be at least 1, got {k}"),
+            (alphabet >= 2, f"--alphabet must be at least 2, got {alphabet}"),
+            (lines >= 1, f"--lines must be at least 1, got {lines}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmtrainError(message)
+        held_out = max(1, lines // 20)
+        try:
+            write_copy_corpus(out_dir, k, alphabet, lines, held_out, held_out, seed)
+        except OSError as e:
+            raise LmtrainError(f"cannot write the corpus to {out_dir}: {e.strerror}") from None
+        typer.echo(
+            f"{out_dir}: {lines:,} train, {held_out:,} valid, {held_out:,} test lines | K {k}, alphabet {alphabet} | "
+            f"optimum ppl {optimum_perplexity(k, alphabet):.4f} (no memory: {memoryless_perplexity(k, alphabet):.4f})"
+        )
 
 
 def main() -> None:
