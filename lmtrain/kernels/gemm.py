@@ -1,10 +1,10 @@
 """Matrix products with a fixed weight, the shape of every per-step GEMM in a recurrence.
 
 `pack(w, rows)` prepares w (N, K) once per sequence; `linear(x, packed, add)` then gives
-x (M, K) @ w^T (+ add) for each step. On CPU in float32 the weight is reordered once into
-oneDNN's blocked layout (the layout torch.nn.LSTM's own oneDNN kernel uses), which measured
-about 1.5-2x faster than an unpacked GEMM at batch 20 here; everywhere else (float64, bfloat16,
-CUDA, or a torch without those oneDNN ops) it is a plain addmm.
+x (M, K) @ w^T (+ add) for each step. On CPU in float32 and bfloat16 the weight is reordered
+once into oneDNN's blocked layout (the layout torch.nn.LSTM's own oneDNN kernel uses), which
+measured 1.2-2x faster than an unpacked GEMM at batch 20 here; everywhere else (float64, CUDA,
+or a torch without those oneDNN ops) it is a plain addmm.
 """
 
 from __future__ import annotations
@@ -23,22 +23,22 @@ class Packed:
 
 
 @cache
-def onednn_available() -> bool:
-    """Whether this torch has the packed oneDNN linear ops and they give the right answer."""
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether this torch has the packed oneDNN linear ops for `dtype` and they give the right answer."""
     try:
-        x, w = torch.randn(3, 5), torch.randn(4, 5)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        add = torch.randn(3, 4)
-        y_add = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, "add")
-        return torch.allclose(y, x @ w.t(), atol=1e-4) and torch.allclose(y_add, x @ w.t() + add, atol=1e-4)
-    except (AttributeError, RuntimeError):
+        x, w, add = torch.randn(3, 5), torch.randn(4, 5), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), 3)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, None, "none", [], "").float()
+        y_add = torch.ops.mkldnn._linear_pointwise.binary(x.to(dtype), add.to(dtype), packed, None, "add").float()
+        tol = 1e-4 if dtype == torch.float32 else 0.1
+        return torch.allclose(y, x @ w.t(), atol=tol) and torch.allclose(y_add, x @ w.t() + add, atol=tol)
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
 def pack(weight: Tensor, rows: int) -> Packed:
     """Prepare weight (N, K) for products with inputs of `rows` rows."""
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available():
+    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and onednn_available(weight.dtype):
         return Packed(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows), True)
     return Packed(weight, False)
 

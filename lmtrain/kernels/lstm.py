@@ -37,7 +37,8 @@ class LSTMSequence(torch.autograd.Function):
     def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor):
         steps, batch, _ = x.shape
         hidden = h0.size(1)
-        xg = torch.addmm(bias, x.reshape(steps * batch, -1), w_ih.t()).view(steps, batch, 4 * hidden)
+        flat_x = x.reshape(steps * batch, -1)
+        xg = linear(flat_x, pack(w_ih, steps * batch), bias.expand(steps * batch, -1)).view(steps, batch, 4 * hidden)
         w_hh_packed = pack(w_hh, batch)
         hs = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T
         cs = x.new_empty(steps + 1, batch, hidden)  # c_0 .. c_T
@@ -86,7 +87,7 @@ class LSTMSequence(torch.autograd.Function):
             dc.mul_(f[t])
             dh = linear(dgates[t], w_hh_t_packed, dy[t - 1] if t > 0 else None)
         flat = dgates.view(steps * batch, 4 * hidden)
-        dx = (flat @ w_ih).view_as(x) if ctx.needs_input_grad[0] else None
+        dx = linear(flat, pack(w_ih.t().contiguous(), steps * batch)).view_as(x) if ctx.needs_input_grad[0] else None
         dw_ih = flat.t() @ x.reshape(steps * batch, -1)
         dw_hh = flat.t() @ hs[:-1].reshape(steps * batch, hidden)
         return dx, dh, dc, dw_ih, dw_hh, flat.sum(0)
