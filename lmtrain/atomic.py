@@ -14,6 +14,7 @@ def atomic_open(path: Path):
     over `path`, on any error (or interruption) remove it and leave `path` as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -22,3 +23,9 @@ def atomic_open(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

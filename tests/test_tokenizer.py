@@ -123,3 +123,14 @@ def test_word_mode_reproduces_published_setup(name, vocab, test_tokens):
     inputs, targets = batchify(test.tokens, 10, EOS_ID, pad=True)
     assert int((targets >= 0).sum()) == test_tokens
     assert torch.equal(targets.t().reshape(-1)[:test_tokens], torch.from_numpy(np.asarray(test.tokens, dtype=np.int64)))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "x.tok"
+    write_tokens(path, np.arange(3), 10, 1, 1, 1)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
