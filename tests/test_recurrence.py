@@ -151,3 +151,23 @@ def test_lstm_kernel_float32_path_matches_float64():
         torch.testing.assert_close(a.double(), b_, rtol=0, atol=1e-5)
     for a, b_ in zip(grads_of(flat32, inputs32), grads_of(flat64, inputs)):
         torch.testing.assert_close(a.double(), b_, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_loops_equal_python_loops(monkeypatch, dtype):
+    """The C++ time loops (lstm_cpu.cpp) against the same loops in Python."""
+    from lmtrain.kernels.lstm import cpu_ops
+
+    if cpu_ops() is None:
+        pytest.skip("the C++ loops could not be built here (no compiler or ninja); the Python loops are in use")
+    inputs = [t.detach().to(dtype).requires_grad_() for t in random_layer_inputs(steps=9, batch=4, input_size=6, hidden=7)]
+    x, h0, c0, w_ih, w_hh, b = inputs
+    compiled = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b)
+    monkeypatch.setenv("LMTRAIN_COMPILE", "0")
+    python = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6  # float32 uses a polynomial exp in C++
+    flat_c, flat_p = [compiled[0], *compiled[1]], [python[0], *python[1]]
+    for a, b_ in zip(flat_c, flat_p):
+        torch.testing.assert_close(a, b_, rtol=0, atol=tol)
+    for a, b_ in zip(grads_of(flat_c, inputs), grads_of(flat_p, inputs)):
+        torch.testing.assert_close(a, b_, rtol=0, atol=tol * 10)

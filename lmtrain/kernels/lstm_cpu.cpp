@@ -1,0 +1,210 @@
+// The LSTM's time loops on the CPU: per step one GEMM and one fused pass over the gates.
+//
+// Python (lmtrain/kernels/lstm.py) does the sequence-wide GEMMs (input projections, dX, dW) and
+// calls these two ops for the loops, so each step costs two calls into ATen instead of about a
+// dozen Python-level operations. Same equations and gate order (i, f, g, o) as
+// lmtrain/cells/lstm.py.
+//
+//   lstm_forward_loop(acts, hs, cs, tanh_cs, w_hh, onednn)
+//     acts (T, B, 4H): on entry x W_ih^T + b for every step; on return the activations i, f, g, o
+//     hs, cs (T+1, B, H): h_0 and c_0 set on entry; filled with h_t, c_t
+//     tanh_cs (T, B, H): filled with tanh(c_t)
+//     w_hh: (4H, H), or its oneDNN-packed copy when onednn is true
+//
+//   lstm_backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, w_hh_t, onednn, dgates) -> (dh_0, dc_0)
+//     dy (T, B, H), dh_last, dc_last (B, H); w_hh_t: W_hh^T (H, 4H) contiguous, or W_hh^T packed
+//     dgates (T, B, 4H): filled with the gradients of the pre-activations
+//
+// float32 and bfloat16 use a polynomial exp the compiler can vectorise (about 2 ulp in float);
+// float64 uses std::exp, for the tests' 1e-10 comparisons.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+__attribute__((always_inline)) inline float exp_poly(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // Cody-Waite: x - n ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+
+__attribute__((always_inline)) inline float sigmoid_fast(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+__attribute__((always_inline)) inline float tanh_fast(float x) { return 2.0f / (1.0f + exp_poly(-2.0f * x)) - 1.0f; }
+inline double sigmoid_fast(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double tanh_fast(double x) { return std::tanh(x); }
+
+// float for bfloat16 storage, the type itself otherwise; load/store convert with integer
+// operations only, so the loops still vectorise (stores round to nearest even)
+template <typename T> struct Math { using type = T; };
+template <> struct Math<at::BFloat16> { using type = float; };
+
+template <typename T> __attribute__((always_inline)) inline typename Math<T>::type load(const T* p, int64_t j) { return p[j]; }
+template <typename T> __attribute__((always_inline)) inline void store(T* p, int64_t j, typename Math<T>::type v) { p[j] = v; }
+template <> inline float load(const at::BFloat16* p, int64_t j) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
+  return __builtin_bit_cast(float, bits);
+}
+template <> inline void store(at::BFloat16* p, int64_t j, float v) {
+  uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  reinterpret_cast<uint16_t*>(p)[j] = static_cast<uint16_t>(bits >> 16);
+}
+
+int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hidden, 1)); }
+
+template <typename T>
+void forward_step(const T* __restrict__ pre, T* __restrict__ acts, const T* __restrict__ c_prev, T* __restrict__ c_out,
+                  T* __restrict__ tanh_c_out, T* __restrict__ h_out, int64_t batch, int64_t hidden) {
+  using M = typename Math<T>::type;
+  at::parallel_for(0, batch, grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* __restrict__ pi = pre + b * 4 * hidden;
+      const T* __restrict__ pf = pi + hidden;
+      const T* __restrict__ pg = pi + 2 * hidden;
+      const T* __restrict__ po = pi + 3 * hidden;
+      T* __restrict__ ai = acts + b * 4 * hidden;
+      T* __restrict__ af = ai + hidden;
+      T* __restrict__ ag = ai + 2 * hidden;
+      T* __restrict__ ao = ai + 3 * hidden;
+      const T* __restrict__ cp = c_prev + b * hidden;
+      T* __restrict__ co = c_out + b * hidden;
+      T* __restrict__ tco = tanh_c_out + b * hidden;
+      T* __restrict__ ho = h_out + b * hidden;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < hidden; ++j) {
+        M i = sigmoid_fast(load(pi, j));
+        M f = sigmoid_fast(load(pf, j));
+        M g = tanh_fast(load(pg, j));
+        M o = sigmoid_fast(load(po, j));
+        M c = f * load(cp, j) + i * g;
+        M tc = tanh_fast(c);
+        store(ai, j, i);
+        store(af, j, f);
+        store(ag, j, g);
+        store(ao, j, o);
+        store(co, j, c);
+        store(tco, j, tc);
+        store(ho, j, o * tc);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_step(const T* __restrict__ dh_rec, const T* __restrict__ dy, const T* __restrict__ acts,
+                   const T* __restrict__ c_prev, const T* __restrict__ tanh_c, T* __restrict__ dc, T* __restrict__ dgates,
+                   int64_t batch, int64_t hidden) {
+  using M = typename Math<T>::type;
+  at::parallel_for(0, batch, grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* __restrict__ ai = acts + b * 4 * hidden;
+      const T* __restrict__ af = ai + hidden;
+      const T* __restrict__ ag = ai + 2 * hidden;
+      const T* __restrict__ ao = ai + 3 * hidden;
+      T* __restrict__ di = dgates + b * 4 * hidden;
+      T* __restrict__ df = di + hidden;
+      T* __restrict__ dg = di + 2 * hidden;
+      T* __restrict__ d_o = di + 3 * hidden;
+      const T* __restrict__ dhr = dh_rec + b * hidden;
+      const T* __restrict__ dyr = dy + b * hidden;
+      const T* __restrict__ cp = c_prev + b * hidden;
+      const T* __restrict__ tcr = tanh_c + b * hidden;
+      T* __restrict__ dcr = dc + b * hidden;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < hidden; ++j) {
+        M i = load(ai, j), f = load(af, j), g = load(ag, j), o = load(ao, j);
+        M tc = load(tcr, j);
+        M dh = load(dhr, j) + load(dyr, j);
+        M dct = load(dcr, j) + dh * o * (1 - tc * tc);
+        store(di, j, dct * g * i * (1 - i));
+        store(df, j, dct * load(cp, j) * f * (1 - f));
+        store(dg, j, dct * i * (1 - g * g));
+        store(d_o, j, dh * tc * o * (1 - o));
+        store(dcr, j, dct * f);
+      }
+    }
+  });
+}
+
+// x (M, K) @ W^T (+ add): W (N, K) plain, or oneDNN-packed by mkldnn::_reorder_linear_weight
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& add, bool onednn) {
+  if (!onednn) {
+    return add ? at::addmm(*add, x, weight.t()) : at::mm(x, weight.t());
+  }
+  static auto plain = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  static auto binary = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
+  torch::jit::Stack stack;
+  if (add) {
+    stack = {x, *add, weight, c10::IValue(), c10::IValue(std::string("add"))};
+    binary.callBoxed(&stack);
+  } else {
+    stack = {x, weight, c10::IValue(), c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<at::Scalar>>()),
+             c10::IValue(std::string(""))};
+    plain.callBoxed(&stack);
+  }
+  return stack[0].toTensor();
+}
+
+void lstm_forward_loop(at::Tensor acts, at::Tensor hs, at::Tensor cs, at::Tensor tanh_cs, at::Tensor w_hh, bool onednn) {
+  TORCH_CHECK(acts.is_contiguous() && hs.is_contiguous() && cs.is_contiguous() && tanh_cs.is_contiguous(),
+              "lstm_forward_loop: buffers must be contiguous");
+  int64_t steps = acts.size(0), batch = acts.size(1), hidden = hs.size(2);
+  for (int64_t t = 0; t < steps; ++t) {
+    at::Tensor step_acts = acts[t];
+    at::Tensor pre = linear(hs[t], w_hh, step_acts, onednn).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, acts.scalar_type(), "lstm_forward_step", [&] {
+      forward_step<scalar_t>(pre.const_data_ptr<scalar_t>(), step_acts.data_ptr<scalar_t>(), cs[t].const_data_ptr<scalar_t>(),
+                             cs[t + 1].data_ptr<scalar_t>(), tanh_cs[t].data_ptr<scalar_t>(), hs[t + 1].data_ptr<scalar_t>(),
+                             batch, hidden);
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_backward_loop(at::Tensor acts, at::Tensor cs, at::Tensor tanh_cs, at::Tensor dy,
+                                                      at::Tensor dh_last, at::Tensor dc_last, at::Tensor w_hh_t, bool onednn,
+                                                      at::Tensor dgates) {
+  int64_t steps = acts.size(0), batch = acts.size(1), hidden = cs.size(2);
+  dy = dy.contiguous();
+  at::Tensor dh_rec = dh_last.contiguous();  // the gradient reaching h_t through the next step (or from outside)
+  at::Tensor dc = dc_last.clone(at::MemoryFormat::Contiguous);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    at::Tensor step_dgates = dgates[t];
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, acts.scalar_type(), "lstm_backward_step", [&] {
+      backward_step<scalar_t>(dh_rec.const_data_ptr<scalar_t>(), dy[t].const_data_ptr<scalar_t>(), acts[t].const_data_ptr<scalar_t>(),
+                              cs[t].const_data_ptr<scalar_t>(), tanh_cs[t].const_data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+                              step_dgates.data_ptr<scalar_t>(), batch, hidden);
+    });
+    dh_rec = linear(step_dgates, w_hh_t, c10::nullopt, onednn).contiguous();
+  }
+  return {dh_rec, dc};
+}
+
+}  // namespace
+
+// Registered for every dispatch key, since the packed weight is an MkldnnCPU tensor; these run
+// inside an autograd.Function's forward and backward, so autograd never looks inside them.
+TORCH_LIBRARY(lmtrain, m) {
+  m.def("lstm_forward_loop(Tensor(a!) acts, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tanh_cs, Tensor w_hh, bool onednn) -> ()",
+        &lstm_forward_loop);
+  m.def("lstm_backward_loop(Tensor acts, Tensor cs, Tensor tanh_cs, Tensor dy, Tensor dh_last, Tensor dc_last, Tensor w_hh_t, "
+        "bool onednn, Tensor(a!) dgates) -> (Tensor, Tensor)",
+        &lstm_backward_loop);
+}
