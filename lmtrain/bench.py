@@ -9,7 +9,7 @@ alike; the figure is the median over the repeats. Two things are timed:
          language model, ours against the same model with torch.nn.LSTM as its stack.
 
 Peak memory is the highest amount of tensor memory held during one forward + backward, above
-what was held before it (on CPU from the profiler's allocation events, on CUDA from the caching
+what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
 allocator's peak).
 """
 
@@ -141,13 +141,19 @@ def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
         run()
-    # each event's self memory is what it allocated minus what it freed itself ("[memory]"
-    # events are frees and allocations outside any operator): a running sum in time order
+    try:  # the profiler's allocation timeline: every tensor's creation and destruction, in order
+        from torch.profiler._memory_profiler import Action
+
+        changes = [(size if action == Action.CREATE else -size) for _, action, _, size in prof._memory_profile().timeline
+                   if action in (Action.CREATE, Action.DESTROY)]
+    except (ImportError, AttributeError, RuntimeError):  # a torch without it: per-operator accounting
+        changes = [e.self_cpu_memory_usage for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
     held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
+    for change in changes:
+        held += change
         peak = max(peak, held)
     return peak / 2**20
 
