@@ -449,3 +449,14 @@ def test_evaluate_and_generate_reject_bad_input(command, target, args, fragments
     result = cli(command, run, *args)
     assert_user_error(result, *fragments)
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "coupled", "gru", "rnn", "slstm", "gru,lstm"])
+def test_every_cell_trains_evaluates_and_samples(tmp_path, cell):
+    corpus = write_corpus(tmp_path / "corpus", sizes=(120, 20, 20))
+    run = tmp_path / "run"
+    train(corpus, run, "--set", f"model.cell={cell}", "--set", "model.layers=2", "--set", "train.max_steps=6")
+    metrics = evaluate_json(run, "--split", "valid")
+    assert metrics["tokens"] > 0 and math.isfinite(metrics["ppl"])
+    assert tomllib.loads((run / "config.toml").read_text())["model"]["cell"] == cell
+    assert generate(run, "--seed", "3", "--max-tokens", "5") == generate(run, "--seed", "3", "--max-tokens", "5")
