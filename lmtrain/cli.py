@@ -20,7 +20,7 @@ import typer
 
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, load_corpus, read_lines
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import combine, evaluate as evaluate_tokens
 from lmtrain.generate import sample
 from lmtrain.model import LanguageModel, count_parameters
@@ -167,16 +167,13 @@ def generate(
 ) -> None:
     """Sample text from a trained model, printing it as it is drawn."""
     with user_errors():
-        checks = [
+        require(
             (max_tokens >= 1, f"--max-tokens must be at least 1, got {max_tokens}"),
             (temperature >= 0, f"--temperature must not be negative, got {temperature}"),
             (top_k >= 0, f"--top-k must not be negative, got {top_k}"),
             (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
             (num_samples >= 1, f"--num-samples must be at least 1, got {num_samples}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise LmtrainError(message)
+        )
         loaded = load_run(run, resolve_device("auto"))
         generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
         steps = sample(loaded.model, loaded.tokenizer.encode_prompt(prompt) if prompt else [], max_tokens,
@@ -250,14 +247,11 @@ def synth(
 ) -> None:
     """Write the copy task: a synthetic corpus whose best possible perplexity is known (lmtrain/synth.py)."""
     with user_errors():
-        checks = [
+        require(
             (k >= 1, f"--k must be at least 1, got {k}"),
             (alphabet >= 2, f"--alphabet must be at least 2, got {alphabet}"),
             (lines >= 1, f"--lines must be at least 1, got {lines}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise LmtrainError(message)
+        )
         held_out = max(1, lines // 20)
         try:
             write_copy_corpus(out_dir, k, alphabet, lines, held_out, held_out, seed)

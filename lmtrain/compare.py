@@ -24,7 +24,7 @@ import torch
 from lmtrain.cells import CELLS
 from lmtrain.config import load_config
 from lmtrain.corpus import load_corpus
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import evaluate
 from lmtrain.model import LanguageModel, count_parameters
 from lmtrain.prepare import encode_corpus, get_tokenizer
@@ -133,16 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [c for c in cells if c not in CELLS]
         if unknown or not cells:
             raise LmtrainError(f"--cells: unknown cell(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(CELLS)})")
-        checks = [
+        require(
             (args.steps >= 1, f"--steps must be at least 1, got {args.steps}"),
             (args.k >= 1, f"--k must be at least 1, got {args.k}"),
             (args.alphabet >= 2, f"--alphabet must be at least 2, got {args.alphabet}"),
             (args.lines >= 1 and args.valid_lines >= 1, "--lines and --valid-lines must be at least 1"),
             (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise LmtrainError(message)
+        )
         torch.set_num_threads(args.threads)
         rows = compare_cells(args.out, cells, args.k, args.alphabet, args.steps, args.lines,
                              args.valid_lines, args.seed, args.overrides, say=to_stderr)

@@ -7,3 +7,10 @@ class LmtrainError(Exception):
     The CLI prints `error: <message>` on one line and exits with code 2.
     Messages name the offending path, key or value and, where it helps, the fix.
     """
+
+
+def require(*checks: tuple[bool, str]) -> None:
+    """Raise LmtrainError with the message of the first check that fails: (condition, message)."""
+    for ok, message in checks:
+        if not ok:
+            raise LmtrainError(message)
