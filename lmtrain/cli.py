@@ -201,11 +201,11 @@ def bench(
     vocab_size: Annotated[int, typer.Option(help="Vocabulary of the full training step.")] = 10_000,
     repeats: Annotated[int, typer.Option(help="Timed repeats of each candidate (median reported).")] = 7,
     warmup: Annotated[int, typer.Option(help="Untimed repeats first.")] = 2,
-    step: Annotated[bool, typer.Option(help="Also time the full training step against one on torch.nn.LSTM.")] = True,
+    step: Annotated[bool, typer.Option(help="Also time the full training step against one on PyTorch's own LSTM module.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per measurement, one per line.")] = False,
 ) -> None:
-    """Training throughput and peak memory of our cells against torch.nn.LSTM, interleaved."""
+    """Training throughput and peak memory of our cells against PyTorch's own LSTM module, interleaved."""
     from lmtrain import bench as benchmarks
     from lmtrain.cells import CELLS
 

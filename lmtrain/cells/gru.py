@@ -1,6 +1,6 @@
-"""The gated recurrent unit (Cho et al. 2014) exactly as torch.nn.GRU defines it.
+"""The gated recurrent unit (Cho et al. 2014) exactly as PyTorch's GRU module defines it.
 
-Gate order in the 3H-wide pre-activations is r, z, n, as in torch.nn.GRU, and the recurrent bias
+Gate order in the 3H-wide pre-activations is r, z, n, as in PyTorch's GRU module, and the recurrent bias
 is kept apart (RECURRENT_BIAS), so w_ih, w_hh, b_ih and b_hh are torch's weight_ih, weight_hh,
 bias_ih and bias_hh one for one. The reset gate scales the recurrent part of n, bias included:
 

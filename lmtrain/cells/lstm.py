@@ -1,6 +1,6 @@
 """The LSTM cell (Hochreiter & Schmidhuber 1997, with Gers et al. 2000's forget gate).
 
-Gate order in the 4H-wide pre-activations is i, f, g, o, as in torch.nn.LSTM, so weights can be
+Gate order in the 4H-wide pre-activations is i, f, g, o, as in PyTorch's LSTM module, so weights can be
 copied between the two (our one bias is the sum of torch's b_ih and b_hh):
 
     i = σ(W_i x + U_i h + b_i)      input gate

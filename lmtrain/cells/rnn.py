@@ -2,7 +2,7 @@
 
     h' = tanh(W x + U h + b)
 
-torch.nn.RNN(nonlinearity="tanh") computes the same with two biases; ours is their sum.
+PyTorch's RNN module (nonlinearity "tanh") computes the same with two biases; ours is their sum.
 """
 
 from __future__ import annotations
