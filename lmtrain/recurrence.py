@@ -13,7 +13,7 @@ Backward, steps in reverse:
   one GEMM carries d hg[t] back to h_{t-1}: dh_{t-1} += d hg[t] W_hh.
   Then one GEMM each for dW_ih = dXG^T X, dW_hh = dHG^T H_prev and dX = dXG W_ih.
 
-A cell may also offer `sequence_kernel`: a compiled forward/backward over the whole sequence
+A cell may also offer `sequence_kernel`: a faster forward/backward over the whole sequence
 (see lmtrain/kernels/). The engine uses it when it is available for the tensors at hand and falls
 back to the per-step Python loop above otherwise; both compute the same thing.
 
@@ -49,7 +49,7 @@ class Recurrence(torch.autograd.Function):
             state, step_saved = cell.forward_step(xg[t], hg, state, extra)
             states.append(state)
             saved.append(step_saved)
-        ctx.cell, ctx.n_state, ctx.has_b_hh = cell, n_state, b_hh is not None
+        ctx.cell, ctx.has_b_hh = cell, b_hh is not None
         ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
         ctx.save_for_backward(x, w_ih, w_hh, *extra)
         y = torch.stack([s[0] for s in states[1:]])  # (T, B, H)
