@@ -25,6 +25,7 @@ it faster:
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -39,16 +40,28 @@ from lmtrain.kernels.gemm import linear, pack
 @cache
 def _load_cpu_ops():
     """Build (once per machine, cached by torch under ~/.cache/torch_extensions) and load lstm_cpu.cpp."""
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
     try:
-        load(name="lmtrain_lstm_cpu", sources=[str(Path(__file__).with_name("lstm_cpu.cpp"))],
+        remove_stale_build_lock(cpp_extension)
+        cpp_extension.load(name="lmtrain_lstm_cpu", sources=[str(Path(__file__).with_name("lstm_cpu.cpp"))],
              extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno"], is_python_module=False, verbose=False)
         return torch.ops.lmtrain
     except Exception as e:  # no compiler, no ninja, a failed build: the Python loops still work
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         warnings.warn(f"lmtrain: compiled LSTM loops unavailable, using the Python loops ({reason})", stacklevel=3)
         return None
+
+
+def remove_stale_build_lock(cpp_extension, max_age_s: float = 600) -> None:
+    """A build killed outright leaves torch's lock file behind, and every later build would wait on
+    it forever; a lock older than any build takes is such a leftover."""
+    try:
+        lock = Path(cpp_extension._get_build_directory("lmtrain_lstm_cpu", False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink(missing_ok=True)
+    except (AttributeError, OSError):
+        pass
 
 
 def cpu_ops():
