@@ -23,12 +23,12 @@ from lmtrain.corpus import BUILTIN, load_corpus, read_lines
 from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import combine, evaluate as evaluate_tokens
 from lmtrain.generate import sample
-from lmtrain.model import LanguageModel, count_parameters
+from lmtrain.model import count_parameters
 from lmtrain.prepare import encode_corpus, encode_split, get_tokenizer
 from lmtrain.progress import TerminalProgress
-from lmtrain.run import create_run_dir, load_run, tokenizer_info, write_run_files
+from lmtrain.run import load_run, start_run
 from lmtrain.synth import DEFAULT_ALPHABET, DEFAULT_K, memoryless_perplexity, optimum_perplexity, write_copy_corpus
-from lmtrain.train import min_train_tokens, resolve_device, seed_everything, train as train_model
+from lmtrain.train import min_train_tokens, resolve_device, train as train_model
 
 app = typer.Typer(
     add_completion=False,
@@ -76,19 +76,12 @@ def train(
                 "(use a larger corpus or lower train.batch_size / train.bptt)"
             )
         run_dir = run_dir or default_run_dir(texts.source)
-        try:
-            create_run_dir(run_dir, overwrite)
-        except OSError as e:
-            raise LmtrainError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-        write_run_files(run_dir, cfg, tokenizer)
-        seed_everything(cfg.train.seed)
-        model = LanguageModel(cfg.model, tokenizer.vocab_size).to(device)
+        model, info = start_run(run_dir, cfg, tokenizer, texts.source, overwrite, device)
         say(
             f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
             f"vocab {tokenizer.vocab_size:,} ({cfg.tokenizer.kind}) | {count_parameters(model):,} parameters | "
             f"device {device} | run {run_dir}"
         )
-        info = {"corpus": texts.source, **tokenizer_info(tokenizer)}
         try:
             record = train_model(model, cfg, data, run_dir, info, TerminalProgress())
         except KeyboardInterrupt:

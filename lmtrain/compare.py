@@ -26,12 +26,12 @@ from lmtrain.config import load_config
 from lmtrain.corpus import load_corpus
 from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import evaluate
-from lmtrain.model import LanguageModel, count_parameters
+from lmtrain.model import count_parameters
 from lmtrain.prepare import encode_corpus, get_tokenizer
 from lmtrain.progress import TerminalProgress
-from lmtrain.run import create_run_dir, load_run, tokenizer_info, write_run_files
+from lmtrain.run import load_run, start_run
 from lmtrain.synth import DEFAULT_ALPHABET, DEFAULT_K, memoryless_perplexity, optimum_perplexity, write_copy_corpus
-from lmtrain.train import resolve_device, seed_everything, train as train_model
+from lmtrain.train import resolve_device, train as train_model
 
 # The settings every cell shares; train.bptt is added from K (see settings()).
 SETTINGS = [
@@ -82,14 +82,11 @@ def compare_cells(
     rows = []
     for cell, cfg in configs.items():
         run_dir = out_dir / cell
-        create_run_dir(run_dir, overwrite=True)
-        write_run_files(run_dir, cfg, tokenizer)
         device = resolve_device(cfg.train.device)
-        seed_everything(cfg.train.seed)
-        model = LanguageModel(cfg.model, tokenizer.vocab_size).to(device)
+        model, info = start_run(run_dir, cfg, tokenizer, texts.source, True, device)
         say(f"{cell}: {count_parameters(model):,} parameters, {cfg.train.max_steps:,} steps -> {run_dir}")
         started = time.perf_counter()
-        train_model(model, cfg, data, run_dir, {"corpus": texts.source, **tokenizer_info(tokenizer)}, TerminalProgress())
+        train_model(model, cfg, data, run_dir, info, TerminalProgress())
         elapsed = time.perf_counter() - started
         best = load_run(run_dir, device)
         valid = evaluate(best.model, data["valid"], 1, cfg.train.bptt)  # one stream: see lmtrain.synth

@@ -26,12 +26,33 @@ from lmtrain.config import Config, from_dict, to_toml
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import Tokenizer
+from lmtrain.train import seed_everything
 
 RUN_MARKER = "config.toml"
 
 
+def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, overwrite: bool,
+              device: torch.device) -> tuple[LanguageModel, dict[str, Any]]:
+    """Make the run directory with its config and tokenizer, and build the seeded model on `device`.
+
+    Returns the model and what every checkpoint of the run stores besides it (corpus, tokenizer).
+    """
+    create_run_dir(run_dir, overwrite)
+    write_run_files(run_dir, config, tokenizer)
+    seed_everything(config.train.seed)
+    model = LanguageModel(config.model, tokenizer.vocab_size).to(device)
+    return model, {"corpus": corpus_source, **tokenizer_info(tokenizer)}
+
+
 def create_run_dir(path: Path, overwrite: bool) -> None:
     """Make an empty run directory; an existing run is replaced only with `overwrite`."""
+    try:
+        make_empty_dir(path, overwrite)
+    except OSError as e:
+        raise LmtrainError(f"cannot create run directory {path}: {e.strerror}") from None
+
+
+def make_empty_dir(path: Path, overwrite: bool) -> None:
     if path.exists():
         if not path.is_dir():
             raise LmtrainError(f"run directory {path} exists and is not a directory")
