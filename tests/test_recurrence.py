@@ -140,9 +140,23 @@ def test_lstm_kernel_equals_generic_engine(monkeypatch):
         torch.testing.assert_close(a, b_, rtol=0, atol=1e-13)
 
 
-def test_lstm_kernel_float32_path_matches_float64():
-    """float32 on CPU uses packed oneDNN GEMMs where available: compare with float64 numbers."""
-    inputs = random_layer_inputs(steps=12, batch=5, input_size=7, hidden=9)
+@pytest.fixture(params=["panels", "onednn"])
+def sequence_gemms(request, monkeypatch):
+    """Run the backward's sequence-wide GEMMs (dX, dW) both ways, whatever the hidden size."""
+    import lmtrain.kernels.lstm as lstm_kernels
+
+    monkeypatch.setattr(lstm_kernels, "SEQUENCE_PANELS_MIN_HIDDEN", 0 if request.param == "panels" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("batch, hidden", [(5, 9), (13, 37), (25, 70)])
+def test_lstm_kernel_float32_path_matches_float64(batch, hidden, sequence_gemms):
+    """float32 on CPU runs our panel GEMM (AVX-512) or oneDNN's: compare with float64 numbers.
+
+    The shapes leave partial panels of 32 outputs (4·37 = 148, 37, 280, 70), an odd K, and
+    uneven row blocks (13 rows as 7 + 6, 25 as 9 + 8 + 8).
+    """
+    inputs = random_layer_inputs(steps=12, batch=batch, input_size=7, hidden=hidden)
     inputs32 = [t.detach().float().requires_grad_() for t in inputs]
     out64 = run_layer(lstm, inputs[0], tuple(inputs[1:3]), *inputs[3:])
     out32 = run_layer(lstm, inputs32[0], tuple(inputs32[1:3]), *inputs32[3:])
@@ -151,6 +165,21 @@ def test_lstm_kernel_float32_path_matches_float64():
         torch.testing.assert_close(a.double(), b_, rtol=0, atol=1e-5)
     for a, b_ in zip(grads_of(flat32, inputs32), grads_of(flat64, inputs)):
         torch.testing.assert_close(a.double(), b_, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, hidden", [(4, 7), (13, 37)])
+def test_lstm_kernel_bfloat16_path_matches_float32(batch, hidden, sequence_gemms):
+    """bfloat16 (our pair-panel GEMM with AVX512-BF16, else oneDNN) against the float32 path."""
+    inputs = [t.detach().float().requires_grad_() for t in random_layer_inputs(steps=10, batch=batch, input_size=5, hidden=hidden)]
+    inputs16 = [t.detach().bfloat16().requires_grad_() for t in inputs]
+    out32 = run_layer(lstm, inputs[0], tuple(inputs[1:3]), *inputs[3:])
+    out16 = run_layer(lstm, inputs16[0], tuple(inputs16[1:3]), *inputs16[3:])
+    flat32, flat16 = [out32[0], *out32[1]], [out16[0], *out16[1]]
+    for a, b_ in zip(flat16, flat32):
+        torch.testing.assert_close(a.float(), b_, rtol=0.05, atol=0.03)
+    for a, b_ in zip(grads_of(flat16, inputs16), grads_of(flat32, inputs)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b_, rtol=0.05, atol=0.05 * b_.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
