@@ -44,7 +44,7 @@ from lmtrain.kernels.gemm import Weight, linear, pack, plain, weight_grad
 PLAIN, ONEDNN, PANELS = 0, 1, 2  # the weight forms of lstm_cpu.cpp
 # From this hidden size up, the backward's sequence-wide GEMMs (dX, dW) also run on our panels,
 # which spares oneDNN's transposing copies of W_ih^T and the operands of dW. Measured here (2-layer
-# stack, batch 20, bptt 35, ours / torch.nn.LSTM): hidden 200: 1.01 with panels, 1.13 with oneDNN;
+# stack, batch 20, bptt 35, ours / PyTorch's LSTM module): hidden 200: 1.01 with panels, 1.13 with oneDNN;
 # 400: 1.02 / 0.98; 650: 1.07 / 1.02.
 SEQUENCE_PANELS_MIN_HIDDEN = 300
 
