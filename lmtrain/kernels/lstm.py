@@ -9,8 +9,8 @@ Same equations and gate order (i, f, g, o) as lmtrain/cells/lstm.py, same result
 it faster:
 
   - the recurrent weight is packed once per sequence, and each step's GEMM adds the step's
-    input projection in the same call: gates_t = h_{t-1} W_hh^T + xg_t. In float32 on an
-    AVX-512 CPU the packing and the GEMM are ours (panel_gemm.h: the product lands in the step's
+    input projection in the same call: gates_t = h_{t-1} W_hh^T + xg_t. On an AVX-512 CPU
+    (bfloat16: with AVX512-BF16) the packing and the GEMM are ours (panel_gemm.h: the product lands in the step's
     slice of the buffer, with no allocation or library call per step); otherwise oneDNN's
     (lmtrain.kernels.gemm);
   - the forward writes c_t, tanh(c_t) and h_t straight into preallocated (T+1, B, H) buffers;

@@ -228,6 +228,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_backward_loop(at::Tensor acts, at::Tenso
   dy = dy.contiguous();
   at::Tensor dh_rec = dh_last.contiguous();  // the gradient reaching h_t through the next step (or from outside)
   at::Tensor dc = dc_last.clone(at::MemoryFormat::Contiguous);
+  // the panel GEMM writes dh_{t-1} into one buffer of ours, overwritten each step
+  at::Tensor dh_buffer = mode == kPanels ? at::empty_like(dc) : at::Tensor();
   for (int64_t t = steps - 1; t >= 0; --t) {
     at::Tensor step_dgates = dgates[t];
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, acts.scalar_type(), "lstm_backward_step", [&] {
@@ -236,8 +238,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_backward_loop(at::Tensor acts, at::Tenso
                               step_dgates.data_ptr<scalar_t>(), batch, hidden);
     });
     if (mode == kPanels) {
-      if (t == steps - 1) dh_rec = at::empty_like(dc);  // from here on our own buffer, overwritten each step
-      panels_product(step_dgates, w_hh_t, dh_rec, false);
+      panels_product(step_dgates, w_hh_t, dh_buffer, false);
+      dh_rec = dh_buffer;
     } else {
       dh_rec = linear(step_dgates, w_hh_t, c10::nullopt, mode).contiguous();
     }
