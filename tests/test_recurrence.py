@@ -185,7 +185,7 @@ def test_lstm_kernel_bfloat16_path_matches_float32(batch, hidden, sequence_gemms
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_loops_equal_python_loops(monkeypatch, dtype):
     """The C++ time loops (lstm_cpu.cpp) against the same loops in Python."""
-    from lmtrain.kernels.lstm import cpu_ops
+    from lmtrain.kernels.build import cpu_ops
 
     if cpu_ops() is None:
         pytest.skip("the C++ loops could not be built here (no compiler or ninja); the Python loops are in use")

@@ -27,17 +27,11 @@ it faster:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import time
-import warnings
-from functools import cache
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from lmtrain.kernels import kernels_enabled
+from lmtrain.kernels.build import cpu_ops
 from lmtrain.kernels.gemm import Weight, linear, pack, plain, weight_grad
 
 
@@ -47,46 +41,6 @@ PLAIN, ONEDNN, PANELS = 0, 1, 2  # the weight forms of lstm_cpu.cpp
 # stack, batch 20, bptt 35, ours / PyTorch's LSTM module): hidden 200: 1.01 with panels, 1.13 with oneDNN;
 # 400: 1.02 / 0.98; 650: 1.07 / 1.02.
 SEQUENCE_PANELS_MIN_HIDDEN = 300
-
-
-@cache
-def _load_cpu_ops():
-    """Build (once per machine, cached by torch under ~/.cache/torch_extensions) and load lstm_cpu.cpp."""
-    from torch.utils import cpp_extension
-
-    here = Path(__file__).parent
-    # torch rebuilds when the sources or flags change; the header's hash in the flags covers it too
-    header = hashlib.sha256((here / "panel_gemm.h").read_bytes()).hexdigest()[:16]
-    try:
-        remove_stale_build_lock(cpp_extension)
-        # -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
-        cpp_extension.load(name="lmtrain_lstm_cpu", sources=[str(here / "lstm_cpu.cpp")],
-                           extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp",
-                                         f"-DLMTRAIN_PANEL_GEMM={header}"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        return torch.ops.lmtrain
-    except Exception as e:  # no compiler, no ninja, a failed build: the Python loops still work
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        warnings.warn(f"lmtrain: compiled LSTM loops unavailable, using the Python loops ({reason})", stacklevel=3)
-        return None
-
-
-def remove_stale_build_lock(cpp_extension, max_age_s: float = 600) -> None:
-    """A build killed outright leaves torch's lock file behind, and every later build would wait on
-    it forever; a lock older than any build takes is such a leftover."""
-    try:
-        lock = Path(cpp_extension._get_build_directory("lmtrain_lstm_cpu", False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
-            lock.unlink(missing_ok=True)
-    except (AttributeError, OSError):
-        pass
-
-
-def cpu_ops():
-    """The compiled loops (torch.ops.lmtrain), or None when off (LMTRAIN_COMPILE=0) or unbuildable."""
-    if os.environ.get("LMTRAIN_COMPILE", "1") == "0":
-        return None
-    return _load_cpu_ops()
 
 
 class LSTMSequence(torch.autograd.Function):

@@ -27,8 +27,8 @@
 // preallocated buffer and costs no allocation or library call per step, which is what makes the
 // small per-step GEMMs fast at batch 20.
 //
-// float32 and bfloat16 use a polynomial exp the compiler can vectorise (about 2 ulp in float);
-// float64 uses std::exp, for the tests' 1e-10 comparisons.
+// float32 and bfloat16 use a polynomial exp the compiler can vectorise (about 2 ulp in float,
+// fast_math.h); float64 uses std::exp, for the tests' 1e-10 comparisons.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,46 +41,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fast_math.h"
 #include "panel_gemm.h"
 
 namespace {
-
-__attribute__((always_inline)) inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // Cody-Waite: x - n ln 2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return y * __builtin_bit_cast(float, bits);
-}
-
-__attribute__((always_inline)) inline float sigmoid_fast(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
-__attribute__((always_inline)) inline float tanh_fast(float x) { return 2.0f / (1.0f + exp_poly(-2.0f * x)) - 1.0f; }
-inline double sigmoid_fast(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-inline double tanh_fast(double x) { return std::tanh(x); }
-
-// float for bfloat16 storage, the type itself otherwise; load/store convert with integer
-// operations only, so the loops still vectorise (stores round to nearest even)
-template <typename T> struct Math { using type = T; };
-template <> struct Math<at::BFloat16> { using type = float; };
-
-template <typename T> __attribute__((always_inline)) inline typename Math<T>::type load(const T* p, int64_t j) { return p[j]; }
-template <typename T> __attribute__((always_inline)) inline void store(T* p, int64_t j, typename Math<T>::type v) { p[j] = v; }
-template <> inline float load(const at::BFloat16* p, int64_t j) {
-  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
-  return __builtin_bit_cast(float, bits);
-}
-template <> inline void store(at::BFloat16* p, int64_t j, float v) {
-  uint32_t bits = __builtin_bit_cast(uint32_t, v);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  reinterpret_cast<uint16_t*>(p)[j] = static_cast<uint16_t>(bits >> 16);
-}
 
 int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hidden, 1)); }
 
@@ -306,7 +270,7 @@ at::Tensor transpose(at::Tensor x) {
 
 // Registered for every dispatch key, since the packed weight is an MkldnnCPU tensor; these run
 // inside an autograd.Function's forward and backward, so autograd never looks inside them.
-TORCH_LIBRARY(lmtrain, m) {
+TORCH_LIBRARY(lmtrain, m) {  // the cross-entropy ops join from cross_entropy_cpu.cpp
   m.def("lstm_forward_loop(Tensor(a!) acts, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tanh_cs, Tensor w_hh, int mode) -> ()",
         &lstm_forward_loop);
   m.def("lstm_backward_loop(Tensor acts, Tensor cs, Tensor tanh_cs, Tensor dy, Tensor dh_last, Tensor dc_last, Tensor w_hh_t, "

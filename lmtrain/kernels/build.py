@@ -1,0 +1,64 @@
+"""Our C++ CPU ops (torch.ops.lmtrain), built on first use by torch's extension loader.
+
+    lstm_cpu.cpp           the LSTM's time loops and the panel GEMM's ops (lmtrain.kernels.lstm)
+    cross_entropy_cpu.cpp  the fused cross-entropy (lmtrain.kernels.cross_entropy)
+
+The build is cached per machine under ~/.cache/torch_extensions and redone when a source, a
+header or a flag changes. Without a compiler or ninja, or with LMTRAIN_COMPILE=0, `cpu_ops()` is
+None and every caller runs its Python version of the same computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+EXTENSION = "lmtrain_cpu"
+SOURCES = ("lstm_cpu.cpp", "cross_entropy_cpu.cpp")
+HEADERS = ("fast_math.h", "panel_gemm.h")
+
+
+@cache
+def _load_cpu_ops():
+    """Build (once per machine, cached by torch under ~/.cache/torch_extensions) and load our C++ ops."""
+    from torch.utils import cpp_extension
+
+    here = Path(__file__).parent
+    # torch rebuilds when the sources or flags change; the headers' hash in the flags covers them too
+    header = hashlib.sha256(b"".join((here / name).read_bytes() for name in HEADERS)).hexdigest()[:16]
+    try:
+        remove_stale_build_lock(cpp_extension)
+        # -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
+        cpp_extension.load(name=EXTENSION, sources=[str(here / name) for name in SOURCES],
+                           extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp",
+                                         f"-DLMTRAIN_HEADERS={header}"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return torch.ops.lmtrain
+    except Exception as e:  # no compiler, no ninja, a failed build: the Python loops still work
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        warnings.warn(f"lmtrain: compiled kernels unavailable, using the Python code ({reason})", stacklevel=3)
+        return None
+
+
+def remove_stale_build_lock(cpp_extension, max_age_s: float = 600) -> None:
+    """A build killed outright leaves torch's lock file behind, and every later build would wait on
+    it forever; a lock older than any build takes is such a leftover."""
+    try:
+        lock = Path(cpp_extension._get_build_directory(EXTENSION, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink(missing_ok=True)
+    except (AttributeError, OSError):
+        pass
+
+
+def cpu_ops():
+    """The compiled loops (torch.ops.lmtrain), or None when off (LMTRAIN_COMPILE=0) or unbuildable."""
+    if os.environ.get("LMTRAIN_COMPILE", "1") == "0":
+        return None
+    return _load_cpu_ops()
