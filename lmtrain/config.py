@@ -19,8 +19,10 @@ from lmtrain.errors import LmtrainError
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
 CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm")
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("plateau", "epoch")
+OPTIMIZERS = ("sgd", "ntasgd", "adamw")
+LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+RECURRENT_INITS = ("range", "torch")
 LOSS_REDUCTIONS = ("token_mean", "sequence_sum")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -40,8 +42,22 @@ class ModelConfig:
     embedding_size: int = 200
     hidden_size: int = 200
     dropout: float = 0.0  # on the embedding output, between layers and before the decoder
-    tie_weights: bool = False  # decoder shares the embedding matrix; needs embedding_size == hidden_size
-    init_range: float = 0.1  # every parameter starts uniform in [-init_range, init_range]
+    # the same three places one by one; negative: model.dropout (AWD-LSTM's dropouti, dropouth, dropout)
+    dropout_input: float = -1.0
+    dropout_hidden: float = -1.0
+    dropout_output: float = -1.0
+    # false: a fresh mask for every element (Zaremba et al. 2014); true: one mask per window and
+    # stream, the same at every time step (variational / locked dropout, Gal & Ghahramani 2016)
+    locked_dropout: bool = False
+    embedding_dropout: float = 0.0  # drop whole words: rows of the embedding, one mask per window
+    weight_drop: float = 0.0  # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013)
+    # the decoder shares the embedding matrix; the last layer then has embedding_size units
+    # (AWD-LSTM's layout), so hidden_size applies to the layers below it
+    tie_weights: bool = False
+    init_range: float = 0.1  # every parameter starts uniform in [-init_range, init_range] ...
+    # ... except the recurrent layers' with "torch": uniform in ±1/sqrt(layer's units), PyTorch's default
+    recurrent_init: str = "range"
+    forget_bias: float = 0.0  # added to the forget gate's bias after init (cells with a forget gate)
 
     @property
     def cells(self) -> tuple[str, ...]:
@@ -49,22 +65,51 @@ class ModelConfig:
         names = tuple(self.cell.split(","))
         return names * self.layers if len(names) == 1 else names
 
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        """Units of each layer: hidden_size, and embedding_size for the last one when tied."""
+        sizes = [self.hidden_size] * self.layers
+        if self.tie_weights:
+            sizes[-1] = self.embedding_size
+        return tuple(sizes)
+
+    def dropouts(self) -> tuple[float, float, float]:
+        """(input, hidden, output) dropout, each falling back to `dropout` when negative."""
+        return tuple(self.dropout if p < 0 else p for p in (self.dropout_input, self.dropout_hidden, self.dropout_output))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps in all (0: no limit)
+    # wall-clock budget of the training (0: none): no epoch starts that the last one's duration
+    # says would end past it, so training stops at an epoch's end, validated and checkpointed
+    max_minutes: float = 0.0
     batch_size: int = 20  # parallel token streams
     eval_batch_size: int = 10
     bptt: int = 35  # tokens per truncated-BPTT window
-    optimizer: str = "sgd"  # sgd | adamw
+    # sgd | ntasgd | adamw. ntasgd (Merity et al. 2017): SGD until validation has not improved on
+    # the best of all but the last `nonmono` checks, then also average the weights from that step
+    # on; validation and checkpoints then use the average
+    optimizer: str = "sgd"
+    nonmono: int = 5
     lr: float = 1.0
     # plateau: divide lr by lr_decay whenever validation does not improve;
-    # epoch: lr = lr / lr_decay ** max(0, epoch - lr_decay_start) for epoch = 1, 2, ...
+    # epoch: lr = lr / lr_decay ** max(0, epoch - lr_decay_start) for epoch = 1, 2, ...;
+    # cosine: from lr down to 0 over all steps, by step; constant: lr throughout
     lr_schedule: str = "plateau"
     lr_decay: float = 4.0
     lr_decay_start: int = 0
-    weight_decay: float = 0.0
+    warmup_steps: int = 0  # lr rises linearly from 0 over these first steps, under any schedule
+    weight_decay: float = 0.0  # L2 for sgd and ntasgd, decoupled for adamw
+    # AWD-LSTM's variable-length BPTT: each window is bptt long with p 0.95 (else bptt / 2), then
+    # drawn from N(that, 5), at least 5; the window's lr is scaled by its length / bptt
+    variable_bptt: bool = False
+    ar: float = 0.0  # activation regularisation: ar * mean(dropped last-layer output ** 2)
+    tar: float = 0.0  # temporal AR: tar * mean((h_t - h_{t-1}) ** 2) on the last layer's output
+    # fp32, or bf16: the decoder's products (the largest GEMMs) take bfloat16 operands, with float32
+    # weights, gradients, loss and recurrences (about 1.5x faster on CPUs with AVX512-BF16)
+    precision: str = "fp32"
     # token_mean: the gradient of the mean loss per token (the PyTorch example's convention);
     # sequence_sum: summed over the window's steps, averaged over streams (Zaremba et al. 2014's),
     # i.e. bptt times larger, so their lr and clip values apply unchanged
@@ -211,6 +256,8 @@ def validate(config: Config) -> None:
         ("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
         ("train.loss_reduction", tr.loss_reduction, LOSS_REDUCTIONS),
         ("train.device", tr.device, DEVICES),
+        ("train.precision", tr.precision, PRECISIONS),
+        ("model.recurrent_init", m.recurrent_init, RECURRENT_INITS),
     ]
     for key, value, allowed in choices:
         if value not in allowed:
@@ -226,6 +273,7 @@ def validate(config: Config) -> None:
         ("train.lr", tr.lr),
         ("train.lr_decay", tr.lr_decay),
         ("train.log_interval", tr.log_interval),
+        ("train.nonmono", tr.nonmono),
     ]
     for key, value in positive:
         if value <= 0:
@@ -233,9 +281,13 @@ def validate(config: Config) -> None:
     non_negative = [
         ("train.epochs", tr.epochs),
         ("train.max_steps", tr.max_steps),
+        ("train.max_minutes", tr.max_minutes),
         ("train.clip", tr.clip),
         ("train.weight_decay", tr.weight_decay),
         ("train.lr_decay_start", tr.lr_decay_start),
+        ("train.warmup_steps", tr.warmup_steps),
+        ("train.ar", tr.ar),
+        ("train.tar", tr.tar),
         ("model.init_range", m.init_range),
     ]
     for key, value in non_negative:
@@ -248,15 +300,18 @@ def validate(config: Config) -> None:
         )
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
-    if not 0.0 <= m.dropout < 1.0:
-        raise LmtrainError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    for key in ("dropout", "embedding_dropout", "weight_drop"):
+        value = getattr(m, key)
+        if not 0.0 <= value < 1.0:
+            raise LmtrainError(f"config key 'model.{key}' must be in [0, 1), got {value}")
+    for key in ("dropout_input", "dropout_hidden", "dropout_output"):
+        value = getattr(m, key)
+        if value >= 1.0:
+            raise LmtrainError(f"config key 'model.{key}' must be below 1 (negative: model.dropout), got {value}")
     if t.vocab_size < 3:
         raise LmtrainError(f"config key 'tokenizer.vocab_size' must be at least 3, got {t.vocab_size}")
-    if m.tie_weights and m.embedding_size != m.hidden_size:
-        raise LmtrainError(
-            f"model.tie_weights needs model.embedding_size == model.hidden_size "
-            f"(got {m.embedding_size} and {m.hidden_size})"
-        )
+    if tr.lr_schedule in ("plateau", "epoch") and tr.optimizer == "ntasgd":
+        raise LmtrainError(f"train.optimizer ntasgd averages at a fixed rate: use train.lr_schedule constant, not {tr.lr_schedule}")
 
 
 def toml_value(value: Any) -> str:

@@ -1,14 +1,19 @@
 """The language model: embedding -> stacked recurrent layers (ours) -> decoder, with explicit state.
 
-    tokens (T, B) ─ embedding ─▶ (T, B, E) ─ dropout ─▶ LSTM 1 ─ dropout ─▶ ... ─▶ LSTM L
-                 ─ dropout ─▶ (T, B, H) ─ decoder (tied to the embedding or not) ─▶ logits (T, B, V)
+    tokens (T, B) ─ embedding (word dropout) ─▶ (T, B, E) ─ dropout_input ─▶ layer 1 ─ dropout_hidden ─▶
+    ... ─▶ layer L ─ dropout_output ─▶ (T, B, H_L) ─ decoder (tied to the embedding or not) ─▶ logits (T, B, V)
+
+Every regulariser is a config key (lmtrain.config.ModelConfig) and is active only in training mode:
+dropout with a fresh or a locked (per window and stream) mask, embedding dropout (whole words),
+and weight drop on W_hh, which the recurrence engine applies (lmtrain.recurrence.run_layer).
 
 The recurrent state is a list with one tuple per layer (the cell's state, h first: (h, c) for the
-LSTM), each tensor (B, H). It is passed in and returned, never kept on the module.
+LSTM), each tensor (B, H_l). It is passed in and returned, never kept on the module.
 """
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -17,6 +22,7 @@ from torch import Tensor, nn
 
 from lmtrain.cells import get_cell
 from lmtrain.config import ModelConfig
+from lmtrain.errors import LmtrainError
 from lmtrain.recurrence import run_layer
 
 State = list[tuple[Tensor, ...]]
@@ -44,8 +50,9 @@ class RecurrentLayer(nn.Module):
     def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
         return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra))
+    def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra),
+                         weight_drop=weight_drop if self.training else 0.0)
 
 
 class LanguageModel(nn.Module):
@@ -54,30 +61,80 @@ class LanguageModel(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
-        sizes = [config.embedding_size] + [config.hidden_size] * config.layers
+        sizes = (config.embedding_size, *config.layer_sizes)
         self.layers = nn.ModuleList(
             RecurrentLayer(get_cell(name), sizes[i], sizes[i + 1]) for i, name in enumerate(config.cells)
         )
-        self.decoder = nn.Linear(config.hidden_size, vocab_size)
+        self.decoder = nn.Linear(sizes[-1], vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform init (see ModelConfig.init_range, recurrent_init), then the forget-gate bias."""
+        c = self.config
         for p in self.parameters():
-            nn.init.uniform_(p, -config.init_range, config.init_range)
+            nn.init.uniform_(p, -c.init_range, c.init_range)
+        for layer in self.layers:
+            if c.recurrent_init == "torch":
+                for p in layer.parameters():
+                    bound = 1 / math.sqrt(layer.hidden_size)
+                    nn.init.uniform_(p, -bound, bound)
+            if c.forget_bias:
+                gate = getattr(layer.cell, "FORGET_GATE", None)
+                if gate is None:
+                    raise LmtrainError(f"model.forget_bias: cell '{layer.cell.__name__.rsplit('.', 1)[-1]}' has no forget gate")
+                with torch.no_grad():
+                    layer.b_ih[gate * layer.hidden_size : (gate + 1) * layer.hidden_size] += c.forget_bias
 
     def init_state(self, batch_size: int) -> State:
         """Zero state for `batch_size` streams on the model's device and dtype."""
         return [layer.init_state(batch_size, self.decoder.weight) for layer in self.layers]
 
-    def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+    def forward(self, tokens: Tensor, state: State, decoder_dtype: torch.dtype | None = None) -> tuple[Tensor, State]:
         """tokens (T, B) int64 -> logits (T, B, V) and the new state."""
-        p = self.config.dropout
-        x = F.dropout(self.embedding(tokens), p, self.training)
+        _, dropped, state = self.hidden(tokens, state)
+        return self.decode(dropped, decoder_dtype), state
+
+    def hidden(self, tokens: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        """tokens (T, B) -> the last layer's output (T, B, H_L) before and after its dropout, new state."""
+        p_input, p_hidden, p_output = self.config.dropouts()
+        x = self.dropout(self.embed(tokens), p_input)
         new_state = []
-        for layer, layer_state in zip(self.layers, state):
-            x, layer_state = layer(x, layer_state)
-            x = F.dropout(x, p, self.training)
+        for k, (layer, layer_state) in enumerate(zip(self.layers, state)):
+            x, layer_state = layer(x, layer_state, self.config.weight_drop)
             new_state.append(layer_state)
-        return self.decoder(x), new_state
+            if k < len(self.layers) - 1:
+                x = self.dropout(x, p_hidden)
+        return x, self.dropout(x, p_output), new_state
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens (T, B) -> (T, B, E); in training, each word of the vocabulary is dropped with
+        p = embedding_dropout (all its occurrences in the window) and the rest scaled by 1 / (1 - p)."""
+        p = self.config.embedding_dropout
+        x = self.embedding(tokens)
+        if not (self.training and p):
+            return x
+        keep = torch.empty(self.vocab_size, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p) / (1 - p)
+        return x * F.embedding(tokens, keep)
+
+    def dropout(self, x: Tensor, p: float) -> Tensor:
+        """x (T, B, D); with locked_dropout one mask (1, B, D) serves every step of the window."""
+        if not (self.training and p):
+            return x
+        if not self.config.locked_dropout:
+            return F.dropout(x, p, True)
+        mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
+        return x * mask
+
+    def decode(self, h: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """h (T, B, H_L) -> logits (T, B, V); with `dtype` (bfloat16) the product takes operands and
+        gives logits in that type (accumulating in float32; gradients reach the float32 weights
+        through the casts), for lmtrain.kernels.cross_entropy to take as they are."""
+        w, b = self.decoder.weight, self.decoder.bias
+        if dtype is None or dtype == w.dtype:
+            return F.linear(h, w, b)
+        return F.linear(h.to(dtype), w.to(dtype), b.to(dtype))
 
 
 def detach_state(state: State) -> State:

@@ -89,8 +89,15 @@ class Recurrence(torch.autograd.Function):
 
 
 def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
-              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = ()):
-    """Run `cell` over x (T, B, I) from `state` -> y (T, B, H) and the final state (a tuple)."""
+              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), weight_drop: float = 0.0):
+    """Run `cell` over x (T, B, I) from `state` -> y (T, B, H) and the final state (a tuple).
+
+    weight_drop: DropConnect on the recurrent weight (Wan et al. 2013, as AWD-LSTM uses it): each
+    entry of w_hh is zeroed with this probability, the rest scaled by 1 / (1 - p), one mask for the
+    whole sequence; w_hh's gradient is masked the same way. 0 (inference) leaves w_hh as it is.
+    """
+    if weight_drop:
+        w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
     kernel = getattr(cell, "sequence_kernel", None)
     if kernel is not None and kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra):
         return kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra)

@@ -17,6 +17,7 @@ from torch import Tensor
 GATES = 3
 STATE = ("h", "c")
 RECURRENT_BIAS = False
+FORGET_GATE = 0  # block of the forget gate in the pre-activations (model.forget_bias)
 EXTRA: dict[str, int] = {}
 
 

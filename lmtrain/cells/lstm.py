@@ -21,6 +21,7 @@ from lmtrain.kernels import lstm as sequence_kernel  # noqa: F401  (the engine's
 GATES = 4
 STATE = ("h", "c")
 RECURRENT_BIAS = False
+FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
 EXTRA: dict[str, int] = {}  # per-unit parameters: name -> number of H-sized blocks
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 GATES = 4
 STATE = ("h", "c")
 RECURRENT_BIAS = False
+FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
 EXTRA: dict[str, int] = {"peephole": 3}  # p_i, p_f, p_o, each (H,)
 
 

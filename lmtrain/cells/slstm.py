@@ -31,6 +31,7 @@ from torch import Tensor
 GATES = 4
 STATE = ("h", "c", "n", "m")
 RECURRENT_BIAS = False
+FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
 EXTRA: dict[str, int] = {}
 
 
