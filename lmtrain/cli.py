@@ -21,14 +21,21 @@ import typer
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, load_corpus, read_lines
 from lmtrain.errors import LmtrainError, require
-from lmtrain.evaluate import combine, evaluate as evaluate_tokens
+from lmtrain.evaluate import combine
+from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.generate import sample
-from lmtrain.model import count_parameters
-from lmtrain.prepare import encode_corpus, encode_split, get_tokenizer
+from lmtrain.prepare import encode_split
 from lmtrain.progress import TerminalProgress
-from lmtrain.run import load_run, start_run
-from lmtrain.synth import DEFAULT_ALPHABET, DEFAULT_K, memoryless_perplexity, optimum_perplexity, write_copy_corpus
-from lmtrain.train import min_train_tokens, resolve_device, train as train_model
+from lmtrain.run import load_run, prepare_run
+from lmtrain.synth import (
+    DEFAULT_ALPHABET,
+    DEFAULT_K,
+    memoryless_perplexity,
+    optimum_perplexity,
+    write_copy_corpus,
+)
+from lmtrain.train import resolve_device
+from lmtrain.train import train as train_model
 
 app = typer.Typer(
     add_completion=False,
@@ -63,25 +70,8 @@ def train(
     """Train a tokenizer and a language model on CORPUS."""
     with user_errors():
         cfg = load_config(config, overrides or [])
-        texts = load_corpus(corpus)
-        device = resolve_device(cfg.train.device)
-        say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
-        tokenizer = get_tokenizer(texts.splits["train"], cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
-        data = encode_corpus(tokenizer, texts.splits)
-        n_train, needed = len(data["train"].tokens), min_train_tokens(cfg.train)
-        if n_train < needed:
-            raise LmtrainError(
-                f"the training split has {n_train:,} tokens, too few for one batch of "
-                f"train.batch_size {cfg.train.batch_size} x train.bptt {cfg.train.bptt} = {needed:,} tokens "
-                "(use a larger corpus or lower train.batch_size / train.bptt)"
-            )
-        run_dir = run_dir or default_run_dir(texts.source)
-        model, info = start_run(run_dir, cfg, tokenizer, texts.source, overwrite, device)
-        say(
-            f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
-            f"vocab {tokenizer.vocab_size:,} ({cfg.tokenizer.kind}) | {count_parameters(model):,} parameters | "
-            f"device {device} | run {run_dir}"
-        )
+        model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, say)
+        run_dir = Path(info.pop("run_dir"))
         try:
             record = train_model(model, cfg, data, run_dir, info, TerminalProgress())
         except KeyboardInterrupt:
@@ -254,6 +244,43 @@ def synth(
             f"{out_dir}: {lines:,} train, {held_out:,} valid, {held_out:,} test lines | K {k}, alphabet {alphabet} | "
             f"optimum ppl {optimum_perplexity(k, alphabet):.4f} (no memory: {memoryless_perplexity(k, alphabet):.4f})"
         )
+
+
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="A published setup: a config name in configs/ (ptb-small, ptb-small-best, ptb-medium, ...).")],
+    data: Annotated[Path, typer.Option(help="Directory holding ptb/ and wikitext-2/ (make data fills data/).")] = Path("data"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key of the config (recorded in the result).")] = None,
+    config_dir: Annotated[Path, typer.Option(help="Where the configs are.")] = Path("configs"),
+    runs_dir: Annotated[Path, typer.Option(help="The run goes to RUNS_DIR/reproduce-NAME (replaced).")] = Path("runs"),
+    results_dir: Annotated[Path, typer.Option(help="The result goes to RESULTS_DIR/NAME.json.")] = Path("results"),
+) -> None:
+    """Train a published setup, score valid and test as one stream each, write results/NAME.json."""
+    from lmtrain.reproduce import reproduce as run_reproduction
+
+    with user_errors():
+        try:
+            r = run_reproduction(name, data, config_dir, runs_dir, results_dir, overrides or [], TerminalProgress(), say)
+        except KeyboardInterrupt:
+            say(f"\ninterrupted; no result written to {results_dir / (name + '.json')}")
+            raise typer.Exit(130) from None
+        published = r["published"]
+        typer.echo(
+            f"{name}: valid {r['valid_ppl']:.2f} test {r['test_ppl']:.2f} (published {published['valid_ppl']} / "
+            f"{published['test_ppl']}) | {r['train_minutes']:.1f} min of training on {r['device']} | "
+            f"{results_dir / (name + '.json')}"
+        )
+
+
+@app.command()
+def results(
+    results_dir: Annotated[Path, typer.Option(help="Where `lmtrain reproduce` wrote its results.")] = Path("results"),
+) -> None:
+    """Print every reproduction result beside the published numbers, as one markdown table."""
+    from lmtrain.reproduce import results_table
+
+    with user_errors():
+        typer.echo(results_table(results_dir))
 
 
 def main() -> None:

@@ -14,8 +14,11 @@ from lmtrain.tokens import TokenFile, batchify, windows
 
 
 @torch.no_grad()
-def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: int) -> tuple[float, int]:
+def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: int,
+              decoder_dtype: torch.dtype | None = None) -> tuple[float, int]:
     """Sum of -log p(token) in nats over every token of `tokens`, and the number of tokens.
+
+    decoder_dtype: as in training (LanguageModel.decode); None computes it all in the model's dtype.
 
     The split is laid out as `batch_size` padded streams (see `batchify`), each starting from a
     zero state, and the state is carried across windows as in training.
@@ -27,7 +30,7 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
     state = model.init_state(batch_size)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in windows(inputs.to(device), targets.to(device), bptt):
-        logits, state = model(x, state)
+        logits, state = model(x, state, decoder_dtype)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")

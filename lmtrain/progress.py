@@ -1,6 +1,6 @@
 """The only module that writes training progress to the terminal.
 
-`train` calls the three methods below; `QuietProgress` is for library use and tests.
+`train` calls the four methods below; `QuietProgress` is for library use and tests.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ class QuietProgress:
         pass
 
     def end_epoch(self, record: dict) -> None:
+        pass
+
+    def note(self, message: str) -> None:
         pass
 
 
@@ -47,3 +50,6 @@ class TerminalProgress(QuietProgress):
             file=self.stream,
             flush=True,
         )
+
+    def note(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)

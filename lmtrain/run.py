@@ -3,7 +3,8 @@
     RUN/
       config.toml       the resolved config (defaults < file < --set)
       tokenizer.model   the sentencepiece model trained on the training split
-      metrics.jsonl     one JSON record per log interval and per epoch
+      metrics.jsonl     one JSON record per log interval and per epoch (losses, lr)
+      timing.jsonl      tokens/s and elapsed seconds of the same records
       best.pt           checkpoint with the best validation loss so far
       last.pt           checkpoint after the latest epoch
 
@@ -23,12 +24,46 @@ import torch
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import Config, from_dict, to_toml
+from lmtrain.corpus import load_corpus
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
+from lmtrain.model import LanguageModel, count_parameters
+from lmtrain.prepare import encode_corpus, get_tokenizer
 from lmtrain.tokenizer import Tokenizer
-from lmtrain.train import seed_everything
+from lmtrain.tokens import TokenFile
+from lmtrain.train import min_train_tokens, resolve_device, seed_everything
 
 RUN_MARKER = "config.toml"
+
+
+def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overwrite: bool,
+                default_run_dir, say) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
+    """Everything before the first training step: read and tokenize the corpus, check it is big
+    enough, make the run directory and the seeded model on the configured device.
+
+    `default_run_dir(source)` names the run directory when `run_dir` is None; `say` takes one
+    line of news for the user. Returns the model, the encoded splits and what every checkpoint
+    stores besides the model, with "run_dir" added (pop it before training: it is not stored).
+    """
+    texts = load_corpus(corpus)
+    device = resolve_device(config.train.device)
+    say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
+    tokenizer = get_tokenizer(texts.splits["train"], config.tokenizer.kind, config.tokenizer.vocab_size)
+    data = encode_corpus(tokenizer, texts.splits)
+    n_train, needed = len(data["train"].tokens), min_train_tokens(config.train)
+    if n_train < needed:
+        raise LmtrainError(
+            f"the training split has {n_train:,} tokens, too few for one batch of "
+            f"train.batch_size {config.train.batch_size} x train.bptt {config.train.bptt} = {needed:,} tokens "
+            "(use a larger corpus or lower train.batch_size / train.bptt)"
+        )
+    run_dir = run_dir or default_run_dir(texts.source)
+    model, info = start_run(run_dir, config, tokenizer, texts.source, overwrite, device)
+    say(
+        f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
+        f"vocab {tokenizer.vocab_size:,} ({config.tokenizer.kind}) | {count_parameters(model):,} parameters | "
+        f"device {device} | run {run_dir}"
+    )
+    return model, data, {**info, "run_dir": str(run_dir)}
 
 
 def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, overwrite: bool,

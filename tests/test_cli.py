@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import tomllib
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
+from helpers import make_lines, write_corpus, write_lines
 from typer.testing import CliRunner, Result
 
 from lmtrain.cli import app
@@ -29,13 +29,6 @@ TINY = {
     "train.epochs": 1,
     "tokenizer.vocab_size": 60,
 }
-
-WORDS = (
-    "the a one every some cat dog bird fish child teacher farmer river house garden market "
-    "sees finds likes carries follows watches builds sells near under over beside with "
-    "quickly slowly happily quietly red small old green bright cold morning evening"
-).split()
-
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -55,29 +48,6 @@ def isolated_env(tmp_path_factory):
         mp.chdir(tmp_path_factory.mktemp("cwd"))  # a stray default runs/<name> would land here
         yield cache
     torch.set_num_threads(threads)
-
-
-def make_lines(n: int, seed: int) -> list[str]:
-    """`n` short, deterministic, English-ish sentences."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
-        lines.append(" ".join(words).capitalize() + ".")
-    return lines
-
-
-def write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
-    path.write_bytes("".join(line + newline for line in lines).encode("utf-8"))
-    return path
-
-
-def write_corpus(folder: Path, newline: str = "\n", sizes=(300, 40, 40)) -> Path:
-    """A corpus directory with train.txt, valid.txt and test.txt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for seed, (split, n) in enumerate(zip(("train", "valid", "test"), sizes)):
-        write_lines(folder / f"{split}.txt", make_lines(n, seed), newline)
-    return folder
 
 
 def overrides(**changes) -> list[str]:
@@ -152,7 +122,7 @@ def trained(tmp_path_factory):
 
 def test_run_directory_contents(trained, isolated_env):
     _, run, _ = trained
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.toml", "last.pt", "metrics.jsonl", "tokenizer.model"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.toml", "last.pt", "metrics.jsonl", "timing.jsonl", "tokenizer.model"]
     config = tomllib.loads((run / "config.toml").read_text())
     assert config["model"]["hidden_size"] == 16 and config["train"]["bptt"] == 8
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
