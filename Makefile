@@ -6,14 +6,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_MIRROR ?=
 RUN ?= runs/demo
+DATA ?= data
 
-.PHONY: help install demo test data clean compare-cells
+.PHONY: help install demo test data clean compare-cells results
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
 	@echo "make test   run the test suite (creates $(VENV) with the test extras)"
 	@echo "make data   fetch PTB and WikiText-2 into data/ (DATA_MIRROR=DIR copies from a mirror)"
 	@echo "make compare-cells   train every cell on a copy task with a known optimum, print a table"
+	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json"
+	@echo "make results   the table of every result beside the published numbers"
 
 # torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -36,6 +39,13 @@ test: install
 # every cell on the copy task (lmtrain/synth.py) for the same number of steps: about 7 minutes on 2 CPU cores
 compare-cells: install
 	$(BIN)/python -m lmtrain.compare
+
+# a published setup (configs/NAME.toml): train, score valid and test, write results/NAME.json
+reproduce-%: install
+	$(BIN)/lmtrain reproduce $* --data $(DATA)
+
+results: install
+	$(BIN)/lmtrain results
 
 data:
 	$(PYTHON) data/fetch.py --dest data $(if $(DATA_MIRROR),--mirror $(DATA_MIRROR))
