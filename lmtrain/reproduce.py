@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -107,9 +108,16 @@ def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, resul
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def read_result(path: Path) -> dict[str, Any]:
