@@ -7,6 +7,7 @@ Precedence of settings: the dataclass defaults (lmtrain/config.py) < the TOML fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,9 +21,11 @@ import typer
 
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, load_corpus, read_lines
+from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
 from lmtrain.errors import LmtrainError, require
-from lmtrain.evaluate import combine
+from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
+from lmtrain.evaluate import tune_cache as tune_cache_settings
 from lmtrain.generate import sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import TerminalProgress
@@ -92,6 +95,16 @@ def evaluate(
     files: Annotated[Optional[list[Path]], typer.Argument(help="Text files to score instead of a split of the training corpus.", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Split of the training corpus: train, valid or test.")] = "test",
     batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams (default: the run's train.eval_batch_size). 1 gives every token its full left context.")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): a gradient step after each scored window. One stream.")] = False,
+    dynamic_lr: Annotated[float, typer.Option(help="Dynamic evaluation's learning rate.")] = DynamicSettings.lr,
+    dynamic_decay: Annotated[float, typer.Option(help="Dynamic evaluation's pull back to the trained weights.")] = DynamicSettings.decay,
+    dynamic_bptt: Annotated[int, typer.Option(help="Tokens per window between dynamic updates.")] = DynamicSettings.bptt,
+    stats_batches: Annotated[int, typer.Option(help="Training batches (100 streams x the window) for dynamic evaluation's gradient statistics; 0: the whole split.")] = 0,
+    cache: Annotated[bool, typer.Option("--cache", help="The continuous cache pointer (Grave et al. 2017). One stream.")] = False,
+    cache_window: Annotated[int, typer.Option(help="Previous positions the cache looks at.")] = CacheSettings.window,
+    cache_theta: Annotated[float, typer.Option(help="The cache's inverse temperature.")] = CacheSettings.theta,
+    cache_lambda: Annotated[float, typer.Option(help="The cache's weight in the mixture.")] = CacheSettings.lam,
+    tune_cache: Annotated[bool, typer.Option("--tune-cache", help="Choose --cache-theta and --cache-lambda on the validation split (a small grid).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity, word-level perplexity and bits per byte of a trained model."""
@@ -100,6 +113,15 @@ def evaluate(
             raise LmtrainError(f"--split must be train, valid or test, got '{split}'")
         if batch_size is not None and batch_size < 1:
             raise LmtrainError(f"--batch-size must be at least 1, got {batch_size}")
+        cache = cache or tune_cache
+        stream = dynamic or cache
+        require(
+            (not (stream and batch_size not in (None, 1)), f"--dynamic and --cache score one stream: --batch-size must be 1, got {batch_size}"),
+            (dynamic_lr > 0 and dynamic_decay >= 0 and dynamic_bptt >= 1 and stats_batches >= 0,
+             "--dynamic-lr must be positive, --dynamic-decay and --stats-batches not negative, --dynamic-bptt at least 1"),
+            (cache_window >= 1 and cache_theta > 0 and 0 <= cache_lambda <= 1,
+             "--cache-window must be at least 1, --cache-theta positive and --cache-lambda in [0, 1]"),
+        )
         loaded = load_run(run, resolve_device("auto"))
         batch = batch_size or loaded.config.train.eval_batch_size
         bptt = loaded.config.train.bptt
@@ -107,10 +129,29 @@ def evaluate(
             texts = {str(f): read_lines(f) for f in files}
         else:
             texts = {split: corpus_split(loaded.corpus, split)}
+        settings = {}
+        adapt = None
+        if dynamic:
+            dyn = DynamicSettings(dynamic_lr, dynamic_decay, bptt=dynamic_bptt, stats_batches=stats_batches)
+            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train")).tokens
+            adapt = DynamicEval(loaded.model, gradient_stats(loaded.model, train_tokens, dyn), dyn)
+            bptt = dynamic_bptt
+            settings["dynamic"] = dataclasses.asdict(dyn)
+        cache_settings = CacheSettings(cache_window, cache_theta, cache_lambda) if cache else None
+        if tune_cache:
+            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid"))
+            cache_settings = tune_cache_settings(loaded.model, valid, bptt, cache_window)
+        if cache_settings is not None:
+            settings["cache"] = dataclasses.asdict(cache_settings)
         results = {}
         for name, lines in texts.items():
-            results[name] = evaluate_tokens(loaded.model, encode_split(loaded.tokenizer, lines), batch, bptt)
+            tokens = encode_split(loaded.tokenizer, lines)
+            if stream:
+                results[name] = evaluate_stream(loaded.model, tokens, bptt, adapt, cache_settings)
+            else:
+                results[name] = evaluate_tokens(loaded.model, tokens, batch, bptt)
         report = dict(combine(list(results.values())))
+        report.update(settings)
         if files:
             report["files"] = [{"file": name, **m} for name, m in results.items()]
         else:
@@ -118,6 +159,8 @@ def evaluate(
         if as_json:
             typer.echo(json.dumps(report))
             return
+        for key, value in settings.items():
+            typer.echo(f"{key}: " + ", ".join(f"{k} {v:g}" for k, v in value.items()))
         for name, m in results.items():
             typer.echo(format_metrics(name, m))
         if len(results) > 1:
@@ -134,6 +177,7 @@ def format_metrics(name: str, m: dict) -> str:
     return (
         f"{name}: {m['tokens']:,} tokens | ppl {m['ppl']:.2f} | word ppl {m['word_ppl']:.2f} "
         f"({m['words']:,} words) | {m['bits_per_byte']:.3f} bits/byte"
+        + (f" | {m['bits_per_char']:.3f} bits/char" if m["bits_per_char"] is not None else "")
     )
 
 
@@ -244,6 +288,24 @@ def synth(
             f"{out_dir}: {lines:,} train, {held_out:,} valid, {held_out:,} test lines | K {k}, alphabet {alphabet} | "
             f"optimum ppl {optimum_perplexity(k, alphabet):.4f} (no memory: {memoryless_perplexity(k, alphabet):.4f})"
         )
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Also draw RUN/curves.png (needs matplotlib: pip install 'lmtrain[plot]').")] = True,
+) -> None:
+    """Write RUN/report.md (and RUN/curves.png): perplexities, learning rate and speed by epoch, the config."""
+    from lmtrain.report import write_report
+
+    with user_errors():
+        if not run.is_dir():
+            raise LmtrainError(f"run directory not found: {run}")
+        table, plotted = write_report(run, plot)
+        typer.echo(table)
+        typer.echo(f"wrote {run / 'report.md'}" + (f" and {run / 'curves.png'}" if plotted else ""))
+        if plot and not plotted:
+            say("note: no curves.png: matplotlib is not installed (pip install 'lmtrain[plot]')")
 
 
 @app.command()

@@ -30,8 +30,15 @@ from lmtrain.model import count_parameters
 from lmtrain.prepare import encode_corpus, get_tokenizer
 from lmtrain.progress import TerminalProgress
 from lmtrain.run import load_run, start_run
-from lmtrain.synth import DEFAULT_ALPHABET, DEFAULT_K, memoryless_perplexity, optimum_perplexity, write_copy_corpus
-from lmtrain.train import resolve_device, train as train_model
+from lmtrain.synth import (
+    DEFAULT_ALPHABET,
+    DEFAULT_K,
+    memoryless_perplexity,
+    optimum_perplexity,
+    write_copy_corpus,
+)
+from lmtrain.train import resolve_device
+from lmtrain.train import train as train_model
 
 # The settings every cell shares; train.bptt is added from K (see settings()).
 SETTINGS = [

@@ -108,8 +108,10 @@ def builtin_corpus() -> Corpus:
     return Corpus(BUILTIN, split_lines(lines, "the built-in corpus"))
 
 
-def text_stats(lines: list[str]) -> tuple[int, int, int]:
-    """(UTF-8 bytes including one newline per line, whitespace-separated words, lines) of a split."""
+def text_stats(lines: list[str]) -> tuple[int, int, int, int]:
+    """(UTF-8 bytes, whitespace-separated words, lines, characters) of a split; bytes and
+    characters count one newline per line."""
     n_bytes = sum(len(line.encode("utf-8")) + 1 for line in lines)
     n_words = sum(len(line.split()) for line in lines)
-    return n_bytes, n_words, len(lines)
+    n_chars = sum(len(line) + 1 for line in lines)
+    return n_bytes, n_words, len(lines), n_chars

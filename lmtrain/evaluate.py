@@ -1,14 +1,22 @@
-"""Token-weighted negative log-likelihood and the perplexities derived from it."""
+"""Token-weighted negative log-likelihood and the perplexities derived from it.
+
+`total_nll` scores a text as `batch_size` parallel streams; `evaluate_stream` as one stream, with
+dynamic evaluation (lmtrain.dynamic) and the continuous cache (lmtrain.cache) when asked.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmtrain.cache import cache_probs, mix, tune
+from lmtrain.dynamic import DynamicEval
 from lmtrain.model import LanguageModel
+from lmtrain.stream import score_stream
 from lmtrain.tokenizer import EOS_ID
 from lmtrain.tokens import TokenFile, batchify, windows
 
@@ -38,11 +46,12 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
     return total.item(), int((targets >= 0).sum())
 
 
-def metrics(nll_sum: float, n_tokens: int, n_words: int, n_bytes: int) -> dict[str, float | int]:
-    """Perplexities and bits per byte from a summed NLL (nats) over a text.
+def metrics(nll_sum: float, n_tokens: int, n_words: int, n_bytes: int, n_chars: int = 0) -> dict[str, float | int | None]:
+    """Perplexities, bits per byte and per character from a summed NLL (nats) over a text.
 
     n_words counts whitespace words plus line ends, the unit of word-level papers, so that
-    word_ppl compares subword models with them; in word mode it equals ppl.
+    word_ppl compares subword models with them; in word mode it equals ppl. Bytes and characters
+    count one newline per line; bits_per_char is None when the character count is not known.
     """
     return {
         "tokens": n_tokens,
@@ -50,18 +59,57 @@ def metrics(nll_sum: float, n_tokens: int, n_words: int, n_bytes: int) -> dict[s
         "ppl": math.exp(nll_sum / n_tokens),
         "word_ppl": math.exp(nll_sum / n_words),
         "bits_per_byte": nll_sum / math.log(2) / n_bytes,
+        "bits_per_char": nll_sum / math.log(2) / n_chars if n_chars else None,
         "nll_sum": nll_sum,
         "words": n_words,
         "bytes": n_bytes,
+        "chars": n_chars,
     }
+
+
+def text_metrics(nll_sum: float, n_tokens: int, token_file: TokenFile) -> dict[str, float | int | None]:
+    """`metrics` with the text's counts from its token file."""
+    t = token_file
+    return metrics(nll_sum, n_tokens, t.text_words + t.text_lines, t.text_bytes, t.text_chars)
 
 
 def evaluate(model: LanguageModel, token_file: TokenFile, batch_size: int, bptt: int) -> dict[str, float | int]:
     """All metrics of `model` on one encoded text."""
     nll_sum, n_tokens = total_nll(model, token_file.tokens, batch_size, bptt)
-    return metrics(nll_sum, n_tokens, token_file.text_words + token_file.text_lines, token_file.text_bytes)
+    return text_metrics(nll_sum, n_tokens, token_file)
 
 
 def combine(results: list[dict[str, float | int]]) -> dict[str, float | int]:
     """Metrics over several texts taken together (token-weighted, not an average of perplexities)."""
-    return metrics(*(sum(r[k] for r in results) for k in ("nll_sum", "tokens", "words", "bytes")))
+    chars = 0 if any(not r["chars"] for r in results) else sum(r["chars"] for r in results)
+    return metrics(*(sum(r[k] for r in results) for k in ("nll_sum", "tokens", "words", "bytes")), chars)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    window: int = 500  # previous positions the pointer looks at (AWD-LSTM's PTB setting)
+    theta: float = 1.0  # inverse temperature of the pointer's softmax
+    lam: float = 0.1  # weight of the cache in the mixture
+
+
+def evaluate_stream(model: LanguageModel, token_file: TokenFile, bptt: int, dynamic: DynamicEval | None = None,
+                    cache: CacheSettings | None = None) -> dict[str, float | int]:
+    """All metrics of `model` on one text scored as a single stream (batch 1), with dynamic
+    evaluation and/or the continuous cache; the model's trained weights are restored after."""
+    try:
+        log_probs, targets, hidden = score_stream(model, token_file.tokens, bptt, dynamic, keep_hidden=cache is not None)
+    finally:
+        if dynamic is not None:
+            dynamic.restore()
+    if cache is not None:
+        log_probs = mix(log_probs, cache_probs(targets, hidden, cache.window, cache.theta), cache.lam)
+    nll_sum = -log_probs.sum().item()
+    return text_metrics(nll_sum, targets.numel(), token_file)
+
+
+def tune_cache(model: LanguageModel, token_file: TokenFile, bptt: int, window: int,
+               thetas=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), lams=(0.05, 0.1, 0.15, 0.2, 0.3)) -> CacheSettings:
+    """The cache's theta and lambda with the lowest NLL on `token_file` (the validation split)."""
+    log_probs, targets, hidden = score_stream(model, token_file.tokens, bptt, keep_hidden=True)
+    theta, lam, _ = tune(log_probs, targets, hidden, window, thetas, lams)
+    return CacheSettings(window, theta, lam)

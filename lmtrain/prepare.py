@@ -22,7 +22,7 @@ from lmtrain.corpus import text_stats
 from lmtrain.tokenizer import Tokenizer, train_tokenizer
 from lmtrain.tokens import TokenFile, read_tokens, write_tokens
 
-CACHE_VERSION = "1"  # bump when tokenizer training or encoding changes
+CACHE_VERSION = "2"  # bump when tokenizer training or encoding changes
 
 
 def cache_dir() -> Path:

@@ -4,14 +4,14 @@ Token file, little-endian:
 
     offset  size  field
     0       8     magic b"LMTRTOK\\0"
-    8       4     format version (1)
+    8       4     format version (2; version 1 files, without the character count, are still read)
     12      4     bytes per token (2: uint16, 4: uint32)
     16      8     vocabulary size
     24      8     token count
     32      8     UTF-8 bytes of the text (for bits per byte)
     40      8     whitespace-separated words of the text (for word-level perplexity)
     48      8     lines of the text
-    56      8     reserved (0)
+    56      8     characters of the text (for bits per character; 0 in version 1)
     64      ...   token ids
 """
 
@@ -29,7 +29,7 @@ from lmtrain.atomic import atomic_open
 from lmtrain.errors import LmtrainError
 
 MAGIC = b"LMTRTOK\0"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sIIQQQQQQ")
 assert HEADER.size == 64
 
@@ -43,14 +43,16 @@ class TokenFile:
     text_bytes: int
     text_words: int
     text_lines: int
+    text_chars: int = 0  # 0: not known (a version 1 file)
 
 
-def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, text_bytes: int, text_words: int, text_lines: int) -> None:
+def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, text_bytes: int, text_words: int, text_lines: int,
+                 text_chars: int = 0) -> None:
     """Write a token file atomically (temporary file, fsync, rename)."""
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise ValueError("token id out of vocabulary range")
-    header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, len(tokens), text_bytes, text_words, text_lines, 0)
+    header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, len(tokens), text_bytes, text_words, text_lines, text_chars)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
         f.write(header)
@@ -66,14 +68,14 @@ def read_tokens(path: Path) -> TokenFile:
         raise LmtrainError(f"cannot read token file {path}: {e.strerror}") from None
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise LmtrainError(f"{path} is not an lmtrain token file")
-    magic, version, width, vocab_size, count, text_bytes, words, lines, _ = HEADER.unpack(raw)
-    if version != VERSION or width not in (2, 4):
+    magic, version, width, vocab_size, count, text_bytes, words, lines, chars = HEADER.unpack(raw)
+    if version not in (1, VERSION) or width not in (2, 4):
         raise LmtrainError(f"{path}: unsupported token file version {version} or token width {width}")
     dtype = np.uint16 if width == 2 else np.uint32
     if os.path.getsize(path) != HEADER.size + count * width:
         raise LmtrainError(f"{path} is truncated or has trailing bytes (header says {count} tokens)")
     tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
-    return TokenFile(tokens, vocab_size, text_bytes, words, lines)
+    return TokenFile(tokens, vocab_size, text_bytes, words, lines, chars if version >= 2 else 0)
 
 
 def batchify(tokens: np.ndarray, batch_size: int, start_id: int, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

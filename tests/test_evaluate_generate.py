@@ -38,6 +38,10 @@ def test_metrics_from_known_counts():
     assert math.isclose(m["bits_per_byte"], 100 * 3 / 300)
     both = combine([m, metrics(100 * math.log(2), 100, 100, 100)])
     assert both["tokens"] == 200 and math.isclose(both["ppl"], 4)  # token-weighted, not averaged
+    assert m["bits_per_char"] is None and both["bits_per_char"] is None  # a count not known stays unknown
+    chars = metrics(nll_sum=100 * math.log(2), n_tokens=50, n_words=10, n_bytes=200, n_chars=100)
+    assert math.isclose(chars["bits_per_byte"], 0.5) and math.isclose(chars["bits_per_char"], 1.0)
+
 
 
 def test_windows_carry_the_state_exactly():

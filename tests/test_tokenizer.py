@@ -68,12 +68,17 @@ def test_tokenizer_and_tokens_are_cached_by_content(tmp_path):
 def test_token_file_round_trip(tmp_path, vocab_size, width):
     tokens = np.array([0, 1, 5, vocab_size - 1], dtype=np.int64)
     path = tmp_path / "x.tok"
-    write_tokens(path, tokens, vocab_size, text_bytes=10, text_words=3, text_lines=1)
+    write_tokens(path, tokens, vocab_size, text_bytes=10, text_words=3, text_lines=1, text_chars=9)
     assert path.stat().st_size == 64 + 4 * width
     loaded = read_tokens(path)
     assert isinstance(loaded.tokens, np.memmap)
     assert loaded.tokens.tolist() == tokens.tolist()
-    assert (loaded.vocab_size, loaded.text_bytes, loaded.text_words, loaded.text_lines) == (vocab_size, 10, 3, 1)
+    assert (loaded.vocab_size, loaded.text_bytes, loaded.text_words, loaded.text_lines, loaded.text_chars) == (
+        vocab_size, 10, 3, 1, 9)
+    old = bytearray(path.read_bytes())  # a version 1 file: no character count
+    old[8:12] = (1).to_bytes(4, "little")
+    path.write_bytes(bytes(old))
+    assert read_tokens(path).text_chars == 0
 
 
 def test_foreign_or_truncated_token_file_is_refused(tmp_path):
@@ -101,8 +106,8 @@ def test_batchify_lays_out_contiguous_streams():
     assert shapes == [3, 1]
 
 
-def test_text_stats_counts_bytes_words_and_lines():
-    assert text_stats(["ab cd", "é"]) == (6 + 3, 3, 2)
+def test_text_stats_counts_bytes_words_lines_and_characters():
+    assert text_stats(["ab cd", "é"]) == (6 + 3, 3, 2, 6 + 2)  # é: two bytes, one character
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,6 @@ from lmtrain.kernels import kernels_enabled
 from lmtrain.kernels.build import cpu_ops
 from lmtrain.kernels.gemm import Weight, linear, pack, plain, weight_grad
 
-
 PLAIN, ONEDNN, PANELS = 0, 1, 2  # the weight forms of lstm_cpu.cpp
 # From this hidden size up, the backward's sequence-wide GEMMs (dX, dW) also run on our panels,
 # which spares oneDNN's transposing copies of W_ih^T and the operands of dW. Measured here (2-layer
