@@ -26,7 +26,7 @@ from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
-from lmtrain.generate import sample
+from lmtrain.generate import Sampler, cut, sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import TerminalProgress
 from lmtrain.run import load_run, prepare_run
@@ -37,6 +37,7 @@ from lmtrain.synth import (
     optimum_perplexity,
     write_copy_corpus,
 )
+from lmtrain.tokenizer import EOS_ID
 from lmtrain.train import resolve_device
 from lmtrain.train import train as train_model
 
@@ -187,9 +188,14 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
     max_tokens: Annotated[int, typer.Option(help="Tokens to sample per sample.")] = 100,
     temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 1.0,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always the likeliest token (temperature 0).")] = False,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens only (0: all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens whose probability reaches p.")] = 1.0,
     num_samples: Annotated[int, typer.Option(help="Independent samples, drawn as one batch.")] = 1,
+    until_eos: Annotated[bool, typer.Option("--until-eos", help="End each sample at its first end of line (<eos>).")] = False,
+    stop: Annotated[str, typer.Option(help="End each sample where this text first appears (not included).")] = "",
+    output_format: Annotated[str, typer.Option("--format", help="text, or jsonl: one JSON object per sample.")] = "text",
+    interactive: Annotated[bool, typer.Option("--interactive", help="Read lines from standard input; each continues the same story, the state kept between turns.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text.")] = None,
 ) -> None:
     """Sample text from a trained model, printing it as it is drawn."""
@@ -200,21 +206,83 @@ def generate(
             (top_k >= 0, f"--top-k must not be negative, got {top_k}"),
             (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
             (num_samples >= 1, f"--num-samples must be at least 1, got {num_samples}"),
+            (output_format in ("text", "jsonl"), f"--format must be text or jsonl, got '{output_format}'"),
+            (not (interactive and num_samples > 1), "--interactive draws one stream: leave --num-samples at 1"),
         )
         loaded = load_run(run, resolve_device("auto"))
         generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+        temperature = 0.0 if greedy else temperature
+        stops = [s for s in (stop, "\n" if until_eos else "") if s]
+        if interactive:
+            chat(loaded.model, loaded.tokenizer, max_tokens, temperature, top_k, top_p, generator, stops, output_format)
+            return
         steps = sample(loaded.model, loaded.tokenizer.encode_prompt(prompt) if prompt else [], max_tokens,
                        num_samples, temperature, top_k, top_p, generator)
-        if num_samples == 1:
+        if num_samples == 1 and output_format == "text":
             sys.stdout.write(prompt)
-            for token in steps:
-                sys.stdout.write(loaded.tokenizer.token_text(int(token)))
-                sys.stdout.flush()
+            stream_text(steps, loaded.tokenizer, stops)
             sys.stdout.write("\n")
             return
         drawn = torch.stack(list(steps), dim=1)  # (samples, max_tokens)
         for k, ids in enumerate(drawn.tolist(), 1):
-            sys.stdout.write(f"--- sample {k}\n{prompt}{loaded.tokenizer.decode(ids)}\n")
+            text = first_stop(loaded.tokenizer.decode(ids), stops)
+            if output_format == "jsonl":
+                sys.stdout.write(json.dumps({"sample": k, "prompt": prompt, "text": text}) + "\n")
+            else:
+                sys.stdout.write(f"--- sample {k}\n{prompt}{text}\n")
+
+
+def first_stop(text: str, stops: list[str]) -> str:
+    """`text` cut at the earliest of `stops`."""
+    for s in stops:
+        text, _ = cut(text, s)
+    return text
+
+
+def stream_text(steps, tokenizer, stops: list[str]) -> str:
+    """Print tokens as they come until a stop text appears; return everything printed."""
+    text = printed = ""
+    for token in steps:
+        text += tokenizer.token_text(int(token))
+        shown = first_stop(text, stops)
+        ended = shown != text
+        safe = shown if ended else shown[: len(shown) - max((len(s) for s in stops), default=1) + 1]
+        if len(safe) > len(printed):  # hold back what could still turn out to start a stop text
+            sys.stdout.write(safe[len(printed):])
+            sys.stdout.flush()
+            printed = safe
+        if ended:
+            return printed
+    sys.stdout.write(text[len(printed):])
+    return text
+
+
+def chat(model, tokenizer, max_tokens: int, temperature: float, top_k: int, top_p: float, generator,
+         stops: list[str], output_format: str) -> None:
+    """The --interactive loop: each input line is fed, then a continuation drawn; one story."""
+    sampler = Sampler(model)
+    sampler.feed([EOS_ID])
+    ask = sys.stdin.isatty()
+    while True:
+        if ask:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        sampler.feed(tokenizer.encode_prompt(line.rstrip("\n")))
+        steps = sampler.draw(max_tokens, temperature, top_k, top_p, generator)
+        if output_format == "jsonl":
+            text = ""
+            for token in steps:
+                text += tokenizer.token_text(int(token))
+                if first_stop(text, stops) != text:
+                    break
+            sys.stdout.write(json.dumps({"prompt": line.rstrip("\n"), "text": first_stop(text, stops)}) + "\n")
+        else:
+            stream_text(steps, tokenizer, stops)
+            sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 @app.command()

@@ -15,7 +15,46 @@ from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import EOS_ID
 
 
-@torch.no_grad()
+class Sampler:
+    """One model's sampling state: `feed` text ids, then `draw` tokens; the state carries on.
+
+    state: the model's recurrent state for B streams; last: the logits (B, V) for the next token.
+    """
+
+    def __init__(self, model: LanguageModel):
+        model.eval()
+        self.model = model
+        self.device = model.decoder.weight.device
+        self.state = model.init_state(1)
+        self.last: Tensor | None = None
+
+    @torch.no_grad()
+    def feed(self, ids: list[int]) -> None:
+        """Run `ids` through the model as one sequence (every stream gets the same ids)."""
+        if not ids:
+            return
+        streams = self.state[0][0].size(0)
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device).unsqueeze(1).expand(-1, streams)
+        logits, self.state = self.model(tokens, self.state)
+        self.last = logits[-1]
+
+    def expand(self, streams: int) -> None:
+        """Copy a one-stream state into `streams` independent ones."""
+        self.state = [tuple(s.expand(streams, -1).contiguous() for s in layer) for layer in self.state]
+        self.last = self.last.expand(streams, -1)
+
+    @torch.no_grad()
+    def draw(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yield the next token of every stream, (B,) int64 on the CPU, up to `max_tokens` times;
+        each drawn token is fed back, so stopping early leaves the state after the last one."""
+        for _ in range(max_tokens):
+            token = pick(self.last.float().cpu(), temperature, top_k, top_p, generator)
+            logits, self.state = self.model(token.to(self.device).unsqueeze(0), self.state)
+            self.last = logits[0]
+            yield token
+
+
 def sample(
     model: LanguageModel,
     prompt_ids: list[int],
@@ -31,17 +70,16 @@ def sample(
     The context is `<eos>` (the start of a text) followed by `prompt_ids`; it runs through the
     model once as one sequence, and its final state is shared by all samples.
     """
-    model.eval()
-    device = model.decoder.weight.device
-    context = torch.tensor([EOS_ID] + prompt_ids, dtype=torch.int64, device=device).unsqueeze(1)  # (T, 1)
-    logits, state = model(context, model.init_state(1))
-    state = [tuple(s.expand(num_samples, -1).contiguous() for s in layer_state) for layer_state in state]
-    last = logits[-1].expand(num_samples, -1)  # (B, V)
-    for _ in range(max_tokens):
-        token = pick(last.float().cpu(), temperature, top_k, top_p, generator)
-        yield token
-        logits, state = model(token.to(device).unsqueeze(0), state)
-        last = logits[0]
+    sampler = Sampler(model)
+    sampler.feed([EOS_ID] + prompt_ids)
+    sampler.expand(num_samples)
+    yield from sampler.draw(max_tokens, temperature, top_k, top_p, generator)
+
+
+def cut(text: str, stop: str) -> tuple[str, bool]:
+    """`text` up to (not including) the first `stop`, and whether it was there."""
+    at = text.find(stop) if stop else -1
+    return (text, False) if at < 0 else (text[:at], True)
 
 
 def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:

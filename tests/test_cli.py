@@ -19,6 +19,9 @@ from typer.testing import CliRunner, Result
 
 from lmtrain.cli import app
 from lmtrain.config import ModelConfig, TokenizerConfig, TrainConfig
+from lmtrain.generate import Sampler
+from lmtrain.run import load_run
+from lmtrain.tokenizer import EOS_ID
 
 TINY = {
     "model.layers": 1,
@@ -214,6 +217,41 @@ def test_generate_prompt_and_samples(trained):
     assert headers == ["--- sample 1", "--- sample 2", "--- sample 3"]
     greedy = [generate(run, "--temperature", "0", "--seed", str(s), "--max-tokens", "20") for s in (1, 2)]
     assert greedy[0] == greedy[1]  # greedy decoding ignores the seed
+
+
+def test_generate_stops_formats_and_greedy(trained):
+    _, run, _ = trained
+    assert generate(run, "--greedy", "--max-tokens", "30") == generate(run, "--temperature", "0", "--max-tokens", "30")
+    lines = generate(run, "--num-samples", "3", "--seed", "4", "--max-tokens", "60", "--until-eos", "--format", "jsonl").splitlines()
+    samples = [json.loads(line) for line in lines]
+    assert [s["sample"] for s in samples] == [1, 2, 3] and all("\n" not in s["text"] for s in samples)
+    full = [json.loads(line)["text"] for line in generate(run, "--num-samples", "3", "--seed", "4", "--max-tokens", "60",
+                                                           "--format", "jsonl").splitlines()]
+    assert [f.split("\n")[0] for f in full] == [s["text"] for s in samples]  # the same draws, cut at <eos>
+    one = generate(run, "--seed", "4", "--max-tokens", "60")
+    stop = one[len(one) // 2 : len(one) // 2 + 3]
+    cut_short = generate(run, "--seed", "4", "--max-tokens", "60", "--stop", stop)
+    assert cut_short == one[: one.find(stop)] + "\n"
+
+
+def test_generate_interactive_keeps_the_story(trained):
+    _, run, _ = trained
+
+    def talk(text: str) -> list[str]:
+        args = ["generate", str(run), "--interactive", "--seed", "1", "--max-tokens", "12"]
+        return ok(CliRunner().invoke(app, args, input=text)).stdout.splitlines()
+
+    both = talk("The dog\nThe cat\n")
+    assert len(both) == 2 and all(line.strip() for line in both), both
+    assert talk("The dog\n") == both[:1]  # the first turn does not depend on what comes later
+    loaded = load_run(run, torch.device("cpu"))
+    ids = loaded.tokenizer.encode_prompt
+    sampler, fresh = Sampler(loaded.model), Sampler(loaded.model)
+    sampler.feed([EOS_ID] + ids("The dog"))
+    list(sampler.draw(12, 1.0, generator=torch.Generator().manual_seed(1)))
+    sampler.feed(ids("The cat"))
+    fresh.feed([EOS_ID] + ids("The cat"))
+    assert not torch.allclose(sampler.last, fresh.last)  # the second turn continues the first one's story
 
 
 # --- 2, 3, 6. tokenizer kinds, a single-file corpus, CRLF --------------------------------------
