@@ -26,7 +26,7 @@ from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
-from lmtrain.generate import Sampler, cut, sample
+from lmtrain.generate import Sampler, first_stop, sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import TerminalProgress
 from lmtrain.run import load_run, prepare_run
@@ -232,28 +232,23 @@ def generate(
                 sys.stdout.write(f"--- sample {k}\n{prompt}{text}\n")
 
 
-def first_stop(text: str, stops: list[str]) -> str:
-    """`text` cut at the earliest of `stops`."""
-    for s in stops:
-        text, _ = cut(text, s)
-    return text
-
-
-def stream_text(steps, tokenizer, stops: list[str]) -> str:
-    """Print tokens as they come until a stop text appears; return everything printed."""
+def stream_text(steps, tokenizer, stops: list[str], echo: bool = True) -> str:
+    """Take tokens until a stop text appears (printing them as they come, with `echo`); return
+    the text, cut before the stop."""
     text = printed = ""
     for token in steps:
         text += tokenizer.token_text(int(token))
         shown = first_stop(text, stops)
         ended = shown != text
         safe = shown if ended else shown[: len(shown) - max((len(s) for s in stops), default=1) + 1]
-        if len(safe) > len(printed):  # hold back what could still turn out to start a stop text
+        if echo and len(safe) > len(printed):  # hold back what could still turn out to start a stop text
             sys.stdout.write(safe[len(printed):])
             sys.stdout.flush()
             printed = safe
         if ended:
-            return printed
-    sys.stdout.write(text[len(printed):])
+            return shown
+    if echo:
+        sys.stdout.write(text[len(printed):])
     return text
 
 
@@ -273,12 +268,8 @@ def chat(model, tokenizer, max_tokens: int, temperature: float, top_k: int, top_
         sampler.feed(tokenizer.encode_prompt(line.rstrip("\n")))
         steps = sampler.draw(max_tokens, temperature, top_k, top_p, generator)
         if output_format == "jsonl":
-            text = ""
-            for token in steps:
-                text += tokenizer.token_text(int(token))
-                if first_stop(text, stops) != text:
-                    break
-            sys.stdout.write(json.dumps({"prompt": line.rstrip("\n"), "text": first_stop(text, stops)}) + "\n")
+            text = stream_text(steps, tokenizer, stops, echo=False)
+            sys.stdout.write(json.dumps({"prompt": line.rstrip("\n"), "text": text}) + "\n")
         else:
             stream_text(steps, tokenizer, stops)
             sys.stdout.write("\n")

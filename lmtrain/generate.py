@@ -76,10 +76,10 @@ def sample(
     yield from sampler.draw(max_tokens, temperature, top_k, top_p, generator)
 
 
-def cut(text: str, stop: str) -> tuple[str, bool]:
-    """`text` up to (not including) the first `stop`, and whether it was there."""
-    at = text.find(stop) if stop else -1
-    return (text, False) if at < 0 else (text[:at], True)
+def first_stop(text: str, stops: list[str]) -> str:
+    """`text` up to (not including) the earliest of the `stops` it holds."""
+    ends = [at for at in (text.find(s) for s in stops if s) if at >= 0]
+    return text[: min(ends)] if ends else text
 
 
 def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
