@@ -11,21 +11,35 @@ alike; the figure is the median over the repeats. Two things are timed:
 Peak memory is the highest amount of tensor memory held during one forward + backward, above
 what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
 allocator's peak).
+
+`bench --generate` times sampling instead (lmtrain.generate, lmtrain.stepper): tokens/s for each
+weight precision and number of streams, interleaved the same way; with a run, also the test
+perplexity each precision gives when it scores the run's test split. And evaluation's
+throughput (`total_nll`, as `lmtrain evaluate` runs it) against the forward half of a training
+step (embedding, stack, decoder, loss in training mode) on the same windows.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmtrain.config import ModelConfig
+from lmtrain.evaluate import total_nll
+from lmtrain.generate import Sampler, StreamRandom
+from lmtrain.kernels.cross_entropy import cross_entropy
 from lmtrain.model import LanguageModel, RecurrentLayer
+from lmtrain.stepper import Stepper
+from lmtrain.tokenizer import EOS_ID
+from lmtrain.tokens import batchify
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -221,4 +235,92 @@ def format_table(records: list[Record]) -> str:
             f"| {r.what} | {r.cell} | {r.impl} | {r.layers} × {r.hidden_size} | {r.batch_size} | {r.bptt} | "
             f"{r.dtype} | {r.tokens_per_s:,.0f} | {r.peak_mem_mb:,.1f} | {ratio} |"
         )
+    return "\n".join(lines)
+
+
+@dataclass
+class GenerationRecord:
+    what: str  # "generate", or "evaluate" / "train forward" (same windows)
+    precision: str
+    streams: int
+    tokens_per_s: float
+    test_ppl: float | None = None  # with a run: its test split scored through the stepper
+    ratio: float | None = None  # evaluate: its time per token / the training forward's
+
+
+def draw_tokens(model: LanguageModel, precision: str, streams: int, tokens: int) -> Callable[[], None]:
+    """A run that samples `tokens` steps for `streams` streams (each call goes on from the last)."""
+    sampler = Sampler(model, precision)
+    sampler.feed([EOS_ID])
+    sampler.expand(streams)
+    random = StreamRandom(0, streams)
+
+    def run():
+        for _ in sampler.draw(tokens, 1.0, 0, 1.0, random):
+            pass
+
+    return run
+
+
+def bench_generation(model: LanguageModel, precisions: list[str], stream_counts: list[int], tokens: int,
+                     repeats: int, warmup: int) -> list[GenerationRecord]:
+    """Sampling tokens/s (summed over streams) per precision, the precisions interleaved."""
+    records = []
+    for streams in stream_counts:
+        runs = {p: draw_tokens(model, p, streams, tokens) for p in precisions}
+        medians = time_round_robin(runs, repeats, warmup, torch.device("cpu"))
+        records += [GenerationRecord("generate", p, streams, streams * tokens / medians[p]) for p in precisions]
+    return records
+
+
+@torch.no_grad()
+def stepped_perplexity(model: LanguageModel, tokens: np.ndarray, precision: str, streams: int = 16) -> float:
+    """Perplexity of `tokens` scored one step at a time through the stepper, as `streams`
+    contiguous streams from a zero state (the evaluate layout, without padding: the tail that does
+    not fill a row is left out)."""
+    stepper = Stepper(model, precision)
+    inputs, targets = batchify(tokens, streams, EOS_ID)
+    state = model.init_state(streams)
+    total = 0.0
+    for x, y in zip(inputs, targets):
+        logits, state = stepper.step(x, state)
+        total -= torch.log_softmax(logits.double(), -1).gather(1, y.view(-1, 1)).sum().item()
+    return math.exp(total / targets.numel())
+
+
+def bench_evaluation(model: LanguageModel, batch: int, bptt: int, windows: int, repeats: int,
+                     warmup: int) -> list[GenerationRecord]:
+    """`total_nll` (evaluation) against the forward half of a training step over the same
+    `windows` windows of (bptt, batch) tokens; tokens/s of each and evaluation's time ratio."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.vocab_size, (windows * bptt * batch,), generator=generator)
+    inputs, targets = batchify(tokens.numpy(), batch, EOS_ID)
+
+    def evaluate():
+        total_nll(model, tokens.numpy(), batch, bptt)
+
+    def train_forward():
+        model.train()
+        state = model.init_state(batch)
+        with torch.no_grad():  # the forward half only; the graph would be freed unused anyway
+            for start in range(0, inputs.size(0), bptt):
+                _, dropped, state = model.hidden(inputs[start : start + bptt], state)
+                logits = model.decode(dropped)
+                cross_entropy(logits.view(-1, logits.size(-1)), targets[start : start + bptt].reshape(-1)).mean()
+        model.eval()
+
+    medians = time_round_robin({"evaluate": evaluate, "train forward": train_forward}, repeats, warmup, torch.device("cpu"))
+    n = tokens.numel()
+    return [
+        GenerationRecord("evaluate", "fp32", batch, n / medians["evaluate"], ratio=medians["evaluate"] / medians["train forward"]),
+        GenerationRecord("train forward", "fp32", batch, n / medians["train forward"]),
+    ]
+
+
+def format_generation_table(records: list[GenerationRecord]) -> str:
+    lines = ["| what | precision | streams | tokens/s | test ppl | time / train forward |", "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        ppl = f"{r.test_ppl:.3f}" if r.test_ppl is not None else ""
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
+        lines.append(f"| {r.what} | {r.precision} | {r.streams} | {r.tokens_per_s:,.0f} | {ppl} | {ratio} |")
     return "\n".join(lines)

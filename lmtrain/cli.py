@@ -26,10 +26,11 @@ from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
-from lmtrain.generate import Sampler, first_stop, sample
+from lmtrain.generate import Sampler, StreamRandom, first_stop, sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import TerminalProgress
 from lmtrain.run import load_run, prepare_run
+from lmtrain.stepper import resolve_precision
 from lmtrain.synth import (
     DEFAULT_ALPHABET,
     DEFAULT_K,
@@ -196,7 +197,8 @@ def generate(
     stop: Annotated[str, typer.Option(help="End each sample where this text first appears (not included).")] = "",
     output_format: Annotated[str, typer.Option("--format", help="text, or jsonl: one JSON object per sample.")] = "text",
     interactive: Annotated[bool, typer.Option("--interactive", help="Read lines from standard input; each continues the same story, the state kept between turns.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text. Sample i uses seed + i, so it equals a single sample drawn with that seed.")] = None,
+    precision: Annotated[str, typer.Option(help="Weights of the per-token products: fp32 (exact), bf16 or int8 (faster; the README gives their perplexity), or auto: the fastest this CPU offers.")] = "auto",
 ) -> None:
     """Sample text from a trained model, printing it as it is drawn."""
     with user_errors():
@@ -209,15 +211,18 @@ def generate(
             (output_format in ("text", "jsonl"), f"--format must be text or jsonl, got '{output_format}'"),
             (not (interactive and num_samples > 1), "--interactive draws one stream: leave --num-samples at 1"),
         )
-        loaded = load_run(run, resolve_device("auto"))
-        generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+        device = resolve_device("auto")
+        precision = resolve_precision(precision, device)
+        loaded = load_run(run, device)
+        seed = seed if seed is not None else int.from_bytes(os.urandom(6), "little")
         temperature = 0.0 if greedy else temperature
         stops = [s for s in (stop, "\n" if until_eos else "") if s]
         if interactive:
-            chat(loaded.model, loaded.tokenizer, max_tokens, temperature, top_k, top_p, generator, stops, output_format)
+            chat(Sampler(loaded.model, precision), loaded.tokenizer, max_tokens, temperature, top_k, top_p,
+                 StreamRandom(seed, 1), stops, output_format)
             return
         steps = sample(loaded.model, loaded.tokenizer.encode_prompt(prompt) if prompt else [], max_tokens,
-                       num_samples, temperature, top_k, top_p, generator)
+                       num_samples, temperature, top_k, top_p, seed, precision)
         if num_samples == 1 and output_format == "text":
             sys.stdout.write(prompt)
             stream_text(steps, loaded.tokenizer, stops)
@@ -252,10 +257,9 @@ def stream_text(steps, tokenizer, stops: list[str], echo: bool = True) -> str:
     return text
 
 
-def chat(model, tokenizer, max_tokens: int, temperature: float, top_k: int, top_p: float, generator,
-         stops: list[str], output_format: str) -> None:
+def chat(sampler: Sampler, tokenizer, max_tokens: int, temperature: float, top_k: int, top_p: float,
+         random: StreamRandom, stops: list[str], output_format: str) -> None:
     """The --interactive loop: each input line is fed, then a continuation drawn; one story."""
-    sampler = Sampler(model)
     sampler.feed([EOS_ID])
     ask = sys.stdin.isatty()
     while True:
@@ -266,7 +270,7 @@ def chat(model, tokenizer, max_tokens: int, temperature: float, top_k: int, top_
         if not line:
             return
         sampler.feed(tokenizer.encode_prompt(line.rstrip("\n")))
-        steps = sampler.draw(max_tokens, temperature, top_k, top_p, generator)
+        steps = sampler.draw(max_tokens, temperature, top_k, top_p, random)
         if output_format == "jsonl":
             text = stream_text(steps, tokenizer, stops, echo=False)
             sys.stdout.write(json.dumps({"prompt": line.rstrip("\n"), "text": text}) + "\n")
@@ -289,12 +293,19 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed repeats first.")] = 2,
     step: Annotated[bool, typer.Option(help="Also time the full training step against one on PyTorch's own LSTM module.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    generate: Annotated[bool, typer.Option("--generate", help="Time sampling instead: tokens/s per weight precision and stream count, and evaluation against the training forward.")] = False,
+    run: Annotated[Optional[Path], typer.Option(help="With --generate: time this trained model (instead of a random one of --layers x the largest of --sizes, --vocab-size) and report the test perplexity of each precision.")] = None,
+    precisions: Annotated[str, typer.Option(help="With --generate: weight precisions, comma-separated, or 'all' this CPU offers.")] = "all",
+    streams: Annotated[str, typer.Option(help="With --generate: stream counts, comma-separated.")] = "1,32",
+    tokens: Annotated[int, typer.Option(help="With --generate: tokens drawn per stream per timed repeat.")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per measurement, one per line.")] = False,
 ) -> None:
-    """Training throughput and peak memory of our cells against PyTorch's own LSTM module, interleaved."""
+    """Training throughput and peak memory of our cells against PyTorch's own LSTM module, interleaved (--generate: sampling)."""
     from lmtrain import bench as benchmarks
     from lmtrain.cells import CELLS
 
+    if generate:
+        return bench_generate(run, sizes, layers, vocab_size, batch_size, bptt, precisions, streams, tokens, repeats, warmup, as_json)
     with user_errors():
         names = list(CELLS) if cells == "all" else [c.strip() for c in cells.split(",")]
         unknown = [c for c in names if c not in CELLS]
@@ -321,6 +332,55 @@ def bench(
         else:
             typer.echo(f"device {dev} | torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats}")
             typer.echo(benchmarks.format_table(records))
+
+
+def bench_generate(run: Path | None, sizes: str, layers: int, vocab_size: int, batch_size: int, bptt: int,
+                   precisions: str, streams: str, tokens: int, repeats: int, warmup: int, as_json: bool) -> None:
+    """`lmtrain bench --generate`: sampling speed per precision, evaluation against the training forward."""
+    from lmtrain import bench as benchmarks
+    from lmtrain.config import ModelConfig
+    from lmtrain.model import LanguageModel
+    from lmtrain.stepper import PRECISIONS, available_precisions
+
+    with user_errors():
+        have = available_precisions(torch.device("cpu"))
+        names = have if precisions == "all" else [p.strip() for p in precisions.split(",")]
+        unknown = [p for p in names if p not in PRECISIONS]
+        require(
+            (not unknown, f"--precisions: unknown precision '{unknown[0] if unknown else ''}' (known: {', '.join(PRECISIONS)})"),
+            (all(p in have for p in names), f"--precisions: this CPU offers {', '.join(have)}, not {precisions}"),
+            (min(tokens, repeats, layers, batch_size, bptt, vocab_size) >= 1 and warmup >= 0,
+             "--tokens, --repeats, --layers, --batch-size, --bptt and --vocab-size must be positive"),
+        )
+        try:
+            stream_counts = [int(n) for n in streams.split(",")]
+            hidden = max(int(s) for s in sizes.split(","))
+        except ValueError:
+            raise LmtrainError(f"--streams and --sizes must be comma-separated integers, got '{streams}' and '{sizes}'") from None
+        require((min(stream_counts) >= 1 and hidden >= 1, "--streams and --sizes must be positive"))
+        test_tokens = None
+        if run is not None:
+            loaded = load_run(run, torch.device("cpu"))
+            model, label = loaded.model, f"run {run}"
+            if loaded.corpus != BUILTIN and not Path(loaded.corpus).exists():
+                say(f"note: the run's corpus {loaded.corpus} is gone; no test perplexity")
+            else:
+                test_tokens = encode_split(loaded.tokenizer, load_corpus(None if loaded.corpus == BUILTIN else Path(loaded.corpus)).splits["test"]).tokens
+        else:
+            torch.manual_seed(0)
+            model = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab_size).eval()
+            label = f"random {layers} x {hidden}, vocabulary {vocab_size:,}"
+        records = benchmarks.bench_generation(model, names, stream_counts, tokens, repeats, warmup)
+        if test_tokens is not None:
+            ppl = {p: benchmarks.stepped_perplexity(model, test_tokens, p) for p in names}
+            records = [dataclasses.replace(r, test_ppl=ppl[r.precision]) for r in records]
+        records += benchmarks.bench_evaluation(model, batch_size, bptt, 10, repeats, warmup)
+        if as_json:
+            for record in records:
+                typer.echo(json.dumps(dataclasses.asdict(record)))
+        else:
+            typer.echo(f"{label} | torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats}")
+            typer.echo(benchmarks.format_generation_table(records))
 
 
 @app.command()

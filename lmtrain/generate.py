@@ -1,7 +1,10 @@
-"""Sampling: prime the state with the prompt once, then one model step per new token.
+"""Sampling: prime the state with the prompt once, then one step per new token (lmtrain.stepper).
 
-The state is a fixed-size tuple per layer ((h, c) for the LSTM), so memory does not grow with the generated length.
-Sampling runs on the CPU generator, so the same seed gives the same text on any device.
+The state is a fixed-size tuple per layer ((h, c) for the LSTM), so memory does not grow with the
+generated length. Each stream draws from its own generator, seeded `seed + stream`, by inverting
+the cumulative distribution with one uniform number per token; since the stepper computes every
+stream on its own, stream i of a batch gives the same text as a batch of one seeded `seed + i`.
+The generators are CPU ones, so a seed gives the same draws on any device.
 """
 
 from __future__ import annotations
@@ -12,7 +15,27 @@ import torch
 from torch import Tensor
 
 from lmtrain.model import LanguageModel
+from lmtrain.stepper import Stepper
 from lmtrain.tokenizer import EOS_ID
+
+UNIFORM_CHUNK = 256  # uniforms drawn per stream at a time (the same chunks whatever the batch)
+
+
+class StreamRandom:
+    """One generator per stream, seeded seed, seed + 1, ...; `next()` -> (B,) uniforms in [0, 1)."""
+
+    def __init__(self, seed: int, streams: int):
+        self.generators = [torch.Generator().manual_seed(seed + i) for i in range(streams)]
+        self.buffer = torch.empty(streams, UNIFORM_CHUNK)
+        self.used = UNIFORM_CHUNK
+
+    def next(self) -> Tensor:
+        if self.used == UNIFORM_CHUNK:
+            for row, generator in zip(self.buffer, self.generators):
+                torch.rand(UNIFORM_CHUNK, generator=generator, out=row)
+            self.used = 0
+        self.used += 1
+        return self.buffer[:, self.used - 1]
 
 
 class Sampler:
@@ -21,9 +44,10 @@ class Sampler:
     state: the model's recurrent state for B streams; last: the logits (B, V) for the next token.
     """
 
-    def __init__(self, model: LanguageModel):
+    def __init__(self, model: LanguageModel, precision: str = "fp32"):
         model.eval()
         self.model = model
+        self.stepper = Stepper(model, precision)
         self.device = model.decoder.weight.device
         self.state = model.init_state(1)
         self.last: Tensor | None = None
@@ -36,7 +60,7 @@ class Sampler:
         streams = self.state[0][0].size(0)
         tokens = torch.tensor(ids, dtype=torch.int64, device=self.device).unsqueeze(1).expand(-1, streams)
         logits, self.state = self.model(tokens, self.state)
-        self.last = logits[-1]
+        self.last = logits[-1].float()
 
     def expand(self, streams: int) -> None:
         """Copy a one-stream state into `streams` independent ones."""
@@ -45,14 +69,15 @@ class Sampler:
 
     @torch.no_grad()
     def draw(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> Iterator[Tensor]:
+             random: StreamRandom | None = None) -> Iterator[Tensor]:
         """Yield the next token of every stream, (B,) int64 on the CPU, up to `max_tokens` times;
-        each drawn token is fed back, so stopping early leaves the state after the last one."""
+        each drawn token is fed back, so stopping early leaves the state after the last one.
+        `random` (one generator per stream) is needed unless temperature is 0 (greedy)."""
         for _ in range(max_tokens):
-            token = pick(self.last.float().cpu(), temperature, top_k, top_p, generator)
-            logits, self.state = self.model(token.to(self.device).unsqueeze(0), self.state)
-            self.last = logits[0]
-            yield token
+            uniforms = random.next().to(self.device) if temperature else None
+            token = pick(self.last, temperature, top_k, top_p, uniforms)
+            self.last, self.state = self.stepper.step(token, self.state)
+            yield token.cpu()
 
 
 def sample(
@@ -63,17 +88,19 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    precision: str = "fp32",
 ) -> Iterator[Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on the CPU, `max_tokens` times.
 
     The context is `<eos>` (the start of a text) followed by `prompt_ids`; it runs through the
-    model once as one sequence, and its final state is shared by all samples.
+    model once as one sequence, and its final state is shared by all samples. Sample i draws
+    from a generator seeded `seed + i`. precision: the stepper's weights (lmtrain.stepper).
     """
-    sampler = Sampler(model)
+    sampler = Sampler(model, precision)
     sampler.feed([EOS_ID] + prompt_ids)
     sampler.expand(num_samples)
-    yield from sampler.draw(max_tokens, temperature, top_k, top_p, generator)
+    yield from sampler.draw(max_tokens, temperature, top_k, top_p, StreamRandom(seed, num_samples))
 
 
 def first_stop(text: str, stops: list[str]) -> str:
@@ -82,8 +109,10 @@ def first_stop(text: str, stops: list[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Draw one token per row of logits (B, V) -> (B,). Temperature 0 means greedy (argmax)."""
+def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Tensor | None) -> Tensor:
+    """Draw one token per row of logits (B, V) -> (B,), row b by its uniform number uniforms[b]
+    in [0, 1): the first token whose cumulative probability exceeds it. Temperature 0 means
+    greedy (argmax), and needs no uniforms."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -97,4 +126,6 @@ def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    cumulative = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V); a token of probability 0 adds no width
+    threshold = uniforms.view(-1, 1).to(cumulative.dtype) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, threshold, right=True).clamp_(max=logits.size(-1) - 1).squeeze(1)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 
 from lmtrain.cli import app
 from lmtrain.config import ModelConfig, TokenizerConfig, TrainConfig
-from lmtrain.generate import Sampler
+from lmtrain.generate import Sampler, StreamRandom
 from lmtrain.run import load_run
 from lmtrain.tokenizer import EOS_ID
 
@@ -238,8 +238,8 @@ def test_generate_interactive_keeps_the_story(trained):
     _, run, _ = trained
 
     def talk(text: str) -> list[str]:
-        args = ["generate", str(run), "--interactive", "--seed", "1", "--max-tokens", "12"]
-        return ok(CliRunner().invoke(app, args, input=text)).stdout.splitlines()
+        args = ["generate", str(run), "--interactive", "--seed", "1", "--max-tokens", "12", "--format", "jsonl"]
+        return [json.loads(line)["text"] for line in ok(CliRunner().invoke(app, args, input=text)).stdout.splitlines()]
 
     both = talk("The dog\nThe cat\n")
     assert len(both) == 2 and all(line.strip() for line in both), both
@@ -248,7 +248,7 @@ def test_generate_interactive_keeps_the_story(trained):
     ids = loaded.tokenizer.encode_prompt
     sampler, fresh = Sampler(loaded.model), Sampler(loaded.model)
     sampler.feed([EOS_ID] + ids("The dog"))
-    list(sampler.draw(12, 1.0, generator=torch.Generator().manual_seed(1)))
+    list(sampler.draw(12, 1.0, random=StreamRandom(1, 1)))
     sampler.feed(ids("The cat"))
     fresh.feed([EOS_ID] + ids("The cat"))
     assert not torch.allclose(sampler.last, fresh.last)  # the second turn continues the first one's story
@@ -468,3 +468,21 @@ def test_every_cell_trains_evaluates_and_samples(tmp_path, cell):
     assert metrics["tokens"] > 0 and math.isfinite(metrics["ppl"])
     assert tomllib.loads((run / "config.toml").read_text())["model"]["cell"] == cell
     assert generate(run, "--seed", "3", "--max-tokens", "5") == generate(run, "--seed", "3", "--max-tokens", "5")
+
+
+def test_a_checkpoint_saved_from_a_gpu_samples_on_the_cpu(trained, tmp_path, monkeypatch):
+    """A checkpoint written on a CUDA machine records each tensor's device ("cuda:0"); loading it
+    must map everything to the CPU. The file is made here by having torch.save tag every storage
+    as CUDA, which is what it writes for tensors that live on a GPU."""
+    _, run, _ = trained
+    payload = torch.load(run / "best.pt", weights_only=True)
+    gpu_file = tmp_path / "from-gpu.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(payload, gpu_file)
+    if not torch.cuda.is_available():  # the file really claims CUDA: a plain load fails here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(gpu_file, weights_only=True)
+    text = ok(cli("generate", gpu_file, "--prompt", "The", "--max-tokens", "10", "--seed", "3")).stdout
+    assert text.startswith("The") and len(text.strip()) > len("The")
+    assert generate(gpu_file, "--prompt", "The", "--max-tokens", "10", "--seed", "3") == generate(run, "--prompt", "The", "--max-tokens", "10", "--seed", "3")

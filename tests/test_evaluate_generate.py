@@ -1,6 +1,7 @@
 """Metrics on hand-computable cases, the learning-rate schedules, and sampling."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 
 from lmtrain.config import ModelConfig, TrainConfig
 from lmtrain.evaluate import combine, metrics, total_nll
-from lmtrain.generate import pick, sample
+from lmtrain.generate import Sampler, StreamRandom, pick, sample
 from lmtrain.model import LanguageModel
+from lmtrain.stepper import available_precisions
 from lmtrain.tokenizer import EOS_ID
 from lmtrain.train import epoch_lr
 
@@ -65,22 +67,51 @@ def test_epoch_schedule_is_zaremba_decay():
 
 def test_pick_respects_top_k_top_p_and_greedy():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draw = lambda u, k=0, p=1.0: pick(logits, 1.0, k, p, torch.tensor([u])).item()
+    assert pick(logits, 0.0, 0, 1.0, None).item() == 0
+    # inverse CDF: cumulative 0.5, 0.8, 0.95, 1.0
+    assert [draw(u) for u in (0.0, 0.49, 0.501, 0.79, 0.801, 0.94, 0.951, 0.999)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [draw(u, k=2) for u in (0.0, 0.62, 0.63, 0.999)] == [0, 0, 1, 1]  # 0.5 / 0.8 = 0.625
+    assert {draw(u / 100, p=0.75) for u in range(100)} == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are cut
+    rows = torch.log(torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))  # probability-0 tokens are never drawn
+    assert pick(rows, 1.0, 0, 1.0, torch.tensor([0.0, 0.0])).tolist() == [0, 2]
+    # the draws follow the distribution
     g = torch.Generator().manual_seed(0)
-    assert pick(logits, 0.0, 0, 1.0, g).item() == 0
-    top2 = {pick(logits, 1.0, 2, 1.0, g).item() for _ in range(200)}
-    assert top2 == {0, 1}
-    nucleus = {pick(logits, 1.0, 0, 0.75, g).item() for _ in range(200)}
-    assert nucleus == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are cut
-    everything = {pick(logits, 1.0, 0, 1.0, g).item() for _ in range(400)}
-    assert everything == {0, 1, 2, 3}
+    counts = torch.bincount(pick(logits.expand(20000, -1), 1.0, 0, 1.0, torch.rand(20000, generator=g)), minlength=4)
+    assert torch.allclose(counts / 20000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
 
 
 def test_sampling_is_seeded_and_batch_equals_single():
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=8, hidden_size=8), 30)
-    run = lambda seed, n: torch.stack(list(sample(model, [3, 4], 12, n, 1.0, 0, 1.0, torch.Generator().manual_seed(seed))), 1)
+    run = lambda seed, n, **kw: torch.stack(list(sample(model, [3, 4], 300, n, 1.0, seed=seed, **kw)), 1)
     assert torch.equal(run(1, 1), run(1, 1))
     assert not torch.equal(run(1, 1), run(2, 1))
-    assert run(1, 4).shape == (4, 12)
+    for precision in available_precisions(torch.device("cpu")):
+        batch = run(5, 4, precision=precision)  # (4, 300): more than one chunk of uniforms
+        singles = torch.cat([run(5 + i, 1, precision=precision) for i in range(4)])
+        assert torch.equal(batch, singles), precision  # sample i of a batch is the single sample seeded 5 + i
     greedy = lambda n: torch.stack(list(sample(model, [3, 4], 6, n, 0.0)), 1)
     assert torch.equal(greedy(3), greedy(1).expand(3, -1))  # one primed state shared by all samples
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc (Linux)")
+def test_generation_memory_stays_flat_in_the_generated_length():
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=32, hidden_size=32), 100)
+    sampler = Sampler(model, "fp32")
+    sampler.feed([EOS_ID])
+    random = StreamRandom(0, 1)
+    held = lambda: sum(t.numel() for layer in sampler.state for t in layer) + sampler.last.numel()
+    for _ in sampler.draw(300, 1.0, random=random):  # warm up allocator caches
+        pass
+    before, before_held = resident_mb(), held()
+    for _ in sampler.draw(6000, 1.0, random=random):
+        pass
+    assert held() == before_held  # the state is the same size after 300 or 6,300 tokens
+    assert resident_mb() - before < 8, "memory grew with the generated length"

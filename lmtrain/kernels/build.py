@@ -2,6 +2,7 @@
 
     lstm_cpu.cpp           the LSTM's time loops and the panel GEMM's ops (lmtrain.kernels.lstm)
     cross_entropy_cpu.cpp  the fused cross-entropy (lmtrain.kernels.cross_entropy)
+    step_cpu.cpp           products for one generation step (lmtrain.stepper)
 
 The build is cached per machine under ~/.cache/torch_extensions and redone when a source, a
 header or a flag changes. Without a compiler or ninja, or with LMTRAIN_COMPILE=0, `cpu_ops()` is
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 EXTENSION = "lmtrain_cpu"
-SOURCES = ("lstm_cpu.cpp", "cross_entropy_cpu.cpp")
+SOURCES = ("lstm_cpu.cpp", "cross_entropy_cpu.cpp", "step_cpu.cpp")
 HEADERS = ("fast_math.h", "panel_gemm.h")
 
 

@@ -1,0 +1,258 @@
+// Products for one time step of generation: out (M, N) = x (M, K) @ W^T + bias, M small (1 to
+// a few dozen streams), W fixed for the whole generation and prepared once.
+//
+// At M = 1 each product reads every weight once and does one multiply-add with it, so its speed
+// is the speed at which the weights arrive: a 2 × 650 LSTM with a 10k vocabulary holds 53 MB of
+// float32 weights, more than this CPU's 32 MB L3 cache, so every token would wait on main memory.
+// Smaller weights fit in the cache and arrive several times faster, so W may be held as
+//
+//   float32   panels (ceil(N/32), K, 32)             exact
+//   bfloat16  pair panels (ceil(N/32), ceil(K/2), 32, 2); x is rounded to bfloat16 too, products
+//             accumulate in float32 (vdpbf16ps)
+//   int8      quad panels (ceil(N/32), ceil(K/4), 32, 4) with one scale per output row
+//             (w ≈ scale_n · q_nk, |q| ≤ 127); x is quantised per row the same way
+//             (x ≈ scale_m · p_mk) and stored as p + 128 in unsigned bytes, because vpdpbusd
+//             multiplies unsigned by signed bytes; the products accumulate exactly in int32 and
+//             the offset comes back out through the row sums of q:
+//                 Σ_k (p + 128) q = Σ_k p q + 128 Σ_k q
+//
+//   step_pack_int8(w) -> (panels, scales, sums)
+//   step_linear(x, panels, scales, sums, bias, n) -> (M, n) float32
+//     panels from pack_panels (float32 or bfloat16 weight) or step_pack_int8; scales and sums
+//     are empty tensors except for int8.
+//
+// Every row of x is computed on its own, in the same order whatever M is, so a stream's logits
+// do not depend on how many streams run beside it (batched sampling equals one-by-one).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "panel_gemm.h"
+
+namespace {
+
+bool int8_available() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool step_available(int64_t kind) {  // 0 float32, 1 bfloat16, 2 int8
+  if (kind == 2) return int8_available();
+  return panels_available(kind == 1);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+template <int ROWS>
+__attribute__((always_inline)) inline void block_int8(const uint8_t* __restrict__ x, int64_t ldx, const int8_t* __restrict__ wp,
+                                                      int64_t quads, float* __restrict__ out, int64_t ldo,
+                                                      const float* __restrict__ x_scales, const float* __restrict__ w_scales,
+                                                      const int32_t* __restrict__ sums, const float* __restrict__ bias,
+                                                      __mmask16 m0, __mmask16 m1) {
+  __m512i acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i w0 = _mm512_load_si512(wp + q * kPanel * 4);
+    __m512i w1 = _mm512_load_si512(wp + q * kPanel * 4 + 64);
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; ++r) {
+      int32_t quad;
+      __builtin_memcpy(&quad, x + r * ldx + 4 * q, 4);
+      __m512i xv = _mm512_set1_epi32(quad);
+      acc0[r] = _mm512_dpbusd_epi32(acc0[r], xv, w0);
+      acc1[r] = _mm512_dpbusd_epi32(acc1[r], xv, w1);
+    }
+  }
+  __m512i offset0 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m0, sums), 7);  // 128 Σ_k q
+  __m512i offset1 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m1, sums + 16), 7);
+  __m512 ws0 = _mm512_maskz_loadu_ps(m0, w_scales), ws1 = _mm512_maskz_loadu_ps(m1, w_scales + 16);
+  __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r) {
+    __m512 xs = _mm512_set1_ps(x_scales[r]);
+    __m512 y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc0[r], offset0));
+    __m512 y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc1[r], offset1));
+    _mm512_mask_storeu_ps(out + r * ldo, m0, _mm512_fmadd_ps(y0, _mm512_mul_ps(xs, ws0), b0));
+    _mm512_mask_storeu_ps(out + r * ldo + 16, m1, _mm512_fmadd_ps(y1, _mm512_mul_ps(xs, ws1), b1));
+  }
+}
+
+template <int ROWS>
+void rows_int8(int rows, const uint8_t* x, int64_t ldx, const int8_t* wp, int64_t quads, float* out, int64_t ldo,
+               const float* x_scales, const float* w_scales, const int32_t* sums, const float* bias, __mmask16 m0, __mmask16 m1) {
+  if constexpr (ROWS > 0) {
+    if (rows == ROWS) return block_int8<ROWS>(x, ldx, wp, quads, out, ldo, x_scales, w_scales, sums, bias, m0, m1);
+    return rows_int8<ROWS - 1>(rows, x, ldx, wp, quads, out, ldo, x_scales, w_scales, sums, bias, m0, m1);
+  }
+}
+
+#endif
+
+#if defined(__AVX512BF16__)
+
+// panel_block_bf16 of panel_gemm.h with a float32 output and the bias added
+template <int ROWS>
+__attribute__((always_inline)) inline void block_bf16(const uint16_t* __restrict__ x, int64_t ldx, const uint16_t* __restrict__ wp,
+                                                      int64_t pairs, float* __restrict__ out, int64_t ldo,
+                                                      const float* __restrict__ bias, __mmask16 m0, __mmask16 m1) {
+  __m512 acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < pairs; ++kk) {
+    __m512bh w0 = (__m512bh)_mm512_load_si512(wp + kk * kPanel * 2);
+    __m512bh w1 = (__m512bh)_mm512_load_si512(wp + kk * kPanel * 2 + 32);
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; ++r) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, x + r * ldx + 2 * kk, 4);
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], xv, w0);
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, w1);
+    }
+  }
+  __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r) {
+    _mm512_mask_storeu_ps(out + r * ldo, m0, _mm512_add_ps(acc0[r], b0));
+    _mm512_mask_storeu_ps(out + r * ldo + 16, m1, _mm512_add_ps(acc1[r], b1));
+  }
+}
+
+template <int ROWS>
+void rows_bf16(int rows, const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t pairs, float* out, int64_t ldo,
+               const float* bias, __mmask16 m0, __mmask16 m1) {
+  if constexpr (ROWS > 0) {
+    if (rows == ROWS) return block_bf16<ROWS>(x, ldx, wp, pairs, out, ldo, bias, m0, m1);
+    return rows_bf16<ROWS - 1>(rows, x, ldx, wp, pairs, out, ldo, bias, m0, m1);
+  }
+}
+
+#endif
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_pack_int8(at::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "step_pack_int8: a float32 matrix");
+  w = w.contiguous();
+  int64_t n = w.size(0), k = w.size(1), panels = (n + kPanel - 1) / kPanel, quads = (k + 3) / 4;
+  at::Tensor out = at::zeros({panels, quads, kPanel, 4}, w.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({panels * kPanel}, w.options());
+  at::Tensor sums = at::zeros({panels * kPanel}, w.options().dtype(at::kInt));
+  const float* src = w.const_data_ptr<float>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  float* sc = scales.data_ptr<float>();
+  int32_t* su = sums.data_ptr<int32_t>();
+  at::parallel_for(0, panels * kPanel, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (row >= n) {
+        sc[row] = 0.0f;
+        continue;
+      }
+      const float* w_row = src + row * k;
+      float amax = 0.0f;
+      for (int64_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::abs(w_row[kk]));
+      float scale = amax > 0 ? amax / 127.0f : 1.0f;
+      int64_t p = row / kPanel, j = row % kPanel;
+      int32_t total = 0;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        int32_t q = static_cast<int32_t>(std::nearbyint(w_row[kk] / scale));
+        q = std::min(127, std::max(-127, q));
+        dst[((p * quads + kk / 4) * kPanel + j) * 4 + kk % 4] = static_cast<int8_t>(q);
+        total += q;
+      }
+      sc[row] = scale;
+      su[row] = total;
+    }
+  });
+  return {out, scales, sums};
+}
+
+// x (M, K) float32 -> p + 128 as bytes (M, 4 ceil(K/4)), padding 128 (p = 0), and each row's scale
+void quantise_rows(const float* x, int64_t m, int64_t k, int64_t width, uint8_t* out, float* scales) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    float amax = 0.0f;
+    for (int64_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::abs(row[kk]));
+    float scale = amax > 0 ? amax / 127.0f : 1.0f, inverse = 1.0f / scale;
+    uint8_t* dst = out + r * width;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[kk] * inverse)));
+      dst[kk] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
+    }
+    std::fill(dst + k, dst + width, uint8_t{128});
+    scales[r] = scale;
+  }
+}
+
+at::Tensor step_linear(at::Tensor x, at::Tensor panels, at::Tensor scales, at::Tensor sums, at::Tensor bias, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "step_linear: x must be a float32 matrix");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n && panels.size(0) == (n + kPanel - 1) / kPanel,
+              "step_linear: bias or panels do not match n");
+  x = x.contiguous();
+  bias = bias.contiguous();
+  int64_t m = x.size(0), k = x.size(1);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* y = out.data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  auto kind = panels.scalar_type();
+  if (kind == at::kFloat) {
+    TORCH_CHECK(panels.dim() == 3 && panels.size(1) == k && panels_available(false), "step_linear: float32 panels of another K");
+    panel_gemm(x.const_data_ptr<float>(), m, k, panels.const_data_ptr<float>(), n, y, false);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] += b[j];
+    return out;
+  }
+  if (kind == at::kBFloat16) {
+#if defined(__AVX512BF16__)
+    int64_t pairs = (k + 1) / 2;
+    TORCH_CHECK(panels.dim() == 4 && panels.size(1) == pairs, "step_linear: bfloat16 panels of another K");
+    at::Tensor xb = at::zeros({m, 2 * pairs}, x.options().dtype(at::kBFloat16));
+    xb.narrow(1, 0, k).copy_(x);
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>());
+    for_each_block(m, n, [&](int64_t p, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
+      rows_bf16<kMaxRows>(rows, xp + r0 * 2 * pairs, 2 * pairs, wp + p * pairs * kPanel * 2, pairs, y + r0 * n + p * kPanel, n,
+                          b + p * kPanel, m0, m1);
+    });
+    return out;
+#else
+    TORCH_CHECK(false, "step_linear: bfloat16 panels need AVX512-BF16");
+#endif
+  }
+  TORCH_CHECK(kind == at::kChar, "step_linear: panels must be float32, bfloat16 or int8");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  int64_t quads = (k + 3) / 4;
+  TORCH_CHECK(panels.dim() == 4 && panels.size(1) == quads && scales.numel() >= n && sums.numel() >= n,
+              "step_linear: int8 panels of another K, or their scales and sums missing");
+  std::vector<uint8_t> xq(m * 4 * quads);
+  std::vector<float> x_scales(m);
+  quantise_rows(x.const_data_ptr<float>(), m, k, 4 * quads, xq.data(), x_scales.data());
+  const int8_t* wp = panels.const_data_ptr<int8_t>();
+  const float* ws = scales.const_data_ptr<float>();
+  const int32_t* su = sums.const_data_ptr<int32_t>();
+  for_each_block(m, n, [&](int64_t p, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
+    rows_int8<kMaxRows>(rows, xq.data() + r0 * 4 * quads, 4 * quads, wp + p * quads * kPanel * 4, quads, y + r0 * n + p * kPanel,
+                        n, x_scales.data() + r0, ws + p * kPanel, su + p * kPanel, b + p * kPanel, m0, m1);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "step_linear: int8 panels need AVX512-VNNI");
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lmtrain, m) {
+  m.def("step_pack_int8(Tensor w) -> (Tensor, Tensor, Tensor)", &step_pack_int8);
+  m.def("step_linear(Tensor x, Tensor panels, Tensor scales, Tensor sums, Tensor bias, int n) -> Tensor", &step_linear);
+  m.def("step_available(int kind) -> bool", &step_available);
+}
