@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from lmtrain.kernels.build import cpu_ops
 from lmtrain.model import LanguageModel
 from lmtrain.stepper import Stepper
 from lmtrain.tokenizer import EOS_ID
@@ -115,6 +116,9 @@ def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms:
     greedy (argmax), and needs no uniforms."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    ops = cpu_ops() if logits.device.type == "cpu" else None
+    if ops is not None and not 0 < top_k < logits.size(-1) and top_p >= 1.0:  # the same draw in one compiled pass
+        return ops.sample_rows(logits.float(), uniforms.float(), temperature)
     logits = logits / temperature
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

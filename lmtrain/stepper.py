@@ -11,7 +11,8 @@ speed is that of the weights arriving from memory. The stepper prepares them onc
                                                                     without a recurrent bias (GRU: two)
     decoder:   logits = h_L W_dec^T + b_dec            (B, V)
 
-then each layer's state follows from its cell's own pointwise step (lmtrain/cells). The
+then each layer's state follows from its cell's own pointwise step (lmtrain/cells; for the LSTM
+on the CPU, the same equations in one compiled pass, `lstm_cell_step`). The
 products' weights are held as float32, bfloat16 or int8 (`PRECISIONS`, lmtrain/kernels/step_cpu.cpp):
 smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
 computed on its own, so a stream's logits do not depend on the streams beside it.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmtrain.cells import lstm
 from lmtrain.errors import LmtrainError
 from lmtrain.kernels.build import cpu_ops
 from lmtrain.model import LanguageModel, State
@@ -118,6 +120,8 @@ class Stepper:
                 self.inputs.append(None if folded else Product.prepare(layer.w_ih, layer.b_ih, precision))
                 self.recurrent.append(Product.prepare(layer.w_hh, b_hh, precision))
         self.decoder = Product.prepare(model.decoder.weight, model.decoder.bias, precision)
+        ops = cpu_ops() if embedding.device.type == "cpu" else None
+        self.lstm_step = ops.lstm_cell_step if ops is not None else None
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
@@ -127,6 +131,15 @@ class Stepper:
         for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):
             layer_state = tuple(s.float() for s in state[k])
             h = layer_state[0]
+            if cell is lstm and self.lstm_step is not None:
+                if self.joint[k]:
+                    gates = self.recurrent[k](torch.cat([x, h], 1))
+                else:
+                    xg = self.table[tokens] if k == 0 and self.table is not None else self.inputs[k](self.embedding[tokens] if k == 0 else x)
+                    gates = self.recurrent[k](h).add_(xg)
+                x, c = self.lstm_step(gates, layer_state[1])
+                new_state.append((x, c))
+                continue
             if self.joint[k]:
                 xg = self.recurrent[k](torch.cat([x, h], 1))
                 hg = torch.zeros_like(xg)

@@ -20,6 +20,10 @@
 //   step_linear(x, panels, scales, sums, bias, n) -> (M, n) float32
 //     panels from pack_panels (float32 or bfloat16 weight) or step_pack_int8; scales and sums
 //     are empty tensors except for int8.
+//   lstm_cell_step(gates, c) -> (h', c'): the LSTM's pointwise step (lmtrain/cells/lstm.py) on
+//     pre-activations gates (B, 4H) in the order i, f, g, o, without keeping what a backward needs
+//   sample_rows(logits, uniforms, temperature) -> (B,) int64: per row, the first token whose
+//     cumulative probability under softmax(logits / temperature) exceeds uniforms[b]
 //
 // Every row of x is computed on its own, in the same order whatever M is, so a stream's logits
 // do not depend on how many streams run beside it (batched sampling equals one-by-one).
@@ -31,9 +35,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
+#include "fast_math.h"
 #include "panel_gemm.h"
 
 namespace {
@@ -249,9 +255,114 @@ at::Tensor step_linear(at::Tensor x, at::Tensor panels, at::Tensor scales, at::T
 #endif
 }
 
+std::tuple<at::Tensor, at::Tensor> lstm_cell_step(at::Tensor gates, at::Tensor c) {
+  TORCH_CHECK(gates.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat && gates.dim() == 2 && c.dim() == 2 &&
+                  gates.size(0) == c.size(0) && gates.size(1) == 4 * c.size(1),
+              "lstm_cell_step: float32 gates (B, 4H) and c (B, H)");
+  gates = gates.contiguous();
+  c = c.contiguous();
+  int64_t batch = c.size(0), hidden = c.size(1);
+  at::Tensor h_out = at::empty_like(c), c_out = at::empty_like(c);
+  const float* g = gates.const_data_ptr<float>();
+  const float* cp = c.const_data_ptr<float>();
+  float* ho = h_out.data_ptr<float>();
+  float* co = c_out.data_ptr<float>();
+  at::parallel_for(0, batch, std::max<int64_t>(1, 8192 / std::max<int64_t>(hidden, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* pi = g + b * 4 * hidden;
+      const float* pf = pi + hidden;
+      const float* pg = pi + 2 * hidden;
+      const float* po = pi + 3 * hidden;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < hidden; ++j) {
+        float cell = sigmoid_fast(pf[j]) * cp[b * hidden + j] + sigmoid_fast(pi[j]) * tanh_fast(pg[j]);
+        co[b * hidden + j] = cell;
+        ho[b * hidden + j] = sigmoid_fast(po[j]) * tanh_fast(cell);
+      }
+    }
+  });
+  return {h_out, c_out};
+}
+
+constexpr int64_t kLanes = 16;   // partial maxima and sums kept per lane, so the loops vectorise
+constexpr int64_t kBlock = 256;  // the cumulative sum is searched block by block, then within one
+
+at::Tensor sample_rows(at::Tensor logits, at::Tensor uniforms, double temperature) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && uniforms.scalar_type() == at::kFloat &&
+                  uniforms.numel() == logits.size(0) && temperature > 0,
+              "sample_rows: float32 logits (B, V), float32 uniforms (B,), temperature > 0");
+  logits = logits.contiguous();
+  uniforms = uniforms.contiguous();
+  int64_t rows = logits.size(0), vocab = logits.size(1);
+  int64_t blocks = (vocab + kBlock - 1) / kBlock, padded = blocks * kBlock;
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* l = logits.const_data_ptr<float>();
+  const float* u = uniforms.const_data_ptr<float>();
+  int64_t* picked = out.data_ptr<int64_t>();
+  float inverse = static_cast<float>(1.0 / temperature);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(padded, 0.0f), block_sums(blocks);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = l + r * vocab;
+      float lane_max[kLanes];
+      std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<float>::infinity());
+      int64_t whole = vocab / kLanes * kLanes;
+      for (int64_t v = 0; v < whole; v += kLanes)
+        for (int64_t t = 0; t < kLanes; ++t) lane_max[t] = row[v + t] > lane_max[t] ? row[v + t] : lane_max[t];
+      float top = *std::max_element(lane_max, lane_max + kLanes);
+      for (int64_t v = whole; v < vocab; ++v) top = std::max(top, row[v]);
+#pragma GCC ivdep
+      for (int64_t v = 0; v < vocab; ++v) {  // below e^-87 (and -inf, a masked token) counts as 0
+        float z = (row[v] - top) * inverse;
+        weights[v] = z < -87.0f ? 0.0f : exp_poly(z);
+      }
+      double total = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float lane_sum[kLanes] = {};
+        for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
+          for (int64_t t = 0; t < kLanes; ++t) lane_sum[t] += weights[v + t];
+        float sum = 0;
+        for (int64_t t = 0; t < kLanes; ++t) sum += lane_sum[t];
+        block_sums[b] = sum;
+        total += sum;
+      }
+      // the first token whose cumulative weight exceeds u * total; a weight-0 token never
+      double threshold = static_cast<double>(u[r]) * total, running = 0;
+      int64_t choice = -1, last_positive = 0;
+      for (int64_t b = 0; b < blocks && choice < 0; ++b) {
+        if (running + block_sums[b] <= threshold) {
+          running += block_sums[b];
+          continue;
+        }
+        for (int64_t v = b * kBlock; v < std::min(vocab, (b + 1) * kBlock); ++v) {
+          if (weights[v] <= 0) continue;
+          last_positive = v;
+          running += weights[v];
+          if (running > threshold) {
+            choice = v;
+            break;
+          }
+        }
+      }
+      if (choice < 0) {  // rounding left the threshold past the end: the last token that can be drawn
+        for (int64_t v = vocab - 1; v >= 0; --v)
+          if (weights[v] > 0) {
+            choice = v;
+            break;
+          }
+        if (choice < 0) choice = last_positive;
+      }
+      picked[r] = choice;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmtrain, m) {
+  m.def("lstm_cell_step(Tensor gates, Tensor c) -> (Tensor, Tensor)", &lstm_cell_step);
+  m.def("sample_rows(Tensor logits, Tensor uniforms, float temperature) -> Tensor", &sample_rows);
   m.def("step_pack_int8(Tensor w) -> (Tensor, Tensor, Tensor)", &step_pack_int8);
   m.def("step_linear(Tensor x, Tensor panels, Tensor scales, Tensor sums, Tensor bias, int n) -> Tensor", &step_linear);
   m.def("step_available(int kind) -> bool", &step_available);
