@@ -85,7 +85,9 @@ class Product:
         if self.compiled:
             return torch.ops.lmtrain.step_linear(x, self.weight, self.scales, self.sums, self.bias, self.bias.numel())
         # one product per row, as the compiled op does, so rows never depend on the batch
-        return torch.baddbmm(self.bias.view(1, 1, -1), x.unsqueeze(1), self.weight.t().unsqueeze(0)).squeeze(1)
+        rows = x.shape[0]
+        return torch.baddbmm(self.bias.view(1, 1, -1).expand(rows, 1, -1), x.unsqueeze(1),
+                             self.weight.t().unsqueeze(0).expand(rows, -1, -1)).squeeze(1)
 
 
 class Stepper:

@@ -47,13 +47,19 @@ def _load_cpu_ops():
         return None
 
 
-def remove_stale_build_lock(cpp_extension, max_age_s: float = 600) -> None:
-    """A build killed outright leaves torch's lock file behind, and every later build would wait on
-    it forever; a lock older than any build takes is such a leftover."""
+def remove_stale_build_lock(cpp_extension, stale_after_s: float = 300, poll_s: float = 0.5) -> None:
+    """Wait for another process's build to finish, or clear the lock a killed build left behind.
+
+    torch's loader waits, without limit, for the lock file of any build in progress; a build killed
+    outright (a stopped session, a SIGKILL) leaves that file behind and every later load hangs on it.
+    A live build here takes about a minute, so a lock older than `stale_after_s` is such a leftover."""
     try:
         lock = Path(cpp_extension._get_build_directory(EXTENSION, False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
-            lock.unlink(missing_ok=True)
+        while lock.exists():
+            if time.time() - lock.stat().st_mtime > stale_after_s:
+                lock.unlink(missing_ok=True)
+                break
+            time.sleep(poll_s)
     except (AttributeError, OSError):
         pass
 
