@@ -392,7 +392,7 @@ def test_train_rejects_bad_input(make_corpus, extra, fragments, tmp_path):
     [
         ({"notes.txt": "keep me"}, [], "already exists and is not empty"),
         ({"notes.txt": "keep me"}, ["--overwrite"], "not an lmtrain run directory"),
-        ({"config.toml": "# an old run\n", "best.pt": "weights"}, [], "pass --overwrite"),
+        ({"config.toml": "# an old run\n", "best.pt": "weights"}, [], "pass --force"),
     ],
     ids=["non-empty", "overwrite-non-run", "existing-run"],
 )
