@@ -21,9 +21,10 @@ The digest is sha256 of the archive exactly as torch.save wrote it (comment leng
 truncated file, a flipped bit anywhere, or a half-written copy fails the check with a message
 naming the file, before torch reads any of it.
 
-Writing X.pt first hard-links the current X.pt to X.prev.pt (the previous good checkpoint), then
-writes the new one to a temporary file, fsyncs and renames it over X.pt: at every moment both
-names hold a whole checkpoint, whatever kills the process.
+Writing X.pt writes the new checkpoint to a temporary file and fsyncs it, then hard-links the
+current X.pt to X.prev.pt (the previous good checkpoint) and renames the new file over X.pt: at
+every moment both names hold a whole checkpoint, whatever kills the process, and a write that
+fails (a full disk) leaves both as they were.
 """
 
 from __future__ import annotations
@@ -81,10 +82,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any], keep_previous: bool = T
     X.prev.pt when `keep_previous`. Raises CheckpointWriteError (path still intact) when the disk
     is full or not writable."""
     data = checkpoint_bytes(payload)  # serialize before touching any file
-    try:
+
+    def keep_current() -> None:  # only once the new checkpoint is whole on disk
         if keep_previous and path.is_file():
             keep_as(path, previous_path(path))
-        with atomic_open(path) as f:
+
+    try:
+        with atomic_open(path, before_replace=keep_current) as f:
             f.write(data)
     except OSError as e:
         raise CheckpointWriteError(
