@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +240,7 @@ def train(
     clock = Clock(s.elapsed_s)
     record: dict[str, Any] = {}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log, \
-            open(run_dir / "timing.jsonl", "a", encoding="utf-8") as timing:
+            open(run_dir / "timing.jsonl", "a", encoding="utf-8") as timing, closing(progress):
         saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model, optimizer, window_rng, log, timing)
         saved = resume is not None  # whether last.pt holds the state as it is now
         interval_start = time.perf_counter()
