@@ -53,3 +53,16 @@ def assert_one_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def assert_error_after_progress(result, *fragments: str) -> str:
+    """As assert_one_error, for a run that fails mid-training: the progress it printed before may
+    precede the one `error: ...` line, which must still be the last, on a line of its own."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\nstderr:\n{result.stderr}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if "error: " in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
