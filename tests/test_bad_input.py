@@ -224,6 +224,7 @@ def test_a_read_only_run_directory(trained, run, tmp_path):
     run.chmod(0o555)
     try:
         if not cannot_write(run):  # root, or a file system that ignores modes
+            # as root: `setpriv --bounding-set -dac_override,-dac_read_search python -m pytest ...` runs it
             pytest.skip("chmod 0o555 does not stop this user from writing (running as root?)")
         before = tree_bytes(run)
         assert_one_error(cli("train", "--resume", run, *sets("train.max_steps=24")),
