@@ -120,8 +120,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 100  # optimizer steps between progress records in metrics.jsonl
     # optimizer steps between checkpoints (last.pt) within an epoch, each one a point that
-    # `lmtrain train --resume` continues from exactly; 0: only at epoch ends. One write of the
-    # model and optimizer state per 1000 steps is well under 1 % of a CPU run's time
+    # `lmtrain train --resume` continues from exactly; 0: only at epoch ends. The demo model's
+    # last.pt (19 MB with AdamW's state) took 0.18 s to write on 2 shared cores, where a step took
+    # over 1 s: one write per 1000 steps costs far less than 1 % of a CPU run's time
     checkpoint_every: int = 1000
     # a step whose loss or gradient norm is not finite is skipped (no update) and counted in the
     # records' bad_steps; more than this many in a row stop the run (exit 2)
