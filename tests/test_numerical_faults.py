@@ -144,3 +144,28 @@ def test_a_skipped_step_changes_no_weight_and_carries_a_finite_state():
     loss, state = train_step(model, optimizer, config.train, x, y, state, None)
     assert loss is not None and math.isfinite(loss)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# as tests/test_resume.py: averaging starts within the first 140 steps
+NTASGD = [
+    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=2", "model.embedding_size=12",
+    "model.hidden_size=16", "model.tie_weights=true", "model.dropout=0.3", "train.batch_size=4", "train.bptt=12",
+    "train.epochs=12", "train.optimizer=ntasgd", "train.nonmono=1", "train.lr_schedule=constant", "train.lr=8",
+    "train.ar=1", "train.tar=1", "train.log_interval=5", "train.checkpoint_every=0", "train.seed=5",
+]
+
+
+def test_a_skipped_step_is_not_averaged(corpus, tmp_path, monkeypatch):
+    """NT-ASGD's average counts the steps it took in: the skipped ones are not among them."""
+    total, bad = 150, (141, 144)
+    Faults(monkeypatch, loss=bad)
+    run = tmp_path / "run"
+    args = ["train", corpus, "--run-dir", run, *(a for s in (*NTASGD, f"train.max_steps={total}") for a in ("--set", s))]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    ends = [r for r in records(run) if r["kind"] == "epoch"]
+    first = next(k for k, r in enumerate(ends) if r["averaging"])
+    started = ends[first - 1]["step"]  # the epoch end whose validation switched averaging on
+    assert started < min(bad)
+    average = load_checkpoint(run / "last.pt")["resume"]["average"]
+    assert average["count"] == 1 + (total - started) - len(bad)
