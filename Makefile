@@ -29,7 +29,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/lmtrain train --config configs/demo.toml --run-dir $(RUN) --overwrite
+	$(BIN)/lmtrain train --config configs/demo.toml --run-dir $(RUN) --force
 	$(BIN)/lmtrain evaluate $(RUN) --split test
 	$(BIN)/lmtrain generate $(RUN) --prompt "The" --max-tokens 80 --num-samples 3 --temperature 0.8 --seed 1
 

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from lmtrain.checkpoint import CheckpointWriteError
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, load_corpus, read_lines
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
@@ -29,7 +30,8 @@ from lmtrain.evaluate import tune_cache as tune_cache_settings
 from lmtrain.generate import Sampler, StreamRandom, first_stop, sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import TerminalProgress
-from lmtrain.run import load_run, prepare_run
+from lmtrain.run import load_run, prepare_run, resume_run
+from lmtrain.signals import StopSignals
 from lmtrain.stepper import resolve_precision
 from lmtrain.synth import (
     DEFAULT_ALPHABET,
@@ -58,6 +60,10 @@ def user_errors():
     except LmtrainError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # an environment problem no check foresaw (a full disk, permissions): still one line
+        where = f" ({e.filename})" if e.filename else ""
+        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        raise typer.Exit(2) from None
 
 
 def say(message: str) -> None:
@@ -70,20 +76,53 @@ def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (see configs/).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where its last checkpoint left it, on its own corpus and config; --set may change only train.max_steps, train.epochs and train.max_minutes.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", hidden=True, help="The old name of --force.")] = False,
 ) -> None:
-    """Train a tokenizer and a language model on CORPUS."""
+    """Train a tokenizer and a language model on CORPUS, or continue a run (--resume RUN).
+
+    SIGINT (Ctrl-C) or SIGTERM: the current step ends, last.pt is written, and the command exits
+    with 130 or 143; a second one stops at once, the last checkpoint intact.
+    """
     with user_errors():
-        cfg = load_config(config, overrides or [])
-        model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, say)
-        run_dir = Path(info.pop("run_dir"))
         try:
-            record = train_model(model, cfg, data, run_dir, info, TerminalProgress())
+            if resume is not None:
+                require(
+                    (corpus is None and config is None, "--resume continues RUN on its own corpus and config: drop CORPUS and --config"),
+                    (run_dir is None, "--resume RUN is the run directory: drop --run-dir"),
+                    (not (force or overwrite), "--resume continues a run and --force replaces it: give one of them"),
+                )
+                model, cfg, data, info, payload = resume_run(resume, overrides or [], say)
+                run_dir = resume
+            else:
+                cfg = load_config(config, overrides or [])
+                model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir, say)
+                run_dir, payload = Path(info.pop("run_dir")), None
         except KeyboardInterrupt:
-            say(f"\ninterrupted; checkpoints of finished epochs are in {run_dir}")
+            say("\ninterrupted before training started")
             raise typer.Exit(130) from None
-        say(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps; run in {run_dir}")
+        with StopSignals() as signals:
+            try:
+                record = train_model(model, cfg, data, run_dir, info, TerminalProgress(), resume=payload,
+                                     stop_requested=signals.received)
+            except KeyboardInterrupt:  # a second signal
+                say(f"\naborted; {resume_hint(run_dir)}")
+                raise typer.Exit(signals.exit_code()) from None
+            except CheckpointWriteError as e:
+                raise LmtrainError(f"{e}; once it can be written, resume with `lmtrain train --resume {run_dir}`") from None
+        if record.get("kind") == "interrupted":
+            say(f"\n{signals.name()}: stopped after step {record['step']:,} (epoch {record['epoch']}); {resume_hint(run_dir)}")
+            raise typer.Exit(signals.exit_code())
+        ended = " (train.max_steps, mid-epoch)" if record.get("kind") == "stop" else ""
+        say(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps{ended}; run in {run_dir}")
         say(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+
+
+def resume_hint(run_dir: Path) -> str:
+    if not (run_dir / "last.pt").is_file():
+        return f"no checkpoint was written yet; start again with `lmtrain train ... --run-dir {run_dir} --force`"
+    return f"{run_dir / 'last.pt'} holds the last checkpoint; continue with: lmtrain train --resume {run_dir}"
 
 
 def default_run_dir(source: str) -> Path:
@@ -124,7 +163,7 @@ def evaluate(
             (cache_window >= 1 and cache_theta > 0 and 0 <= cache_lambda <= 1,
              "--cache-window must be at least 1, --cache-theta positive and --cache-lambda in [0, 1]"),
         )
-        loaded = load_run(run, resolve_device("auto"))
+        loaded = load_run(run, resolve_device("auto"), say)
         batch = batch_size or loaded.config.train.eval_batch_size
         bptt = loaded.config.train.bptt
         if files:
@@ -213,7 +252,7 @@ def generate(
         )
         device = resolve_device("auto")
         precision = resolve_precision(precision, device)
-        loaded = load_run(run, device)
+        loaded = load_run(run, device, say)
         seed = seed if seed is not None else int.from_bytes(os.urandom(6), "little")
         temperature = 0.0 if greedy else temperature
         stops = [s for s in (stop, "\n" if until_eos else "") if s]

@@ -1,6 +1,7 @@
 """The only module that writes training progress to the terminal.
 
-`train` calls the four methods below; `QuietProgress` is for library use and tests.
+`train` calls the methods below (close() once, however training ends); `QuietProgress` is for
+library use and tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class QuietProgress:
         pass
 
     def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -53,3 +57,9 @@ class TerminalProgress(QuietProgress):
 
     def note(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End an unfinished bar (training stopped mid-epoch), so what follows starts a line."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.close()
+            self.bar = None

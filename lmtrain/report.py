@@ -16,6 +16,9 @@ from typing import Any
 from lmtrain.atomic import atomic_open
 from lmtrain.errors import LmtrainError
 
+# records with a validation: each epoch's end, and a train.max_steps stop mid-epoch (lmtrain.train)
+VALIDATED = ("epoch", "stop")
+
 
 def read_records(run: Path) -> list[dict[str, Any]]:
     """The records of metrics.jsonl, each with its timing.jsonl figures merged in when present."""
@@ -47,23 +50,25 @@ def epoch_table(records: list[dict[str, Any]]) -> list[str]:
     """Markdown rows, one per epoch: lr, train and valid perplexity, tokens/s, elapsed minutes."""
     rows = ["| epoch | step | lr | train ppl | valid ppl | tokens/s | minutes |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        if r["kind"] != "epoch":
+        if r["kind"] not in VALIDATED:
             continue
         speed = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else ""
         minutes = f"{r['elapsed_s'] / 60:.1f}" if "elapsed_s" in r else ""
-        rows.append(f"| {r['epoch']} | {r['step']:,} | {r['lr']:.4g} | {r['train_ppl']:.2f} | {r['valid_ppl']:.2f} | {speed} | {minutes} |")
+        epoch = f"{r['epoch']} (stop)" if r["kind"] == "stop" else r["epoch"]
+        train_ppl = "—" if r["train_ppl"] is None else f"{r['train_ppl']:.2f}"  # None: every step skipped
+        rows.append(f"| {epoch} | {r['step']:,} | {r['lr']:.4g} | {train_ppl} | {r['valid_ppl']:.2f} | {speed} | {minutes} |")
     return rows
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    epochs = [r for r in records if r["kind"] == "epoch"]
+    epochs = [r for r in records if r["kind"] in VALIDATED]
     if not epochs:
         raise LmtrainError("the run has no finished epoch yet: nothing to report")
     best = min(epochs, key=lambda r: r["valid_loss"])
     last = epochs[-1]
     return {
         "epochs": last["epoch"], "steps": last["step"], "best valid ppl": round(best["valid_ppl"], 2),
-        "best epoch": best["epoch"], "last train ppl": round(last["train_ppl"], 2),
+        "best epoch": best["epoch"], "last train ppl": None if last["train_ppl"] is None else round(last["train_ppl"], 2),
         "last valid ppl": round(last["valid_ppl"], 2),
         "training minutes": round(last["elapsed_s"] / 60, 1) if "elapsed_s" in last else None,
     }
@@ -79,7 +84,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         from matplotlib.ticker import MaxNLocator, ScalarFormatter
     except ImportError:
         return False
-    epochs = [r for r in records if r["kind"] == "epoch"]
+    epochs = [r for r in records if r["kind"] in VALIDATED]
     steps = [r for r in records if r["kind"] == "train"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110)
     (by_epoch, by_time), (lr_ax, speed_ax) = axes

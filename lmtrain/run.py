@@ -1,4 +1,4 @@
-"""Run directories: what `train` writes and what `evaluate` and `generate` read back.
+"""Run directories: what `train` writes and what `evaluate`, `generate` and `train --resume` read back.
 
     RUN/
       config.toml       the resolved config (defaults < file < --set)
@@ -6,7 +6,10 @@
       metrics.jsonl     one JSON record per log interval and per epoch (losses, lr)
       timing.jsonl      tokens/s and elapsed seconds of the same records
       best.pt           checkpoint with the best validation loss so far
-      last.pt           checkpoint after the latest epoch
+      last.pt           checkpoint of the latest epoch end or step (train.checkpoint_every):
+                        everything `lmtrain train --resume RUN` needs to continue exactly
+      best.prev.pt      the checkpoints each of those replaced, kept in case the newer one is
+      last.prev.pt      damaged (lmtrain.checkpoint)
 
 Checkpoints are self-contained: each also holds the tokenizer, so a single .pt file can be
 evaluated or sampled from on its own.
@@ -15,6 +18,7 @@ evaluated or sampled from on its own.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +26,32 @@ from typing import Any
 import torch
 
 from lmtrain.atomic import atomic_open
-from lmtrain.checkpoint import load_checkpoint
-from lmtrain.config import Config, from_dict, to_toml
-from lmtrain.corpus import load_corpus
+from lmtrain.checkpoint import load_first_good, previous_path
+from lmtrain.config import Config, from_dict, load_config, to_toml
+from lmtrain.corpus import BUILTIN, load_corpus
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, count_parameters
 from lmtrain.prepare import encode_corpus, get_tokenizer
+from lmtrain.resume import (
+    check_logs,
+    check_resume_overrides,
+    check_same_config,
+    cut_logs,
+    data_digest,
+    load_resume_checkpoint,
+    loop_from_dict,
+    remove_partial_files,
+    restore_best,
+    set_aside_damaged,
+)
 from lmtrain.tokenizer import Tokenizer
 from lmtrain.tokens import TokenFile
-from lmtrain.train import min_train_tokens, resolve_device, seed_everything
+from lmtrain.train import finished, min_train_tokens, plan, resolve_device, seed_everything
 
 RUN_MARKER = "config.toml"
 
 
-def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overwrite: bool,
+def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force: bool,
                 default_run_dir, say) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
     enough, make the run directory and the seeded model on the configured device.
@@ -57,7 +73,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overw
             "(use a larger corpus or lower train.batch_size / train.bptt)"
         )
     run_dir = run_dir or default_run_dir(texts.source)
-    model, info = start_run(run_dir, config, tokenizer, texts.source, overwrite, device)
+    model, info = start_run(run_dir, config, tokenizer, texts.source, force, device)
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
         f"vocab {tokenizer.vocab_size:,} ({config.tokenizer.kind}) | {count_parameters(model):,} parameters | "
@@ -66,36 +82,50 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overw
     return model, data, {**info, "run_dir": str(run_dir)}
 
 
-def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, overwrite: bool,
+def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, force: bool,
               device: torch.device) -> tuple[LanguageModel, dict[str, Any]]:
     """Make the run directory with its config and tokenizer, and build the seeded model on `device`.
 
     Returns the model and what every checkpoint of the run stores besides it (corpus, tokenizer).
     """
-    create_run_dir(run_dir, overwrite)
-    write_run_files(run_dir, config, tokenizer)
     seed_everything(config.train.seed)
-    model = LanguageModel(config.model, tokenizer.vocab_size).to(device)
+    model = build_model(config, tokenizer.vocab_size).to(device)  # before the run directory: it may not fit
+    create_run_dir(run_dir, force)
+    try:
+        write_run_files(run_dir, config, tokenizer)
+    except OSError as e:
+        raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
     return model, {"corpus": corpus_source, **tokenizer_info(tokenizer)}
 
 
-def create_run_dir(path: Path, overwrite: bool) -> None:
-    """Make an empty run directory; an existing run is replaced only with `overwrite`."""
+def build_model(config: Config, vocab_size: int) -> LanguageModel:
     try:
-        make_empty_dir(path, overwrite)
+        return LanguageModel(config.model, vocab_size)
+    except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise LmtrainError(f"cannot build the model ({first_line}): lower model.hidden_size, model.embedding_size, "
+                           "model.layers or tokenizer.vocab_size") from None
+
+
+def create_run_dir(path: Path, force: bool) -> None:
+    """Make an empty run directory; an existing run is replaced only with `force`."""
+    try:
+        make_empty_dir(path, force)
     except OSError as e:
         raise LmtrainError(f"cannot create run directory {path}: {e.strerror}") from None
 
 
-def make_empty_dir(path: Path, overwrite: bool) -> None:
+def make_empty_dir(path: Path, force: bool) -> None:
     if path.exists():
         if not path.is_dir():
             raise LmtrainError(f"run directory {path} exists and is not a directory")
         if any(path.iterdir()):
-            if not overwrite:
-                raise LmtrainError(f"run directory {path} already exists and is not empty (pass --overwrite to replace it)")
             if not (path / RUN_MARKER).is_file():
-                raise LmtrainError(f"refusing to overwrite {path}: it is not an lmtrain run directory")
+                raise LmtrainError(f"run directory {path} already exists and is not empty, and it is not an lmtrain "
+                                   "run directory (no config.toml): choose another --run-dir")
+            if not force:
+                raise LmtrainError(f"run directory {path} already holds a run: continue it with "
+                                   f"`lmtrain train --resume {path}`, or pass --force to replace it")
             shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -121,28 +151,100 @@ class LoadedRun:
     progress: dict[str, Any]
 
 
-def checkpoint_path(run: Path) -> Path:
-    """RUN/best.pt for a run directory (last.pt if no best yet), or the file itself."""
+def checkpoint_candidates(run: Path) -> list[Path]:
+    """RUN/best.pt, then the checkpoints that stand in when it is damaged or missing (best.prev.pt,
+    last.pt, last.prev.pt), for a run directory; or the file itself."""
     if not run.exists():
         raise LmtrainError(f"run not found: {run}")
-    if run.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (run / name).is_file():
-                return run / name
+    if not run.is_dir():
+        return [run]
+    best, last = run / "best.pt", run / "last.pt"
+    found = [p for p in (best, previous_path(best), last, previous_path(last)) if p.is_file()]
+    if not found:
         raise LmtrainError(f"{run} holds no checkpoint (best.pt or last.pt)")
-    return run
+    return found
 
 
-def load_run(run: Path, device: torch.device) -> LoadedRun:
-    """Load a run directory or checkpoint file, the model on `device` in eval mode."""
-    path = checkpoint_path(run)
-    payload = load_checkpoint(path)
+def load_run(run: Path, device: torch.device, warn=None) -> LoadedRun:
+    """Load a run directory or checkpoint file, the model on `device` in eval mode. A damaged
+    checkpoint in a run directory is reported through `warn` and the next candidate used."""
+    path, payload = load_first_good(checkpoint_candidates(run), warn or (lambda line: None))
     try:
         config = from_dict(payload["config"])
         tokenizer = Tokenizer(payload["tokenizer"]["model"], payload["tokenizer"]["kind"])
         model = LanguageModel(config.model, payload["vocab_size"])
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise LmtrainError(f"{path}: checkpoint content does not match this version of lmtrain ({str(e).splitlines()[0][:160]})") from None
+        raise LmtrainError(f"{path}: the checkpoint's weights do not fit the model its config describes, or it was "
+                           f"written by another version of lmtrain ({str(e).strip().splitlines()[0][:160]})") from None
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, payload["corpus"], payload["progress"])
+
+
+def resume_run(run_dir: Path, overrides: list[str], say) -> tuple[LanguageModel, Config, dict[str, TokenFile],
+                                                                    dict[str, Any], dict[str, Any]]:
+    """Everything before `train(..., resume=payload)` continues RUN where its last.pt left it.
+
+    The config is RUN/config.toml with `overrides`, which may only change the stopping keys
+    (lmtrain.config.RESUMABLE_KEYS); it must otherwise be the checkpoint's, and the corpus must
+    give the same tokens. Every check comes before anything in RUN changes; then stray temporary
+    files go, the logs are cut back to the checkpoint (lmtrain.resume), best.pt is made what it
+    was at that step, and config.toml is rewritten with the overrides. Returns the model (the
+    trained weights, on the configured device), the config, the encoded splits, what every
+    checkpoint stores besides the model, and last.pt's payload for `train`.
+    """
+    if not run_dir.is_dir():
+        raise LmtrainError(f"run directory not found: {run_dir}")
+    if not (run_dir / RUN_MARKER).is_file():
+        raise LmtrainError(f"{run_dir} is not an lmtrain run directory (no {RUN_MARKER})")
+    check_resume_overrides(overrides)
+    check_writable(run_dir)
+    path, payload = load_resume_checkpoint(run_dir, say)
+    config = load_config(run_dir / RUN_MARKER, overrides)
+    check_same_config(config, payload["config"], run_dir / RUN_MARKER, path)
+    loop = loop_from_dict(payload["resume"]["loop"])
+    check_logs(run_dir, loop)
+    source = payload["corpus"]
+    if source != BUILTIN and not Path(source).exists():
+        raise LmtrainError(f"the run's corpus {source} is no longer there: put it back to resume")
+    texts = load_corpus(None if source == BUILTIN else Path(source))
+    tokenizer = Tokenizer(payload["tokenizer"]["model"], payload["tokenizer"]["kind"])
+    data = encode_corpus(tokenizer, texts.splits)
+    if data_digest(data) != payload["resume"]["data"]:
+        raise LmtrainError(f"the corpus {source} has changed since {path} was written: a run resumes on the same text")
+    tc = config.train
+    epochs, _ = plan(tc, len(data["train"].tokens) // tc.batch_size)
+    reason = finished(tc, loop, epochs, loop.elapsed_s)
+    if reason is not None:
+        raise LmtrainError(f"{run_dir} has finished: {reason} (step {loop.step:,}); to train further, raise "
+                           "train.epochs, train.max_steps or train.max_minutes with --set")
+    device = resolve_device(tc.device)
+    seed_everything(tc.seed)  # deterministic algorithms; the generators' states come from the checkpoint
+    model = build_model(config, payload["vocab_size"])
+    try:
+        model.load_state_dict(payload["resume"]["trained"] or payload["model"])
+    except RuntimeError as e:
+        raise LmtrainError(f"{path}: the checkpoint's weights do not fit the model its config describes "
+                           f"({str(e).strip().splitlines()[0][:160]})") from None
+    model.to(device)
+    try:  # the checks passed: now the run directory goes back to the checkpoint's moment
+        set_aside_damaged(run_dir, path, say)
+        remove_partial_files(run_dir)
+        restore_best(run_dir, loop.step, say)
+        cut_logs(run_dir, loop)
+        with atomic_open(run_dir / RUN_MARKER) as f:
+            f.write(to_toml(config).encode("utf-8"))
+    except OSError as e:
+        raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+    where = f"epoch {loop.epoch}, step {loop.step:,}" + ("" if loop.lengths is None else f" (window {loop.window} of {len(loop.lengths)})")
+    say(f"resuming {run_dir} from {path.name}: {where} | device {device}")
+    return model, config, data, {"corpus": source, **tokenizer_info(tokenizer)}, payload
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before changing anything when files cannot be created in `run_dir`."""
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-check.", suffix=".part")
+        probe.close()
+    except OSError as e:
+        raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None

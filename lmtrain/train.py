@@ -5,23 +5,29 @@ Per window: the model's last-layer output -> decoder -> cross-entropy (+ AR and 
 
 It knows nothing of the command line or the terminal: progress goes to a `progress` object
 (see lmtrain.progress) and records to `metrics.jsonl` in the run directory, one JSON object per
-line: {"kind": "train", ...} every `train.log_interval` steps and {"kind": "epoch", ...} after
-each validation. Wall-clock figures go to `timing.jsonl`, so that metrics.jsonl is the same file
-for the same config, seed and machine (tests/test_determinism.py).
+line: {"kind": "train", ...} every `train.log_interval` steps, {"kind": "epoch", ...} after each
+epoch's validation and {"kind": "stop", ...} when train.max_steps ends a run mid-epoch. Wall-clock
+figures go to `timing.jsonl`, so that metrics.jsonl is the same file for the same config, seed
+and machine (tests/test_determinism.py), and the same for a run stopped and resumed any number
+of times (tests/test_resume.py): last.pt holds the whole state of the loop (lmtrain.resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
@@ -30,6 +36,7 @@ from lmtrain.evaluate import total_nll
 from lmtrain.kernels.cross_entropy import cross_entropy
 from lmtrain.model import LanguageModel, detach_state
 from lmtrain.progress import QuietProgress
+from lmtrain.resume import LoopState, data_digest, hidden_from_lists, hidden_to_lists, loop_from_dict, rng_states, set_rng_states
 from lmtrain.tokenizer import EOS_ID
 from lmtrain.tokens import TokenFile, batchify
 
@@ -118,6 +125,17 @@ class WeightAverage:
         self.average = [p.detach().clone() for p in self.params]
         self.count = 1
 
+    def state(self) -> dict[str, Any]:
+        return {"average": [a.detach() for a in self.average], "count": self.count}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, Any]) -> None:
+        if len(state["average"]) != len(self.average):
+            raise LmtrainError("the checkpoint's weight average does not match the model")
+        for avg, stored in zip(self.average, state["average"]):
+            avg.copy_(stored)
+        self.count = state["count"]
+
     @torch.no_grad()
     def update(self) -> None:
         self.count += 1
@@ -145,6 +163,28 @@ def nt_trigger(history: list[float], nonmono: int) -> bool:
     return len(earlier) > nonmono and history[-1] > min(earlier[:-nonmono])
 
 
+def plan(config: TrainConfig, rows: int) -> tuple[int, int]:
+    """(epochs, total steps) of a run over `rows` rows of streams: train.epochs, capped by
+    train.max_steps when that is set (it also sets the length of the cosine schedule)."""
+    steps_per_epoch = math.ceil(rows / config.bptt)
+    epochs = config.epochs if config.epochs else math.ceil(config.max_steps / steps_per_epoch)
+    if config.max_steps:
+        epochs = min(epochs, math.ceil(config.max_steps / steps_per_epoch))
+    return epochs, config.max_steps or epochs * steps_per_epoch
+
+
+def finished(config: TrainConfig, s: LoopState, epochs: int, elapsed_s: float) -> str | None:
+    """Why training ends before its next step, or None: the step limit, the last epoch done, or
+    (between epochs) no time left for another epoch."""
+    if config.max_steps and s.step >= config.max_steps:
+        return f"its train.max_steps = {config.max_steps:,} steps are done"
+    if s.lengths is None and s.epoch > epochs:
+        return f"its {epochs} epoch(s) are done"
+    if s.lengths is None and s.epoch > 1 and out_of_time(config, elapsed_s, s.epoch_seconds):
+        return f"another epoch would end past train.max_minutes = {config.max_minutes:g}"
+    return None
+
+
 def train(
     model: LanguageModel,
     config: Config,
@@ -152,126 +192,325 @@ def train(
     run_dir: Path,
     checkpoint_info: dict[str, Any],
     progress=None,
+    resume: dict[str, Any] | None = None,
+    stop_requested: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (already on its device) on data["train"], validating on data["valid"].
 
-    Writes last.pt after every epoch, best.pt whenever validation improves, metrics.jsonl (losses
-    and learning rates: the same bytes for the same config, seed and machine) and timing.jsonl
-    (tokens/s and elapsed seconds of the same records). `checkpoint_info` (corpus source,
-    vocabulary size) is stored in every checkpoint. Returns the last epoch record, timing included.
+    Writes metrics.jsonl (losses and learning rates: the same bytes for the same config, seed and
+    machine), timing.jsonl (tokens/s and elapsed seconds of the same records), best.pt whenever
+    validation improves and last.pt at every epoch end and every train.checkpoint_every steps.
+    `checkpoint_info` (corpus source, tokenizer) is stored in every checkpoint. `resume` is a
+    checkpoint payload from last.pt (lmtrain.run.resume_run) whose model weights are already in
+    `model`: training continues exactly where it was.
+
+    Training ends:
+      - after the last epoch, or before an epoch that train.max_minutes says would end too late;
+      - at train.max_steps. At an epoch's end that is an ordinary epoch end. Mid-epoch the partial
+        epoch is validated and recorded as {"kind": "stop", ...} (an epoch record's fields), best.pt
+        is written if that beats every epoch end so far, and last.pt holds the exact position.
+        The stop's validation changes no schedule state (plateau lr, best, NT-ASGD's history), and
+        resuming removes its record and undoes its best.pt (lmtrain.resume), so a run stopped at
+        N steps and resumed to 2N writes the same metrics.jsonl as a run to 2N;
+      - when `stop_requested()` returns something other than None (a signal: lmtrain.signals),
+        after the current step: last.pt is written at the exact position, without validation,
+        and {"kind": "interrupted", "epoch": ..., "step": ...} is returned;
+      - with LmtrainError when more than train.max_bad_steps steps in a row have a non-finite
+        loss or gradient norm (each is skipped: no update, counted as bad_steps in the records),
+        or when the weights themselves are no longer finite at a checkpoint, which is then not
+        written (the last good one stays).
+
+    Returns the last epoch (or stop) record, timing included.
     """
     tc = config.train
     progress = progress or QuietProgress()
+    stop_requested = stop_requested or (lambda: None)
     device = model.decoder.weight.device
     decoder_dtype = torch.bfloat16 if tc.precision == "bf16" else None
     inputs, targets = batchify(data["train"].tokens, tc.batch_size, EOS_ID)
     inputs, targets = inputs.to(device), targets.to(device)
-    steps_per_epoch = math.ceil(inputs.size(0) / tc.bptt)
-    epochs = tc.epochs if tc.epochs else math.ceil(tc.max_steps / steps_per_epoch)
-    if tc.max_steps:
-        epochs = min(epochs, math.ceil(tc.max_steps / steps_per_epoch))
-    total_steps = tc.max_steps or epochs * steps_per_epoch
+    epochs, total_steps = plan(tc, inputs.size(0))
     optimizer = make_optimizer(model, tc)
-    rng = np.random.default_rng(tc.seed)  # window lengths
-    average: WeightAverage | None = None
-    valid_history: list[float] = []
-    lr = tc.lr
-    best_valid_nll = math.inf
-    step = 0
-    epoch_seconds = 0.0
-    started = time.perf_counter()
+    window_rng = np.random.default_rng(tc.seed)  # window lengths
+    if resume is None:
+        s, average, hidden = LoopState(lr=tc.lr), None, None
+    else:
+        s, average, hidden = restore_loop(resume, model, optimizer, window_rng, device)
+    model.train()
+    clock = Clock(s.elapsed_s)
     record: dict[str, Any] = {}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log, \
-            open(run_dir / "timing.jsonl", "a", encoding="utf-8") as timing:
-        for epoch in range(1, epochs + 1):
-            if epoch > 1 and out_of_time(tc, time.perf_counter() - started, epoch_seconds):
-                progress.note(f"stopping before epoch {epoch}: it would end past train.max_minutes = {tc.max_minutes:g}")
+            open(run_dir / "timing.jsonl", "a", encoding="utf-8") as timing, closing(progress):
+        saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model, optimizer, window_rng, log, timing)
+        saved = resume is not None  # whether last.pt holds the state as it is now
+        interval_start = time.perf_counter()
+        if s.lengths is not None:
+            progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
+        while True:
+            if stop_requested() is not None:
+                if not saved:
+                    saver.save(s, average, hidden, clock(), at="step")
+                return {"kind": "interrupted", "epoch": s.epoch, "step": s.step}
+            if s.lengths is None:  # between epochs
+                reason = finished(tc, s, epochs, clock())
+                if reason is not None:
+                    if "max_minutes" in reason:
+                        progress.note(f"stopping before epoch {s.epoch}: {reason}")
+                    break
+                hidden = start_epoch(s, tc, model, inputs.size(0), window_rng, clock())
+                progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
+                interval_start = time.perf_counter()
+            if s.window == len(s.lengths):
+                record, improved = end_epoch(s, tc, model, data["valid"], average, decoder_dtype, log, timing, clock,
+                                             progress)
+                if tc.optimizer == "ntasgd" and average is None and nt_trigger(s.valid_history, tc.nonmono):
+                    average = WeightAverage(model)
+                    progress.note(f"epoch {record['epoch']}: validation has not improved for {tc.nonmono} checks; averaging the weights from here on (NT-ASGD)")
+                saver.save(s, average, hidden, clock(), at="epoch", epoch=record["epoch"],
+                           valid_nll=record["valid_loss"], best=improved)
+                saved = True
+                continue
+            if tc.max_steps and s.step >= tc.max_steps:  # the step limit, mid-epoch
+                logs_at = saver.log_sizes()
+                record = validate_and_record(s, tc, model, data["valid"], average, decoder_dtype, log, timing,
+                                             clock, progress, kind="stop")
+                saver.save(s, average, hidden, clock(), at="stop", valid_nll=record["valid_loss"],
+                           best=record["valid_loss"] < s.best_valid_nll, logs_at=logs_at)
                 break
-            lr = epoch_lr(tc, epoch, lr)
-            lengths = window_lengths(inputs.size(0), tc, rng)
-            if tc.max_steps:
-                lengths = lengths[: tc.max_steps - step]
-            progress.start_epoch(epoch, epochs, len(lengths))
-            model.train()
-            state = model.init_state(tc.batch_size)
-            epoch_loss = epoch_tokens = 0.0
-            interval_loss = interval_tokens = 0.0
-            interval_start = epoch_start = time.perf_counter()
-            position = 0
-            for length in lengths:
-                x, y = inputs[position : position + length], targets[position : position + length]
-                position += length
-                step_rate = step_lr(tc, lr, step, total_steps) * (length / tc.bptt if tc.variable_bptt else 1.0)
-                for group in optimizer.param_groups:
-                    group["lr"] = step_rate
-                state = detach_state(state)
-                raw, dropped, state = model.hidden(x, state)
-                logits = model.decode(dropped, decoder_dtype)
-                loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
-                objective = loss
-                if tc.ar:
-                    objective = objective + tc.ar * dropped.pow(2).mean()
-                if tc.tar and raw.size(0) > 1:
-                    objective = objective + tc.tar * (raw[1:] - raw[:-1]).pow(2).mean()
-                optimizer.zero_grad(set_to_none=True)
-                (objective * x.size(0) if tc.loss_reduction == "sequence_sum" else objective).backward()
-                if tc.clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
-                optimizer.step()
-                if average is not None:
-                    average.update()
-                step += 1
-                loss_value, n = loss.item(), y.numel()
-                epoch_loss += loss_value * n
-                epoch_tokens += n
-                interval_loss += loss_value * n
-                interval_tokens += n
-                now = time.perf_counter()
-                progress.step(loss_value, epoch_tokens / (now - epoch_start), step_rate)
-                if step % tc.log_interval == 0:
-                    write_record(log, timing, {"tokens_per_s": interval_tokens / (now - interval_start),
-                                               "elapsed_s": now - started},
-                                 kind="train", epoch=epoch, step=step, lr=step_rate,
-                                 loss=interval_loss / interval_tokens,
-                                 ppl=math.exp(min(interval_loss / interval_tokens, 50)))
-                    interval_loss = interval_tokens = 0.0
-                    interval_start = now
-            train_seconds = time.perf_counter() - epoch_start
-            with average.swapped_in() if average is not None else nullcontext():
-                valid_nll_sum, valid_tokens = total_nll(model, data["valid"].tokens, tc.eval_batch_size, tc.bptt,
-                                                        decoder_dtype)
-                valid_nll = valid_nll_sum / valid_tokens
-                record = write_record(
-                    log, timing, {"tokens_per_s": epoch_tokens / train_seconds, "elapsed_s": time.perf_counter() - started},
-                    kind="epoch", epoch=epoch, step=step, lr=step_rate, averaging=average is not None,
-                    train_loss=epoch_loss / epoch_tokens, train_ppl=math.exp(min(epoch_loss / epoch_tokens, 50)),
-                    valid_loss=valid_nll, valid_ppl=math.exp(min(valid_nll, 50)),
-                )
-                progress.end_epoch(record)
-                improved = valid_nll < best_valid_nll
-                if improved:
-                    best_valid_nll = valid_nll
-                elif tc.lr_schedule == "plateau":
-                    lr /= tc.lr_decay
-                payload = {
-                    "config": to_dict(config),
-                    **checkpoint_info,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "progress": {"epoch": epoch, "step": step, "lr": lr, "valid_nll": valid_nll,
-                                 "best_valid_nll": best_valid_nll, "averaging": average is not None},
-                }
-                save_checkpoint(run_dir / "last.pt", payload)
-                if improved:
-                    save_checkpoint(run_dir / "best.pt", payload)
-            valid_history.append(valid_nll)
-            if tc.optimizer == "ntasgd" and average is None and nt_trigger(valid_history, tc.nonmono):
-                average = WeightAverage(model)
-                progress.note(f"epoch {epoch}: validation has not improved for {tc.nonmono} checks; averaging the weights from here on (NT-ASGD)")
-            if tc.max_steps and step >= tc.max_steps:
-                break
-            epoch_seconds = time.perf_counter() - epoch_start
+            length = s.lengths[s.window]
+            x, y = inputs[s.position : s.position + length], targets[s.position : s.position + length]
+            step_rate = step_lr(tc, s.lr, s.step, total_steps) * (length / tc.bptt if tc.variable_bptt else 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = step_rate
+            loss_value, hidden = train_step(model, optimizer, tc, x, y, hidden, decoder_dtype)
+            if loss_value is not None and average is not None:
+                average.update()
+            count_step(s, tc, loss_value, y.numel(), length, step_rate, run_dir)
+            saved = False
+            now = time.perf_counter()
+            progress.step(math.nan if loss_value is None else loss_value,
+                          s.epoch_tokens / max(1e-9, clock() - s.epoch_started_s), step_rate)
+            if s.step % tc.log_interval == 0:
+                write_record(log, timing, {"tokens_per_s": s.interval_tokens / max(1e-9, now - interval_start),
+                                           "elapsed_s": clock()},
+                             kind="train", epoch=s.epoch, step=s.step, lr=step_rate,
+                             loss=mean_or_none(s.interval_loss, s.interval_tokens),
+                             ppl=ppl_or_none(s.interval_loss, s.interval_tokens), bad_steps=s.interval_bad)
+                s.interval_loss = s.interval_tokens = 0.0
+                s.interval_bad = 0
+                interval_start = now
+            if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and s.window < len(s.lengths):
+                saver.save(s, average, hidden, clock(), at="step")
+                saved = True
     return record
+
+
+class Clock:
+    """Training seconds: those of the runs before this one (from the checkpoint) plus this one's."""
+
+    def __init__(self, before_s: float):
+        self.before_s = before_s
+        self.started = time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.before_s + time.perf_counter() - self.started
+
+
+def steps_left(config: TrainConfig, s: LoopState) -> int:
+    """Steps this epoch still has, within train.max_steps (for the progress bar)."""
+    left = len(s.lengths) - s.window
+    return min(left, config.max_steps - s.step) if config.max_steps else left
+
+
+def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: int, window_rng: np.random.Generator,
+                elapsed_s: float):
+    """Draw the epoch's windows, set its lr, zero its sums; return the zero state it starts from."""
+    s.lr = epoch_lr(config, s.epoch, s.lr)
+    s.lengths = window_lengths(rows, config, window_rng)
+    s.window = s.position = 0
+    s.epoch_loss = s.epoch_tokens = s.interval_loss = s.interval_tokens = 0.0
+    s.epoch_bad = s.interval_bad = 0
+    s.epoch_started_s = elapsed_s
+    model.train()
+    return model.init_state(config.batch_size)
+
+
+def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor, y: Tensor,
+               hidden, decoder_dtype) -> tuple[float | None, list]:
+    """One window: x, y (T, B). Forward, backward, clip, and the optimizer step when the loss and
+    the gradient norm are finite. Returns the window's mean loss (None: the step was skipped) and
+    the state to carry to the next window (zeros in place of a state that is not finite)."""
+    hidden = detach_state(hidden)
+    raw, dropped, hidden = model.hidden(x, hidden)
+    logits = model.decode(dropped, decoder_dtype)
+    loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
+    objective = loss
+    if config.ar:
+        objective = objective + config.ar * dropped.pow(2).mean()
+    if config.tar and raw.size(0) > 1:
+        objective = objective + config.tar * (raw[1:] - raw[:-1]).pow(2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = loss.item()
+    good = math.isfinite(loss_value)
+    if good:
+        (objective * x.size(0) if config.loss_reduction == "sequence_sum" else objective).backward()
+        good = math.isfinite(gradient_norm(model, config.clip))
+    if good:
+        optimizer.step()
+        return loss_value, hidden
+    optimizer.zero_grad(set_to_none=True)
+    if not all(torch.isfinite(t).all() for layer in hidden for t in layer):
+        hidden = model.init_state(config.batch_size)
+    return None, hidden
+
+
+def gradient_norm(model: LanguageModel, clip: float) -> float:
+    """The global gradient norm, after clipping it to `clip` when that is set (0: no clipping)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip).item()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
+
+
+def count_step(s: LoopState, config: TrainConfig, loss_value: float | None, tokens: int, length: int,
+               step_rate: float, run_dir: Path) -> None:
+    """Advance the position and the sums by one step; a skipped step counts as bad, and too many
+    in a row stop the run."""
+    s.step += 1
+    s.window += 1
+    s.position += length
+    s.last_rate = step_rate
+    if loss_value is None:
+        s.epoch_bad += 1
+        s.interval_bad += 1
+        s.bad_in_row += 1
+        if s.bad_in_row > config.max_bad_steps:
+            last = run_dir / "last.pt"
+            raise LmtrainError(
+                f"{s.bad_in_row} steps in a row up to step {s.step:,} had a non-finite loss or gradient norm, more "
+                f"than train.max_bad_steps = {config.max_bad_steps}: stopping "
+                + (f"({last} holds the last good checkpoint; " if last.is_file() else "(no checkpoint was written; ")
+                + "a lower train.lr or a train.clip may help)"
+            )
+        return
+    s.bad_in_row = 0
+    s.epoch_loss += loss_value * tokens
+    s.epoch_tokens += tokens
+    s.interval_loss += loss_value * tokens
+    s.interval_tokens += tokens
+
+
+def mean_or_none(loss_sum: float, tokens: float) -> float | None:
+    return loss_sum / tokens if tokens else None
+
+
+def ppl_or_none(loss_sum: float, tokens: float) -> float | None:
+    return math.exp(min(loss_sum / tokens, 50)) if tokens else None
+
+
+def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile,
+                        average: WeightAverage | None, decoder_dtype, log, timing, clock: Clock, progress,
+                        kind: str) -> dict[str, Any]:
+    """Validate (with NT-ASGD's average once averaging) and write the `kind` record ("epoch" or "stop")."""
+    train_seconds = clock() - s.epoch_started_s
+    with average.swapped_in() if average is not None else nullcontext():
+        valid_nll_sum, valid_tokens = total_nll(model, valid.tokens, config.eval_batch_size, config.bptt, decoder_dtype)
+    valid_nll = valid_nll_sum / valid_tokens
+    record = write_record(
+        log, timing, {"tokens_per_s": s.epoch_tokens / max(1e-9, train_seconds), "elapsed_s": clock()},
+        kind=kind, epoch=s.epoch, step=s.step, lr=s.last_rate, averaging=average is not None,
+        train_loss=mean_or_none(s.epoch_loss, s.epoch_tokens), train_ppl=ppl_or_none(s.epoch_loss, s.epoch_tokens),
+        valid_loss=valid_nll, valid_ppl=math.exp(min(valid_nll, 50)), bad_steps=s.epoch_bad,
+    )
+    progress.end_epoch(record)
+    return record
+
+
+def end_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile, average: WeightAverage | None,
+              decoder_dtype, log, timing, clock: Clock, progress) -> tuple[dict[str, Any], bool]:
+    """Validate and record the epoch, update the schedule's state (plateau lr, best, history) and
+    move on to the next epoch (not started: its windows are drawn when it starts). Returns the
+    record and whether validation improved on the best epoch so far."""
+    record = validate_and_record(s, config, model, valid, average, decoder_dtype, log, timing, clock, progress, "epoch")
+    valid_nll = record["valid_loss"]
+    improved = valid_nll < s.best_valid_nll
+    if improved:
+        s.best_valid_nll = valid_nll
+    elif config.lr_schedule == "plateau":
+        s.lr /= config.lr_decay
+    s.valid_history.append(valid_nll)
+    s.epoch_seconds = clock() - s.epoch_started_s
+    s.epoch += 1
+    s.lengths = None
+    s.window = s.position = 0
+    return record, improved
+
+
+class Saver:
+    """Writes best.pt and last.pt for the loop: the weights to evaluate under "model", and in
+    last.pt everything `restore_loop` needs (lmtrain.resume)."""
+
+    def __init__(self, run_dir: Path, config: Config, info: dict[str, Any], digest: str, model: LanguageModel,
+                 optimizer: torch.optim.Optimizer, window_rng: np.random.Generator, log, timing):
+        self.run_dir, self.config, self.info, self.digest = run_dir, config, info, digest
+        self.model, self.optimizer, self.window_rng, self.log, self.timing = model, optimizer, window_rng, log, timing
+
+    def log_sizes(self) -> tuple[int, int]:
+        """metrics.jsonl and timing.jsonl's lengths in bytes, flushed to disk first: a checkpoint
+        must never point past what is really there."""
+        sizes = []
+        for f in (self.log, self.timing):
+            f.flush()
+            os.fsync(f.fileno())
+            sizes.append(os.fstat(f.fileno()).st_size)
+        return sizes[0], sizes[1]
+
+    def save(self, s: LoopState, average: WeightAverage | None, hidden, elapsed_s: float, at: str,
+             epoch: int | None = None, valid_nll: float | None = None, best: bool = False,
+             logs_at: tuple[int, int] | None = None) -> None:
+        """`at`: "epoch" (an epoch end; `epoch` is the one that ended), "stop" (train.max_steps
+        mid-epoch; `logs_at` the logs' sizes before its record) or "step" (anywhere else)."""
+        last = self.run_dir / "last.pt"
+        for name, tensors in (("weights", self.model.parameters()), ("averaged weights", average.average if average else [])):
+            if not all(torch.isfinite(t).all() for t in tensors):
+                raise LmtrainError(f"the model's {name} are not finite at step {s.step:,}: not saving them over the "
+                                   f"last good checkpoint {last} (a lower train.lr or a train.clip may help)")
+        s.elapsed_s = elapsed_s
+        s.metrics_bytes, s.timing_bytes = logs_at or self.log_sizes()
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if average is not None else None
+        with average.swapped_in() if average is not None else nullcontext():
+            payload = {
+                "config": to_dict(self.config),
+                **self.info,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "progress": {"epoch": epoch or s.epoch, "step": s.step, "lr": s.lr, "valid_nll": valid_nll,
+                             "best_valid_nll": s.best_valid_nll, "averaging": average is not None, "at": at},
+            }
+            if best:
+                save_checkpoint(self.run_dir / "best.pt", payload)
+            save_checkpoint(last, {**payload, "resume": {
+                "loop": dataclasses.asdict(s),
+                "hidden": hidden_to_lists(hidden),
+                "average": average.state() if average is not None else None,
+                "trained": trained,
+                "rng": rng_states(self.window_rng),
+                "data": self.digest,
+            }})
+
+
+def restore_loop(payload: dict[str, Any], model: LanguageModel, optimizer: torch.optim.Optimizer,
+                 window_rng: np.random.Generator, device: torch.device):
+    """Put the optimizer, the generators and NT-ASGD's average back as last.pt has them; return
+    the loop state, the average (or None) and the recurrent state to carry."""
+    entry = payload["resume"]
+    optimizer.load_state_dict(payload["optimizer"])
+    average = None
+    if entry["average"] is not None:
+        average = WeightAverage(model)
+        average.load(entry["average"])
+    set_rng_states(entry["rng"], window_rng)
+    return loop_from_dict(entry["loop"]), average, hidden_from_lists(entry["hidden"], device)
 
 
 def out_of_time(config: TrainConfig, elapsed_s: float, epoch_s: float) -> bool:

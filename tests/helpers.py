@@ -33,3 +33,36 @@ def write_corpus(folder: Path, newline: str = "\n", sizes=(300, 40, 40)) -> Path
     for seed, (split, n) in enumerate(zip(("train", "valid", "test"), sizes)):
         write_lines(folder / f"{split}.txt", make_lines(n, seed), newline)
     return folder
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included) by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error(result, *fragments: str) -> str:
+    """Exit code 2, no traceback, and exactly one `error: ...` line on stderr, the last one, naming
+    the problem; the only other lines allowed are train's `corpus: ...` line, printed once the
+    corpus has been read. Returns the error line."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert all(line.startswith("corpus: ") for line in lines[:-1]), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_error_after_progress(result, *fragments: str) -> str:
+    """As assert_one_error, for a run that fails mid-training: the progress it printed before may
+    precede the one `error: ...` line, which must still be the last, on a line of its own."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\nstderr:\n{result.stderr}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if "error: " in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

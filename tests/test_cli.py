@@ -17,6 +17,7 @@ import torch
 from helpers import make_lines, write_corpus, write_lines
 from typer.testing import CliRunner, Result
 
+from lmtrain.checkpoint import save_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import ModelConfig, TokenizerConfig, TrainConfig
 from lmtrain.generate import Sampler, StreamRandom
@@ -392,7 +393,7 @@ def test_train_rejects_bad_input(make_corpus, extra, fragments, tmp_path):
     [
         ({"notes.txt": "keep me"}, [], "already exists and is not empty"),
         ({"notes.txt": "keep me"}, ["--overwrite"], "not an lmtrain run directory"),
-        ({"config.toml": "# an old run\n", "best.pt": "weights"}, [], "pass --overwrite"),
+        ({"config.toml": "# an old run\n", "best.pt": "weights"}, [], "pass --force"),
     ],
     ids=["non-empty", "overwrite-non-run", "existing-run"],
 )
@@ -479,7 +480,7 @@ def test_a_checkpoint_saved_from_a_gpu_samples_on_the_cpu(trained, tmp_path, mon
     gpu_file = tmp_path / "from-gpu.pt"
     with monkeypatch.context() as patch:
         patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-        torch.save(payload, gpu_file)
+        save_checkpoint(gpu_file, payload, keep_previous=False)
     if not torch.cuda.is_available():  # the file really claims CUDA: a plain load fails here
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(gpu_file, weights_only=True)

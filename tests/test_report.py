@@ -56,3 +56,17 @@ def test_cli_report_errors(tmp_path):
     assert result.exit_code == 2 and "run directory not found" in result.stderr
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "has no metrics.jsonl" in result.stderr
+
+
+def test_a_stop_record_is_a_row_and_a_skipped_epoch_has_no_train_ppl(tmp_path):
+    """A train.max_steps stop mid-epoch ("kind": "stop") is validated like an epoch end; a
+    stretch where every step was skipped (non-finite) has no train perplexity."""
+    run = fake_run(tmp_path)
+    whole = (run / "metrics.jsonl").read_text().rpartition("\n")[0]  # without fake_run's cut-short line
+    with open(run / "metrics.jsonl", "w") as f:
+        f.write(whole + "\n" + json.dumps({"kind": "stop", "epoch": 4, "step": 340, "lr": 0.25, "train_loss": None,
+                                   "train_ppl": None, "valid_loss": 130.0, "valid_ppl": 130.0, "bad_steps": 40}) + "\n")
+    facts = summary(read_records(run))
+    assert (facts["best valid ppl"], facts["best epoch"], facts["steps"], facts["last train ppl"]) == (130.0, 4, 340, None)
+    table, _ = write_report(run, with_plot=False)
+    assert "| 4 (stop) | 340 | 0.25 | — | 130.00 |  |  |" in table
