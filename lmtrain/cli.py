@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from lmtrain import distributed
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, load_corpus, read_lines
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
@@ -28,7 +29,7 @@ from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
 from lmtrain.generate import Sampler, first_stop, sample
 from lmtrain.prepare import encode_split
-from lmtrain.progress import TerminalProgress
+from lmtrain.progress import QuietProgress, TerminalProgress
 from lmtrain.run import load_run, prepare_run
 from lmtrain.synth import (
     DEFAULT_ALPHABET,
@@ -55,7 +56,8 @@ def user_errors():
     try:
         yield
     except LmtrainError as e:
-        typer.echo(f"error: {e}", err=True)
+        if not isinstance(e, distributed.ReportedByMainRank):  # under torchrun: the main rank says it once
+            typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -63,26 +65,58 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def quiet(message: str) -> None:
+    pass
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     corpus: Annotated[Optional[Path], typer.Argument(help="Directory with train.txt/valid.txt/test.txt, or one text file. Default: the built-in corpus.", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (see configs/).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; train.batch_size is shared out).", show_default=False)] = None,
 ) -> None:
     """Train a tokenizer and a language model on CORPUS."""
-    with user_errors():
+    with user_errors(), distributed.session():
         cfg = load_config(config, overrides or [])
-        model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, say)
+        if nproc is not None:
+            raise typer.Exit(distributed.launch(nproc, forwarded_args(ctx, drop="nproc"),
+                                                resolve_device(cfg.train.device), cfg.train.batch_size))
+        distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
+        tell = say if distributed.is_main() else quiet
+        with distributed.main_first():  # the main rank fills the caches and makes the run dir; the others then read
+            model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, tell)
+        counts = str([len(split.tokens) for split in data.values()]).encode()
+        distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
         run_dir = Path(info.pop("run_dir"))
         try:
-            record = train_model(model, cfg, data, run_dir, info, TerminalProgress())
+            record = train_model(model, cfg, data, run_dir, info, TerminalProgress() if distributed.is_main() else QuietProgress())
         except KeyboardInterrupt:
-            say(f"\ninterrupted; checkpoints of finished epochs are in {run_dir}")
+            tell(f"\ninterrupted; checkpoints of finished epochs are in {run_dir}")
             raise typer.Exit(130) from None
-        say(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps; run in {run_dir}")
-        say(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+        tell(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps; run in {run_dir}")
+        tell(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+
+
+def forwarded_args(ctx: typer.Context, drop: str) -> list[str]:
+    """The command line of this command as parsed, without the parameter named `drop`."""
+    arguments, options = [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == drop or value is None or value == () or value == []:
+            continue
+        if param.param_type_name == "argument":
+            arguments.append(str(value))
+        elif param.is_flag:
+            if value != param.default:
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                options += [param.opts[0], str(item)]
+    return [*arguments, *options]
 
 
 def default_run_dir(source: str) -> Path:

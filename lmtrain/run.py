@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lmtrain import distributed
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import Config, from_dict, to_toml
@@ -45,7 +46,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overw
     stores besides the model, with "run_dir" added (pop it before training: it is not stored).
     """
     texts = load_corpus(corpus)
-    device = resolve_device(config.train.device)
+    device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
     tokenizer = get_tokenizer(texts.splits["train"], config.tokenizer.kind, config.tokenizer.vocab_size)
     data = encode_corpus(tokenizer, texts.splits)
@@ -72,8 +73,9 @@ def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source
 
     Returns the model and what every checkpoint of the run stores besides it (corpus, tokenizer).
     """
-    create_run_dir(run_dir, overwrite)
-    write_run_files(run_dir, config, tokenizer)
+    if distributed.is_main():  # under torchrun the other ranks write nothing
+        create_run_dir(run_dir, overwrite)
+        write_run_files(run_dir, config, tokenizer)
     seed_everything(config.train.seed)
     model = LanguageModel(config.model, tokenizer.vocab_size).to(device)
     return model, {"corpus": corpus_source, **tokenizer_info(tokenizer)}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtrain import distributed
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
 from lmtrain.errors import LmtrainError
@@ -159,12 +160,16 @@ def train(
     and learning rates: the same bytes for the same config, seed and machine) and timing.jsonl
     (tokens/s and elapsed seconds of the same records). `checkpoint_info` (corpus source,
     vocabulary size) is stored in every checkpoint. Returns the last epoch record, timing included.
+
+    Under torchrun every rank runs this on its share of the streams, through DDP, and logs the
+    losses summed over ranks; only the main rank writes files (lmtrain.distributed).
     """
     tc = config.train
     progress = progress or QuietProgress()
     device = model.decoder.weight.device
     decoder_dtype = torch.bfloat16 if tc.precision == "bf16" else None
-    inputs, targets = batchify(data["train"].tokens, tc.batch_size, EOS_ID)
+    # under torchrun each rank trains on its share of the streams (lmtrain.distributed)
+    inputs, targets = distributed.shard_streams(*batchify(data["train"].tokens, tc.batch_size, EOS_ID))
     inputs, targets = inputs.to(device), targets.to(device)
     steps_per_epoch = math.ceil(inputs.size(0) / tc.bptt)
     epochs = tc.epochs if tc.epochs else math.ceil(tc.max_steps / steps_per_epoch)
@@ -172,6 +177,7 @@ def train(
         epochs = min(epochs, math.ceil(tc.max_steps / steps_per_epoch))
     total_steps = tc.max_steps or epochs * steps_per_epoch
     optimizer = make_optimizer(model, tc)
+    forward = distributed.training_forward(model, tc.seed)  # DDP under torchrun
     rng = np.random.default_rng(tc.seed)  # window lengths
     average: WeightAverage | None = None
     valid_history: list[float] = []
@@ -181,10 +187,10 @@ def train(
     epoch_seconds = 0.0
     started = time.perf_counter()
     record: dict[str, Any] = {}
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log, \
-            open(run_dir / "timing.jsonl", "a", encoding="utf-8") as timing:
+    with open(distributed.on_main(run_dir / "metrics.jsonl"), "a", encoding="utf-8") as log, \
+            open(distributed.on_main(run_dir / "timing.jsonl"), "a", encoding="utf-8") as timing:
         for epoch in range(1, epochs + 1):
-            if epoch > 1 and out_of_time(tc, time.perf_counter() - started, epoch_seconds):
+            if epoch > 1 and distributed.any_rank(out_of_time(tc, time.perf_counter() - started, epoch_seconds)):
                 progress.note(f"stopping before epoch {epoch}: it would end past train.max_minutes = {tc.max_minutes:g}")
                 break
             lr = epoch_lr(tc, epoch, lr)
@@ -193,7 +199,7 @@ def train(
                 lengths = lengths[: tc.max_steps - step]
             progress.start_epoch(epoch, epochs, len(lengths))
             model.train()
-            state = model.init_state(tc.batch_size)
+            state = model.init_state(inputs.size(1))
             epoch_loss = epoch_tokens = 0.0
             interval_loss = interval_tokens = 0.0
             interval_start = epoch_start = time.perf_counter()
@@ -205,8 +211,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = step_rate
                 state = detach_state(state)
-                raw, dropped, state = model.hidden(x, state)
-                logits = model.decode(dropped, decoder_dtype)
+                raw, dropped, logits, state = forward(x, state, decoder_dtype)
                 loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
                 objective = loss
                 if tc.ar:
@@ -227,8 +232,9 @@ def train(
                 interval_loss += loss_value * n
                 interval_tokens += n
                 now = time.perf_counter()
-                progress.step(loss_value, epoch_tokens / (now - epoch_start), step_rate)
+                progress.step(loss_value, distributed.world_size() * epoch_tokens / (now - epoch_start), step_rate)
                 if step % tc.log_interval == 0:
+                    interval_loss, interval_tokens = distributed.sum_over_ranks(interval_loss, interval_tokens)
                     write_record(log, timing, {"tokens_per_s": interval_tokens / (now - interval_start),
                                                "elapsed_s": now - started},
                                  kind="train", epoch=epoch, step=step, lr=step_rate,
@@ -237,9 +243,12 @@ def train(
                     interval_loss = interval_tokens = 0.0
                     interval_start = now
             train_seconds = time.perf_counter() - epoch_start
+            distributed.check_in_sync(model)
+            epoch_loss, epoch_tokens = distributed.sum_over_ranks(epoch_loss, epoch_tokens)
             with average.swapped_in() if average is not None else nullcontext():
-                valid_nll_sum, valid_tokens = total_nll(model, data["valid"].tokens, tc.eval_batch_size, tc.bptt,
-                                                        decoder_dtype)
+                valid_nll_sum, valid_tokens = distributed.sum_over_ranks(*total_nll(
+                    model, data["valid"].tokens, tc.eval_batch_size, tc.bptt, decoder_dtype,
+                    distributed.stream_share(tc.eval_batch_size)))
                 valid_nll = valid_nll_sum / valid_tokens
                 record = write_record(
                     log, timing, {"tokens_per_s": epoch_tokens / train_seconds, "elapsed_s": time.perf_counter() - started},
@@ -261,9 +270,10 @@ def train(
                     "progress": {"epoch": epoch, "step": step, "lr": lr, "valid_nll": valid_nll,
                                  "best_valid_nll": best_valid_nll, "averaging": average is not None},
                 }
-                save_checkpoint(run_dir / "last.pt", payload)
-                if improved:
-                    save_checkpoint(run_dir / "best.pt", payload)
+                if distributed.is_main():
+                    save_checkpoint(run_dir / "last.pt", payload)
+                    if improved:
+                        save_checkpoint(run_dir / "best.pt", payload)
             valid_history.append(valid_nll)
             if tc.optimizer == "ntasgd" and average is None and nt_trigger(valid_history, tc.nonmono):
                 average = WeightAverage(model)
