@@ -87,7 +87,7 @@ def train(
                                                 resolve_device(cfg.train.device), cfg.train.batch_size))
         distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
         tell = say if distributed.is_main() else quiet
-        with distributed.main_first():  # the main rank fills the caches and makes the run dir; the others then read
+        with distributed.main_first():  # caches and run dir: rank 0, then one rank per other machine, then the rest
             model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, tell)
         counts = str([len(split.tokens) for split in data.values()]).encode()
         distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)

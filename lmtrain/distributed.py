@@ -173,36 +173,48 @@ def shard_streams(inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return inputs[:, share].contiguous(), targets[:, share].contiguous()
 
 
-def broadcast_from_main(value):
-    """The main rank's `value` on every rank (a picklable object)."""
-    box = [value]
-    dist.broadcast_object_list(box, src=MAIN_RANK, device=collective_device())
-    return box[0]
+def preparation_stage() -> int:
+    """When this rank prepares the run in `main_first`: 0 the main rank, 1 the first rank of each
+    other machine (LOCAL_RANK 0; it fills that machine's cache), 2 every other rank."""
+    if is_main():
+        return 0
+    return 1 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 2
+
+
+def failures_everywhere(failure: str | None) -> list[str]:
+    """Every rank's `failure` (None where it had none) on every rank, the Nones left out."""
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, failure)
+    return [f for f in everyone if f is not None]
 
 
 @contextmanager
 def main_first():
-    """Run the block on the main rank, then on the others, which wait for it meanwhile.
+    """Run the block on the main rank, then on the first rank of each other machine, then on the
+    rest; the ranks wait for each stage to end before the next begins.
 
-    What the main rank writes in the block (the tokenizer and token caches, the run directory)
-    the others then only read, so no two ranks write the same file. If the block fails on the
-    main rank, the others raise ReportedByMainRank instead of running it.
+    What a rank writes in the block (the tokenizer and token caches, the run directory) is
+    written once per machine, by the first rank there, and only read by the ranks after it, so
+    no two ranks write the same file. If the block fails on some rank, every rank raises at the
+    end of that stage: the failed rank its own error, the main rank a LmtrainError naming it,
+    the others ReportedByMainRank (quiet), and no later stage runs.
     """
     if not dist.is_initialized():
         yield
         return
-    if not is_main():
-        failure = broadcast_from_main(None)
-        if failure is not None:
-            raise ReportedByMainRank(failure)
-        yield
-        return
-    try:
-        yield
-    except BaseException as e:
-        broadcast_from_main(f"the main rank failed: {type(e).__name__}: {e}")
-        raise
-    broadcast_from_main(None)
+    mine = preparation_stage()
+    for stage in range(3):
+        failure, error = None, None
+        if stage == mine:
+            try:
+                yield
+            except BaseException as e:
+                failure, error = f"{type(e).__name__}: {e}", e
+        failures = failures_everywhere(None if failure is None else f"rank {rank()} failed: {failure}")
+        if error is not None:
+            raise error
+        if failures:
+            raise every_rank_error(failures[0])
 
 
 def check_same(what: str, data: bytes) -> None:

@@ -141,6 +141,31 @@ def test_nproc_starts_torchrun_with_the_same_arguments(one_thread, monkeypatch):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(distributed.__file__).resolve().parent.parent)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_worker(rank: int, port: int, local_ranks: list[int], log: Path) -> None:
+    """One rank of len(local_ranks), with the LOCAL_RANK given: note when it ran main_first's block."""
+    os.environ.update(WORLD_SIZE=str(len(local_ranks)), RANK=str(rank), LOCAL_RANK=str(local_ranks[rank]),
+                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.setup(torch.device("cpu"), batch_size=len(local_ranks))
+    with distributed.main_first():
+        with open(log, "a") as f:
+            f.write(f"{rank}\n")
+    distributed.teardown()
+
+
+def test_preparation_runs_on_the_main_rank_then_once_per_machine_first(tmp_path):
+    # ranks 0 and 1 share a machine (local ranks 0, 1); rank 2 is alone on another (local rank 0):
+    # rank 2 fills its machine's cache before rank 1 reads the one rank 0 filled
+    log = tmp_path / "order"
+    mp.start_processes(stage_worker, args=(free_port(), [0, 1, 0], log), nprocs=3, start_method="spawn")
+    assert log.read_text().split() == ["0", "2", "1"]
+
+
 # --- the loop under DDP: two gloo ranks in this machine's processes ---------------------------
 
 
@@ -187,12 +212,6 @@ def rank_worker(rank: int, port: int, out: Path) -> None:
         distributed.training_forward = plain
     torch.save(result, out / f"rank{rank}.pt")
     distributed.teardown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ranks_stay_in_sync_and_match_one_process(one_thread):
