@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from lmtrain import distributed
 from lmtrain.checkpoint import CheckpointWriteError
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, load_corpus, read_lines
@@ -29,7 +30,7 @@ from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
 from lmtrain.generate import Sampler, StreamRandom, first_stop, sample
 from lmtrain.prepare import encode_split
-from lmtrain.progress import TerminalProgress
+from lmtrain.progress import QuietProgress, TerminalProgress
 from lmtrain.run import load_run, prepare_run, resume_run
 from lmtrain.signals import StopSignals
 from lmtrain.stepper import resolve_precision
@@ -58,7 +59,8 @@ def user_errors():
     try:
         yield
     except LmtrainError as e:
-        typer.echo(f"error: {e}", err=True)
+        if not isinstance(e, distributed.ReportedByMainRank):  # under torchrun: the main rank says it once
+            typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except OSError as e:  # an environment problem no check foresaw (a full disk, permissions): still one line
         where = f" ({e.filename})" if e.filename else ""
@@ -70,8 +72,13 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def quiet(message: str) -> None:
+    pass
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     corpus: Annotated[Optional[Path], typer.Argument(help="Directory with train.txt/valid.txt/test.txt, or one text file. Default: the built-in corpus.", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (see configs/).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
@@ -79,44 +86,74 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where its last checkpoint left it, on its own corpus and config; --set may change only train.max_steps, train.epochs and train.max_minutes.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", hidden=True, help="The old name of --force.")] = False,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; train.batch_size is shared out).", show_default=False)] = None,
 ) -> None:
     """Train a tokenizer and a language model on CORPUS, or continue a run (--resume RUN).
 
     SIGINT (Ctrl-C) or SIGTERM: the current step ends, last.pt is written, and the command exits
     with 130 or 143; a second one stops at once, the last checkpoint intact.
     """
-    with user_errors():
+    with user_errors(), distributed.session():
+        require(
+            (resume is None or (corpus is None and config is None), "--resume continues RUN on its own corpus and config: drop CORPUS and --config"),
+            (resume is None or run_dir is None, "--resume RUN is the run directory: drop --run-dir"),
+            (resume is None or not (force or overwrite), "--resume continues a run and --force replaces it: give one of them"),
+            (resume is None or (nproc is None and not distributed.launched()), "--resume continues a run in one process: drop --nproc"),
+        )
+        cfg = load_config(config, overrides or []) if resume is None else None
+        if nproc is not None:
+            raise typer.Exit(distributed.launch(nproc, forwarded_args(ctx, drop="nproc"),
+                                                resolve_device(cfg.train.device), cfg.train.batch_size))
         try:
             if resume is not None:
-                require(
-                    (corpus is None and config is None, "--resume continues RUN on its own corpus and config: drop CORPUS and --config"),
-                    (run_dir is None, "--resume RUN is the run directory: drop --run-dir"),
-                    (not (force or overwrite), "--resume continues a run and --force replaces it: give one of them"),
-                )
                 model, cfg, data, info, payload = resume_run(resume, overrides or [], say)
                 run_dir = resume
             else:
-                cfg = load_config(config, overrides or [])
-                model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir, say)
+                distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
+                with distributed.main_first():  # caches and run dir: rank 0, then one rank per other machine, then the rest
+                    model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir,
+                                                    say if distributed.is_main() else quiet)
+                counts = str([len(split.tokens) for split in data.values()]).encode()
+                distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None
         except KeyboardInterrupt:
             say("\ninterrupted before training started")
             raise typer.Exit(130) from None
+        tell = say if distributed.is_main() else quiet
         with StopSignals() as signals:
             try:
-                record = train_model(model, cfg, data, run_dir, info, TerminalProgress(), resume=payload,
+                record = train_model(model, cfg, data, run_dir, info,
+                                     TerminalProgress() if distributed.is_main() else QuietProgress(), resume=payload,
                                      stop_requested=signals.received)
             except KeyboardInterrupt:  # a second signal
-                say(f"\naborted; {resume_hint(run_dir)}")
+                tell(f"\naborted; {resume_hint(run_dir)}")
                 raise typer.Exit(signals.exit_code()) from None
             except CheckpointWriteError as e:
                 raise LmtrainError(f"{e}; once it can be written, resume with `lmtrain train --resume {run_dir}`") from None
         if record.get("kind") == "interrupted":
-            say(f"\n{signals.name()}: stopped after step {record['step']:,} (epoch {record['epoch']}); {resume_hint(run_dir)}")
+            tell(f"\n{signals.name()}: stopped after step {record['step']:,} (epoch {record['epoch']}); {resume_hint(run_dir)}")
             raise typer.Exit(signals.exit_code())
         ended = " (train.max_steps, mid-epoch)" if record.get("kind") == "stop" else ""
-        say(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps{ended}; run in {run_dir}")
-        say(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+        tell(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps{ended}; run in {run_dir}")
+        tell(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+
+
+def forwarded_args(ctx: typer.Context, drop: str) -> list[str]:
+    """The command line of this command as parsed, without the parameter named `drop`."""
+    arguments, options = [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == drop or value is None or value == () or value == []:
+            continue
+        if param.param_type_name == "argument":
+            arguments.append(str(value))
+        elif param.is_flag:
+            if value != param.default:
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                options += [param.opts[0], str(item)]
+    return [*arguments, *options]
 
 
 def resume_hint(run_dir: Path) -> str:

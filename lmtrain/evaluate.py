@@ -23,19 +23,23 @@ from lmtrain.tokens import TokenFile, batchify, windows
 
 @torch.no_grad()
 def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: int,
-              decoder_dtype: torch.dtype | None = None) -> tuple[float, int]:
+              decoder_dtype: torch.dtype | None = None, streams: slice = slice(None)) -> tuple[float, int]:
     """Sum of -log p(token) in nats over every token of `tokens`, and the number of tokens.
 
     decoder_dtype: as in training (LanguageModel.decode); None computes it all in the model's dtype.
+    streams: score only these of the `batch_size` streams (one rank's share, lmtrain.distributed).
 
     The split is laid out as `batch_size` padded streams (see `batchify`), each starting from a
     zero state, and the state is carried across windows as in training.
     """
+    inputs, targets = batchify(tokens, batch_size, EOS_ID, pad=True)
+    inputs, targets = inputs[:, streams].contiguous(), targets[:, streams].contiguous()
+    if inputs.size(1) == 0:
+        return 0.0, 0
     was_training = model.training
     model.eval()
     device = model.decoder.weight.device
-    inputs, targets = batchify(tokens, batch_size, EOS_ID, pad=True)
-    state = model.init_state(batch_size)
+    state = model.init_state(inputs.size(1))
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in windows(inputs.to(device), targets.to(device), bptt):
         logits, state = model(x, state, decoder_dtype)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lmtrain import distributed
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_first_good, previous_path
 from lmtrain.config import Config, from_dict, load_config, to_toml
@@ -61,7 +62,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
     stores besides the model, with "run_dir" added (pop it before training: it is not stored).
     """
     texts = load_corpus(corpus)
-    device = resolve_device(config.train.device)
+    device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
     tokenizer = get_tokenizer(texts.splits["train"], config.tokenizer.kind, config.tokenizer.vocab_size)
     data = encode_corpus(tokenizer, texts.splits)
@@ -90,11 +91,12 @@ def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source
     """
     seed_everything(config.train.seed)
     model = build_model(config, tokenizer.vocab_size).to(device)  # before the run directory: it may not fit
-    create_run_dir(run_dir, force)
-    try:
-        write_run_files(run_dir, config, tokenizer)
-    except OSError as e:
-        raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+    if distributed.is_main():  # under torchrun the other ranks write nothing
+        create_run_dir(run_dir, force)
+        try:
+            write_run_files(run_dir, config, tokenizer)
+        except OSError as e:
+            raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
     return model, {"corpus": corpus_source, **tokenizer_info(tokenizer)}
 
 

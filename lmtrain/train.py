@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmtrain import distributed
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
 from lmtrain.errors import LmtrainError
@@ -180,7 +181,7 @@ def finished(config: TrainConfig, s: LoopState, epochs: int, elapsed_s: float) -
         return f"its train.max_steps = {config.max_steps:,} steps are done"
     if s.lengths is None and s.epoch > epochs:
         return f"its {epochs} epoch(s) are done"
-    if s.lengths is None and s.epoch > 1 and out_of_time(config, elapsed_s, s.epoch_seconds):
+    if s.lengths is None and s.epoch > 1 and distributed.any_rank(out_of_time(config, elapsed_s, s.epoch_seconds)):
         return f"another epoch would end past train.max_minutes = {config.max_minutes:g}"
     return None
 
@@ -220,6 +221,10 @@ def train(
         or when the weights themselves are no longer finite at a checkpoint, which is then not
         written (the last good one stays).
 
+    Under torchrun every rank runs this on its share of the streams, through DDP, and logs the
+    losses summed over ranks; ranks take every decision (skip a step, stop) together, and only the
+    main rank writes files (lmtrain.distributed). A resumed run continues in one process.
+
     Returns the last epoch (or stop) record, timing included.
     """
     tc = config.train
@@ -227,11 +232,15 @@ def train(
     stop_requested = stop_requested or (lambda: None)
     device = model.decoder.weight.device
     decoder_dtype = torch.bfloat16 if tc.precision == "bf16" else None
-    inputs, targets = batchify(data["train"].tokens, tc.batch_size, EOS_ID)
+    # under torchrun each rank trains on its share of the streams (lmtrain.distributed)
+    inputs, targets = distributed.shard_streams(*batchify(data["train"].tokens, tc.batch_size, EOS_ID))
     inputs, targets = inputs.to(device), targets.to(device)
     epochs, total_steps = plan(tc, inputs.size(0))
     optimizer = make_optimizer(model, tc)
+    forward = distributed.training_forward(model, tc.seed)  # DDP under torchrun
     window_rng = np.random.default_rng(tc.seed)  # window lengths
+    if resume is not None and distributed.world_size() > 1:
+        raise distributed.every_rank_error("--resume continues a run in one process: drop --nproc (or torchrun)")
     if resume is None:
         s, average, hidden = LoopState(lr=tc.lr), None, None
     else:
@@ -239,15 +248,15 @@ def train(
     model.train()
     clock = Clock(s.elapsed_s)
     record: dict[str, Any] = {}
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log, \
-            open(run_dir / "timing.jsonl", "a", encoding="utf-8") as timing, closing(progress):
+    with open(distributed.on_main(run_dir / "metrics.jsonl"), "a", encoding="utf-8") as log, \
+            open(distributed.on_main(run_dir / "timing.jsonl"), "a", encoding="utf-8") as timing, closing(progress):
         saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model, optimizer, window_rng, log, timing)
         saved = resume is not None  # whether last.pt holds the state as it is now
         interval_start = time.perf_counter()
         if s.lengths is not None:
             progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
         while True:
-            if stop_requested() is not None:
+            if distributed.any_rank(stop_requested() is not None):
                 if not saved:
                     saver.save(s, average, hidden, clock(), at="step")
                 return {"kind": "interrupted", "epoch": s.epoch, "step": s.step}
@@ -257,7 +266,7 @@ def train(
                     if "max_minutes" in reason:
                         progress.note(f"stopping before epoch {s.epoch}: {reason}")
                     break
-                hidden = start_epoch(s, tc, model, inputs.size(0), window_rng, clock())
+                hidden = start_epoch(s, tc, model, inputs.size(0), inputs.size(1), window_rng, clock())
                 progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
                 interval_start = time.perf_counter()
             if s.window == len(s.lengths):
@@ -282,20 +291,21 @@ def train(
             step_rate = step_lr(tc, s.lr, s.step, total_steps) * (length / tc.bptt if tc.variable_bptt else 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = step_rate
-            loss_value, hidden = train_step(model, optimizer, tc, x, y, hidden, decoder_dtype)
+            loss_value, hidden = train_step(model, forward, optimizer, tc, x, y, hidden, decoder_dtype)
             if loss_value is not None and average is not None:
                 average.update()
             count_step(s, tc, loss_value, y.numel(), length, step_rate, run_dir)
             saved = False
             now = time.perf_counter()
-            progress.step(math.nan if loss_value is None else loss_value,
-                          s.epoch_tokens / max(1e-9, clock() - s.epoch_started_s), step_rate)
+            progress.step(math.nan if loss_value is None else loss_value,  # rank 0's loss, every rank's tokens
+                          distributed.world_size() * s.epoch_tokens / max(1e-9, clock() - s.epoch_started_s), step_rate)
             if s.step % tc.log_interval == 0:
-                write_record(log, timing, {"tokens_per_s": s.interval_tokens / max(1e-9, now - interval_start),
+                loss_sum, tokens = distributed.sum_over_ranks(s.interval_loss, s.interval_tokens)
+                write_record(log, timing, {"tokens_per_s": tokens / max(1e-9, now - interval_start),
                                            "elapsed_s": clock()},
                              kind="train", epoch=s.epoch, step=s.step, lr=step_rate,
-                             loss=mean_or_none(s.interval_loss, s.interval_tokens),
-                             ppl=ppl_or_none(s.interval_loss, s.interval_tokens), bad_steps=s.interval_bad)
+                             loss=mean_or_none(loss_sum, tokens), ppl=ppl_or_none(loss_sum, tokens),
+                             bad_steps=s.interval_bad)
                 s.interval_loss = s.interval_tokens = 0.0
                 s.interval_bad = 0
                 interval_start = now
@@ -322,9 +332,10 @@ def steps_left(config: TrainConfig, s: LoopState) -> int:
     return min(left, config.max_steps - s.step) if config.max_steps else left
 
 
-def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: int, window_rng: np.random.Generator,
-                elapsed_s: float):
-    """Draw the epoch's windows, set its lr, zero its sums; return the zero state it starts from."""
+def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: int, streams: int,
+                window_rng: np.random.Generator, elapsed_s: float):
+    """Draw the epoch's windows over `rows` rows, set its lr, zero its sums; return the zero state of
+    the `streams` streams it starts from."""
     s.lr = epoch_lr(config, s.epoch, s.lr)
     s.lengths = window_lengths(rows, config, window_rng)
     s.window = s.position = 0
@@ -332,17 +343,18 @@ def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: i
     s.epoch_bad = s.interval_bad = 0
     s.epoch_started_s = elapsed_s
     model.train()
-    return model.init_state(config.batch_size)
+    return model.init_state(streams)
 
 
-def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor, y: Tensor,
-               hidden, decoder_dtype) -> tuple[float | None, list]:
+def train_step(model: LanguageModel, forward, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor,
+               y: Tensor, hidden, decoder_dtype) -> tuple[float | None, list]:
     """One window: x, y (T, B). Forward, backward, clip, and the optimizer step when the loss and
     the gradient norm are finite. Returns the window's mean loss (None: the step was skipped) and
-    the state to carry to the next window (zeros in place of a state that is not finite)."""
+    the state to carry to the next window (zeros in place of a state that is not finite).
+    `forward` is the window's forward (lmtrain.distributed.training_forward: DDP under torchrun,
+    where every rank must run backward or none, so the ranks decide together)."""
     hidden = detach_state(hidden)
-    raw, dropped, hidden = model.hidden(x, hidden)
-    logits = model.decode(dropped, decoder_dtype)
+    raw, dropped, logits, hidden = forward(x, hidden, decoder_dtype)
     loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
     objective = loss
     if config.ar:
@@ -351,7 +363,7 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, config: T
         objective = objective + config.tar * (raw[1:] - raw[:-1]).pow(2).mean()
     optimizer.zero_grad(set_to_none=True)
     loss_value = loss.item()
-    good = math.isfinite(loss_value)
+    good = not distributed.any_rank(not math.isfinite(loss_value))
     if good:
         (objective * x.size(0) if config.loss_reduction == "sequence_sum" else objective).backward()
         good = math.isfinite(gradient_norm(model, config.clip))
@@ -360,7 +372,7 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, config: T
         return loss_value, hidden
     optimizer.zero_grad(set_to_none=True)
     if not all(torch.isfinite(t).all() for layer in hidden for t in layer):
-        hidden = model.init_state(config.batch_size)
+        hidden = model.init_state(x.size(1))
     return None, hidden
 
 
@@ -413,13 +425,17 @@ def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel,
                         kind: str) -> dict[str, Any]:
     """Validate (with NT-ASGD's average once averaging) and write the `kind` record ("epoch" or "stop")."""
     train_seconds = clock() - s.epoch_started_s
-    with average.swapped_in() if average is not None else nullcontext():
-        valid_nll_sum, valid_tokens = total_nll(model, valid.tokens, config.eval_batch_size, config.bptt, decoder_dtype)
+    distributed.check_in_sync(model)
+    epoch_loss, epoch_tokens = distributed.sum_over_ranks(s.epoch_loss, s.epoch_tokens)
+    with average.swapped_in() if average is not None else nullcontext():  # each rank scores its share of the streams
+        valid_nll_sum, valid_tokens = distributed.sum_over_ranks(*total_nll(
+            model, valid.tokens, config.eval_batch_size, config.bptt, decoder_dtype,
+            distributed.stream_share(config.eval_batch_size)))
     valid_nll = valid_nll_sum / valid_tokens
     record = write_record(
-        log, timing, {"tokens_per_s": s.epoch_tokens / max(1e-9, train_seconds), "elapsed_s": clock()},
+        log, timing, {"tokens_per_s": epoch_tokens / max(1e-9, train_seconds), "elapsed_s": clock()},
         kind=kind, epoch=s.epoch, step=s.step, lr=s.last_rate, averaging=average is not None,
-        train_loss=mean_or_none(s.epoch_loss, s.epoch_tokens), train_ppl=ppl_or_none(s.epoch_loss, s.epoch_tokens),
+        train_loss=mean_or_none(epoch_loss, epoch_tokens), train_ppl=ppl_or_none(epoch_loss, epoch_tokens),
         valid_loss=valid_nll, valid_ppl=math.exp(min(valid_nll, 50)), bad_steps=s.epoch_bad,
     )
     progress.end_epoch(record)
@@ -458,6 +474,8 @@ class Saver:
     def log_sizes(self) -> tuple[int, int]:
         """metrics.jsonl and timing.jsonl's lengths in bytes, flushed to disk first: a checkpoint
         must never point past what is really there."""
+        if not distributed.is_main():  # its logs go to os.devnull
+            return 0, 0
         sizes = []
         for f in (self.log, self.timing):
             f.flush()
@@ -475,6 +493,8 @@ class Saver:
             if not all(torch.isfinite(t).all() for t in tensors):
                 raise LmtrainError(f"the model's {name} are not finite at step {s.step:,}: not saving them over the "
                                    f"last good checkpoint {last} (a lower train.lr or a train.clip may help)")
+        if not distributed.is_main():  # every rank holds the same weights; one writes them
+            return
         s.elapsed_s = elapsed_s
         s.metrics_bytes, s.timing_bytes = logs_at or self.log_sizes()
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if average is not None else None

@@ -19,6 +19,7 @@ from lmtrain.checkpoint import load_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import load_config
 from lmtrain.model import LanguageModel
+from lmtrain.distributed import training_forward
 from lmtrain.train import make_optimizer, train_step
 
 SETTINGS = [
@@ -136,12 +137,12 @@ def test_a_skipped_step_changes_no_weight_and_carries_a_finite_state():
     x, y = torch.randint(0, 50, (6, 4)), torch.randint(0, 50, (6, 4))
     before = [p.detach().clone() for p in model.parameters()]
     poisoned = [tuple(torch.full_like(t, math.nan) for t in layer) for layer in model.init_state(4)]
-    loss, state = train_step(model, optimizer, config.train, x, y, poisoned, None)
+    loss, state = train_step(model, training_forward(model, 0), optimizer, config.train, x, y, poisoned, None)
     assert loss is None
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.isfinite(t).all() for layer in state for t in layer)  # zeros, not NaN, go on
-    loss, state = train_step(model, optimizer, config.train, x, y, state, None)
+    loss, state = train_step(model, training_forward(model, 0), optimizer, config.train, x, y, state, None)
     assert loss is not None and math.isfinite(loss)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
