@@ -17,6 +17,7 @@ import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import total_nll
+from lmtrain.graphs import WindowRunner
 from lmtrain.kernels.cross_entropy import cross_entropy
 from lmtrain.model import LanguageModel, detach_state
 from lmtrain.progress import QuietProgress
@@ -172,6 +174,9 @@ def train(
         epochs = min(epochs, math.ceil(tc.max_steps / steps_per_epoch))
     total_steps = tc.max_steps or epochs * steps_per_epoch
     optimizer = make_optimizer(model, tc)
+    # each window's forward + backward, replayed as a CUDA graph where it can be (lmtrain.graphs)
+    run_window = WindowRunner(partial(train_window, model, tc, decoder_dtype), list(model.parameters()),
+                              tc.cuda_graphs, progress.note)
     rng = np.random.default_rng(tc.seed)  # window lengths
     average: WeightAverage | None = None
     valid_history: list[float] = []
@@ -204,17 +209,7 @@ def train(
                 step_rate = step_lr(tc, lr, step, total_steps) * (length / tc.bptt if tc.variable_bptt else 1.0)
                 for group in optimizer.param_groups:
                     group["lr"] = step_rate
-                state = detach_state(state)
-                raw, dropped, state = model.hidden(x, state)
-                logits = model.decode(dropped, decoder_dtype)
-                loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
-                objective = loss
-                if tc.ar:
-                    objective = objective + tc.ar * dropped.pow(2).mean()
-                if tc.tar and raw.size(0) > 1:
-                    objective = objective + tc.tar * (raw[1:] - raw[:-1]).pow(2).mean()
-                optimizer.zero_grad(set_to_none=True)
-                (objective * x.size(0) if tc.loss_reduction == "sequence_sum" else objective).backward()
+                loss, state = run_window(x, y, detach_state(state))
                 if tc.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
                 optimizer.step()
@@ -272,6 +267,22 @@ def train(
                 break
             epoch_seconds = time.perf_counter() - epoch_start
     return record
+
+
+def train_window(model: LanguageModel, config: TrainConfig, decoder_dtype: torch.dtype | None,
+                 x: torch.Tensor, y: torch.Tensor, state) -> tuple[torch.Tensor, list]:
+    """One window's forward and backward: x, y (T, B) -> (mean loss per token, new state); the
+    gradients are left in the parameters' .grad. AR and TAR join the objective, not the loss."""
+    raw, dropped, state = model.hidden(x, state)
+    logits = model.decode(dropped, decoder_dtype)
+    loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
+    objective = loss
+    if config.ar:
+        objective = objective + config.ar * dropped.pow(2).mean()
+    if config.tar and raw.size(0) > 1:
+        objective = objective + config.tar * (raw[1:] - raw[:-1]).pow(2).mean()
+    (objective * x.size(0) if config.loss_reduction == "sequence_sum" else objective).backward()
+    return loss, state
 
 
 def out_of_time(config: TrainConfig, elapsed_s: float, epoch_s: float) -> bool:
