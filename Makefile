@@ -8,7 +8,7 @@ DATA_MIRROR ?=
 RUN ?= runs/demo
 DATA ?= data
 
-.PHONY: help install demo test data clean compare-cells results
+.PHONY: help install demo test data clean compare-cells results bench-gpu
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
@@ -17,6 +17,7 @@ help:
 	@echo "make compare-cells   train every cell on a copy task with a known optimum, print a table"
 	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json"
 	@echo "make results   the table of every result beside the published numbers"
+	@echo "make bench-gpu   our LSTM against cuDNN at issue 7's sizes, fp32 and bf16 (needs a CUDA GPU), a markdown table"
 
 # torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -46,6 +47,10 @@ reproduce-%: install
 
 results: install
 	$(BIN)/lmtrain results
+
+# issue 7's settings (lmtrain.bench.PRESETS) on the GPU: the markdown table of README's "GPU" section
+bench-gpu: install
+	$(BIN)/lmtrain bench --preset issue7 --device cuda --dtypes fp32,bf16
 
 data:
 	$(PYTHON) data/fetch.py --dest data $(if $(DATA_MIRROR),--mirror $(DATA_MIRROR))
