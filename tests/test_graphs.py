@@ -8,7 +8,7 @@ from test_determinism import run_once
 from helpers import write_corpus
 
 from lmtrain.config import ModelConfig, TrainConfig
-from lmtrain.graphs import WindowRunner
+from lmtrain.graphs import Captured, WindowRunner
 from lmtrain.model import LanguageModel
 from lmtrain.train import train_window
 
@@ -85,6 +85,33 @@ def test_training_is_identical_with_the_key_on_or_off_on_cpu(tmp_path, monkeypat
     finally:
         torch.set_num_threads(threads)
     assert on == off and b'"kind": "epoch"' in on
+
+
+def test_graph_cache_keeps_the_most_recently_used_lengths(monkeypatch):
+    """The LRU bookkeeping without a GPU: capture stubbed (an eager run and a graph whose replay
+    does nothing), room for two lengths. 6, 4 captured; 6 hits; 3 evicts 4 (6 was used later);
+    6 hits; 4 is captured again and evicts 3."""
+    model = small_model()
+    runner = WindowRunner(lambda x, y, s: train_window(model, TrainConfig(), None, x, y, s), list(model.parameters()),
+                          True, capacity=2)
+    captured = []
+
+    class NoGraph:
+        def replay(self):
+            pass
+
+    def stub_capture(x, y, state):
+        captured.append(x.size(0))
+        loss, state_out = runner.eager(x, y, state)
+        return Captured(NoGraph(), x.clone(), y.clone(), [tuple(s.clone() for s in layer) for layer in state],
+                        loss.detach(), [tuple(s.detach() for s in layer) for layer in state_out],
+                        [p.grad for p in model.parameters()])
+
+    monkeypatch.setattr(runner, "graphs_apply", lambda x: runner.use_graphs)  # as if on CUDA
+    monkeypatch.setattr(runner, "capture", stub_capture)
+    run_windows(runner, model, windows([6, 4, 6, 3, 6, 4]))
+    assert captured == [6, 4, 3, 4]
+    assert [key[0][0] for key in runner.graphs] == [6, 4]  # least recently used first
 
 
 @needs_cuda
