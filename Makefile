@@ -8,7 +8,7 @@ DATA_MIRROR ?=
 RUN ?= runs/demo
 DATA ?= data
 
-.PHONY: help install demo test data clean compare-cells results bench-distributed
+.PHONY: help install demo test data clean compare-cells results bench-distributed bench-gpu
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
@@ -18,6 +18,7 @@ help:
 	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json"
 	@echo "make results   the table of every result beside the published numbers"
 	@echo "make bench-distributed   training tokens/s of one process against --nproc 2 (about 10 minutes on 2 CPU cores)"
+	@echo "make bench-gpu   our LSTM against cuDNN at issue 7's sizes, fp32 and bf16 (needs a CUDA GPU), a markdown table"
 
 # torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -51,6 +52,10 @@ results: install
 # tokens/s of one process against `lmtrain train --nproc 2`, the variants interleaved (benchmarks/distributed.py)
 bench-distributed: install
 	$(BIN)/python benchmarks/distributed.py --repeats 3 --steps 30
+
+# issue 7's settings (lmtrain.bench.PRESETS) on the GPU: the markdown table of README's "GPU" section
+bench-gpu: install
+	$(BIN)/lmtrain bench --preset issue7 --device cuda --dtypes fp32,bf16
 
 data:
 	$(PYTHON) data/fetch.py --dest data $(if $(DATA_MIRROR),--mirror $(DATA_MIRROR))

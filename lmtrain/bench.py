@@ -8,6 +8,11 @@ alike; the figure is the median over the repeats. Two things are timed:
   step:  a whole training step (embedding, stack, decoder, loss, backward, clipping, SGD) of a
          language model, ours against the same model with torch.nn.LSTM as its stack.
 
+On CUDA the step is also timed with our window captured as a CUDA graph and replayed
+(lmtrain.graphs; impl "ours+graphs"), as training runs it there.
+
+`bench --preset issue7` runs the settings issue 7 asks about (PRESETS below).
+
 Peak memory is the highest amount of tensor memory held during one forward + backward, above
 what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
 allocator's peak).
@@ -44,11 +49,28 @@ from lmtrain.tokens import batchify
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark shape: layers × hidden, batch, bptt (input size = hidden)."""
+
+    layers: int
+    hidden_size: int
+    batch_size: int
+    bptt: int
+
+
+# named sets of settings for `bench --preset`; issue7: the LSTM against cuDNN at the sizes
+# issue 7 names (2 × 650 and 2 × 1500 at batch 20 bptt 35, 1 × 512 at batch 64 bptt 100)
+PRESETS = {
+    "issue7": (Setting(2, 650, 20, 35), Setting(2, 1500, 20, 35), Setting(1, 512, 64, 100)),
+}
+
+
 @dataclass
 class Record:
     what: str  # "stack" or "step"
     cell: str
-    impl: str  # "ours" or "torch"
+    impl: str  # "ours", "ours+graphs" (CUDA: the step replayed as a CUDA graph) or "torch"
     layers: int
     hidden_size: int
     batch_size: int
@@ -119,6 +141,30 @@ def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ou
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+
+    return run
+
+
+def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor,
+                       note: Callable[[str], None]) -> Callable[[], None]:
+    """train_step for our model with its forward + backward captured as a CUDA graph on the first
+    call and replayed after (lmtrain.graphs.WindowRunner); eager where capture fails (noted)."""
+    from lmtrain.graphs import WindowRunner
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def window(x, y, state):
+        logits, state = model(x, state)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+        loss.backward()
+        return loss, state
+
+    runner = WindowRunner(window, list(model.parameters()), True, note)
+
+    def run():
+        runner(tokens, targets, model.init_state(tokens.size(1)))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
 
@@ -196,7 +242,10 @@ def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: 
 
 
 def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int, vocab: int,
-                      repeats: int, warmup: int, device: torch.device) -> list[Record]:
+                      repeats: int, warmup: int, device: torch.device,
+                      note: Callable[[str], None] = lambda message: None) -> list[Record]:
+    """The whole training step, ours (and on CUDA ours through a CUDA graph) against
+    torch.nn.LSTM's; `note` hears of a CUDA graph capture that failed."""
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
@@ -210,6 +259,10 @@ def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: i
                 "ours": train_step(ours.to(device=device, dtype=dtype), tokens, targets, True),
                 "torch": train_step(reference.to(device=device, dtype=dtype), tokens, targets, False),
             }
+            if device.type == "cuda":
+                graphed = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
+                graphed.load_state_dict(ours.state_dict())
+                runs["ours+graphs"] = graphed_train_step(graphed.to(device=device, dtype=dtype), tokens, targets, note)
             medians = time_round_robin(runs, repeats, warmup, device)
             for impl, run in runs.items():
                 records.append(Record(

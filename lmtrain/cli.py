@@ -375,6 +375,7 @@ def bench(
     streams: Annotated[str, typer.Option(help="With --generate: stream counts, comma-separated.")] = "1,32",
     tokens: Annotated[int, typer.Option(help="With --generate: tokens drawn per stream per timed repeat.")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per measurement, one per line.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="A named set of settings instead of --cells, --sizes, --layers, --batch-size and --bptt: issue7 (the LSTM at 2 x 650 and 2 x 1500, batch 20, bptt 35, and 1 x 512, batch 64, bptt 100).")] = None,
 ) -> None:
     """Training throughput and peak memory of our cells against PyTorch's own LSTM module, interleaved (--generate: sampling)."""
     from lmtrain import bench as benchmarks
@@ -392,6 +393,8 @@ def bench(
         except ValueError:
             raise LmtrainError(f"--sizes must be comma-separated integers, got '{sizes}'") from None
         dtype_list = [d.strip() for d in dtypes.split(",")]
+        if preset is not None and preset not in benchmarks.PRESETS:
+            raise LmtrainError(f"--preset: unknown preset '{preset}' (known: {', '.join(benchmarks.PRESETS)})")
         if any(d not in benchmarks.DTYPES for d in dtype_list):
             raise LmtrainError(f"--dtypes must be fp32 and/or bf16, got '{dtypes}'")
         if min([layers, batch_size, bptt, vocab_size, repeats, *size_list]) < 1 or warmup < 0:
@@ -399,9 +402,17 @@ def bench(
         if repeats < 5:
             say(f"note: {repeats} repeats; medians of fewer than 5 are easily swayed on a shared machine")
         dev = resolve_device(device)
-        records = benchmarks.bench_stacks(names, size_list, dtype_list, layers, batch_size, bptt, repeats, warmup, dev)
-        if step:
-            records += benchmarks.bench_train_steps(size_list, dtype_list, layers, batch_size, bptt, vocab_size, repeats, warmup, dev)
+        if preset is None:
+            settings = [benchmarks.Setting(layers, hidden, batch_size, bptt) for hidden in size_list]
+        else:
+            names, settings = ["lstm"], list(benchmarks.PRESETS[preset])
+        records = []
+        for s in settings:
+            records += benchmarks.bench_stacks(names, [s.hidden_size], dtype_list, s.layers, s.batch_size, s.bptt,
+                                               repeats, warmup, dev)
+            if step:
+                records += benchmarks.bench_train_steps([s.hidden_size], dtype_list, s.layers, s.batch_size, s.bptt,
+                                                        vocab_size, repeats, warmup, dev, say)
         if as_json:
             for record in benchmarks.as_dicts(records):
                 typer.echo(json.dumps(record))

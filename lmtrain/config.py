@@ -118,6 +118,9 @@ class TrainConfig:
     clip: float = 0.25  # max global gradient norm (0: no clipping)
     seed: int = 1111
     device: str = "auto"  # auto | cpu | cuda
+    # on CUDA, capture each window length's forward + backward as a CUDA graph and replay it
+    # (lmtrain/graphs.py); falls back to eager if capture fails. Ignored on the CPU
+    cuda_graphs: bool = True
     log_interval: int = 100  # optimizer steps between progress records in metrics.jsonl
     # optimizer steps between checkpoints (last.pt) within an epoch, each one a point that
     # `lmtrain train --resume` continues from exactly; 0: only at epoch ends. The demo model's

@@ -15,7 +15,9 @@ Backward, steps in reverse:
 
 A cell may also offer `sequence_kernel`: a faster forward/backward over the whole sequence
 (see lmtrain/kernels/). The engine uses it when it is available for the tensors at hand and falls
-back to the per-step Python loop above otherwise; both compute the same thing.
+back to the per-step Python loop above otherwise; both compute the same thing. On CUDA (or with
+LMTRAIN_FUSED=1) every cell takes lmtrain.kernels.fused instead: the same loop with each step's
+pointwise work compiled into one kernel and the per-step GEMMs into reused buffers.
 
 Everything here is device-agnostic torch code.
 """
@@ -26,6 +28,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from lmtrain.kernels import fused
 
 
 class Recurrence(torch.autograd.Function):
@@ -98,6 +102,8 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
     """
     if weight_drop:
         w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
+    if fused.enabled(x):
+        return fused.run(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra)
     kernel = getattr(cell, "sequence_kernel", None)
     if kernel is not None and kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra):
         return kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra)

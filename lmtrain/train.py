@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import closing, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import total_nll
+from lmtrain.graphs import WindowRunner
 from lmtrain.kernels.cross_entropy import cross_entropy
 from lmtrain.model import LanguageModel, detach_state
 from lmtrain.progress import QuietProgress
@@ -238,6 +240,9 @@ def train(
     epochs, total_steps = plan(tc, inputs.size(0))
     optimizer = make_optimizer(model, tc)
     forward = distributed.training_forward(model, tc.seed)  # DDP under torchrun
+    # each window's forward + backward, replayed as a CUDA graph where it can be (lmtrain.graphs)
+    run_window = WindowRunner(partial(train_window, forward, tc, decoder_dtype), list(model.parameters()),
+                              tc.cuda_graphs, progress.note)
     window_rng = np.random.default_rng(tc.seed)  # window lengths
     if resume is not None and distributed.world_size() > 1:
         raise distributed.every_rank_error("--resume continues a run in one process: drop --nproc (or torchrun)")
@@ -291,7 +296,7 @@ def train(
             step_rate = step_lr(tc, s.lr, s.step, total_steps) * (length / tc.bptt if tc.variable_bptt else 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = step_rate
-            loss_value, hidden = train_step(model, forward, optimizer, tc, x, y, hidden, decoder_dtype)
+            loss_value, hidden = train_step(model, run_window, optimizer, tc, x, y, hidden)
             if loss_value is not None and average is not None:
                 average.update()
             count_step(s, tc, loss_value, y.numel(), length, step_rate, run_dir)
@@ -346,34 +351,40 @@ def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: i
     return model.init_state(streams)
 
 
-def train_step(model: LanguageModel, forward, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor,
-               y: Tensor, hidden, decoder_dtype) -> tuple[float | None, list]:
-    """One window: x, y (T, B). Forward, backward, clip, and the optimizer step when the loss and
-    the gradient norm are finite. Returns the window's mean loss (None: the step was skipped) and
-    the state to carry to the next window (zeros in place of a state that is not finite).
-    `forward` is the window's forward (lmtrain.distributed.training_forward: DDP under torchrun,
-    where every rank must run backward or none, so the ranks decide together)."""
-    hidden = detach_state(hidden)
-    raw, dropped, logits, hidden = forward(x, hidden, decoder_dtype)
-    loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
-    objective = loss
-    if config.ar:
-        objective = objective + config.ar * dropped.pow(2).mean()
-    if config.tar and raw.size(0) > 1:
-        objective = objective + config.tar * (raw[1:] - raw[:-1]).pow(2).mean()
-    optimizer.zero_grad(set_to_none=True)
+def train_step(model: LanguageModel, run_window, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor,
+               y: Tensor, hidden) -> tuple[float | None, list]:
+    """One window: x, y (T, B). Forward and backward (`run_window`: lmtrain.graphs.WindowRunner
+    over `train_window`), clip, and the optimizer step when the loss and the gradient norm are
+    finite. Returns the window's mean loss (None: the step was skipped) and the state to carry to
+    the next window (zeros in place of a state that is not finite). Every rank runs backward
+    (DDP's gradient averaging needs all of them) and the ranks decide together whether to step."""
+    loss, hidden = run_window(x, y, detach_state(hidden))
     loss_value = loss.item()
-    good = not distributed.any_rank(not math.isfinite(loss_value))
-    if good:
-        (objective * x.size(0) if config.loss_reduction == "sequence_sum" else objective).backward()
-        good = math.isfinite(gradient_norm(model, config.clip))
-    if good:
+    good = math.isfinite(loss_value) and math.isfinite(gradient_norm(model, config.clip))
+    if not distributed.any_rank(not good):
         optimizer.step()
         return loss_value, hidden
     optimizer.zero_grad(set_to_none=True)
     if not all(torch.isfinite(t).all() for layer in hidden for t in layer):
         hidden = model.init_state(x.size(1))
     return None, hidden
+
+
+def train_window(forward, config: TrainConfig, decoder_dtype: torch.dtype | None,
+                 x: Tensor, y: Tensor, state) -> tuple[Tensor, list]:
+    """One window's forward and backward: x, y (T, B) -> (mean loss per token, new state); the
+    gradients are left in the parameters' .grad. `forward` is the window's forward
+    (lmtrain.distributed.training_forward: DDP under torchrun). AR and TAR join the objective,
+    not the loss."""
+    raw, dropped, logits, state = forward(x, state, decoder_dtype)
+    loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
+    objective = loss
+    if config.ar:
+        objective = objective + config.ar * dropped.pow(2).mean()
+    if config.tar and raw.size(0) > 1:
+        objective = objective + config.tar * (raw[1:] - raw[:-1]).pow(2).mean()
+    (objective * x.size(0) if config.loss_reduction == "sequence_sum" else objective).backward()
+    return loss, state
 
 
 def gradient_norm(model: LanguageModel, clip: float) -> float:

@@ -50,3 +50,26 @@ def test_peak_memory_counts_tensors_alive_together():
         del b, c
 
     assert abs(peak_memory_mb(run, torch.device("cpu")) - 8.0) < 0.1
+
+
+def test_bench_preset_runs_each_of_its_settings_for_the_lstm(monkeypatch):
+    """--preset replaces --cells/--sizes/--layers/--batch-size/--bptt by the preset's settings
+    (shrunk here: the real issue7 sizes take minutes on a CPU). No CUDA: no "ours+graphs" rows."""
+    from lmtrain import bench
+
+    monkeypatch.setitem(bench.PRESETS, "issue7", (bench.Setting(2, 8, 2, 3), bench.Setting(1, 6, 3, 4)))
+    args = ["bench", "--preset", "issue7", "--json", "--dtypes", "fp32", "--cells", "gru", "--sizes", "99",
+            "--repeats", "1", "--warmup", "0", "--vocab-size", "20", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    seen = {(r["what"], r["cell"], r["impl"], r["layers"], r["hidden_size"], r["batch_size"], r["bptt"]) for r in records}
+    assert seen == {(what, "lstm", impl, *shape) for what in ("stack", "step") for impl in ("ours", "torch")
+                    for shape in ((2, 8, 2, 3), (1, 6, 3, 4))}
+    assert len(records) == len(seen)
+
+
+def test_bench_rejects_unknown_preset():
+    result = CliRunner().invoke(app, ["bench", "--preset", "issue8"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: --preset: unknown preset 'issue8' (known: issue7)"]

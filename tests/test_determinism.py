@@ -22,9 +22,9 @@ SETTINGS = [
 ]
 
 
-def run_once(corpus: Path, run_dir: Path, monkeypatch, seed: int = 5) -> bytes:
+def run_once(corpus: Path, run_dir: Path, monkeypatch, seed: int = 5, extra: tuple[str, ...] = ()) -> bytes:
     monkeypatch.setenv("LMTRAIN_CACHE", str(run_dir.parent / "cache"))
-    config = load_config(None, [*SETTINGS, f"train.seed={seed}"])
+    config = load_config(None, [*SETTINGS, f"train.seed={seed}", *extra])
     model, data, info = prepare_run(corpus, config, run_dir, False, None, lambda line: None)
     info.pop("run_dir")
     train(model, config, data, run_dir, info)

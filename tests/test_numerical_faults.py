@@ -19,8 +19,9 @@ from lmtrain.checkpoint import load_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import load_config
 from lmtrain.model import LanguageModel
-from lmtrain.distributed import training_forward
-from lmtrain.train import make_optimizer, train_step
+from lmtrain.distributed import WindowForward
+from lmtrain.graphs import WindowRunner
+from lmtrain.train import make_optimizer, train_step, train_window
 
 SETTINGS = [
     "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
@@ -134,15 +135,17 @@ def test_a_skipped_step_changes_no_weight_and_carries_a_finite_state():
     torch.manual_seed(0)
     model = LanguageModel(config.model, 50)
     optimizer = make_optimizer(model, config.train)
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), config.train, None, x, y, s),
+                          list(model.parameters()), False)
     x, y = torch.randint(0, 50, (6, 4)), torch.randint(0, 50, (6, 4))
     before = [p.detach().clone() for p in model.parameters()]
     poisoned = [tuple(torch.full_like(t, math.nan) for t in layer) for layer in model.init_state(4)]
-    loss, state = train_step(model, training_forward(model, 0), optimizer, config.train, x, y, poisoned, None)
+    loss, state = train_step(model, runner, optimizer, config.train, x, y, poisoned)
     assert loss is None
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.isfinite(t).all() for layer in state for t in layer)  # zeros, not NaN, go on
-    loss, state = train_step(model, training_forward(model, 0), optimizer, config.train, x, y, state, None)
+    loss, state = train_step(model, runner, optimizer, config.train, x, y, state)
     assert loss is not None and math.isfinite(loss)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
