@@ -204,6 +204,10 @@ def resume_run(run_dir: Path, overrides: list[str], say) -> tuple[LanguageModel,
     path, payload = load_resume_checkpoint(run_dir, say)
     config = load_config(run_dir / RUN_MARKER, overrides)
     check_same_config(config, payload["config"], run_dir / RUN_MARKER, path)
+    processes = payload["resume"].get("processes", 1)
+    if processes != 1:  # its carried state is rank 0's share of the streams only
+        raise LmtrainError(f"{path} was written by a run of {processes} processes (--nproc); --resume continues "
+                           "single-process runs only: start it again, or train it in one process")
     loop = loop_from_dict(payload["resume"]["loop"])
     check_logs(run_dir, loop)
     source = payload["corpus"]

@@ -527,6 +527,7 @@ class Saver:
                 "trained": trained,
                 "rng": rng_states(self.window_rng),
                 "data": self.digest,
+                "processes": distributed.world_size(),
             }})
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import write_corpus
+from helpers import tree_bytes, write_corpus
 from typer.testing import CliRunner
 
 from lmtrain import distributed
@@ -94,6 +94,13 @@ def test_two_processes_reproduce_one(one_thread, capfd):
     assert len(errors) == 1 and "already holds a run" in errors[0], err
     assert "Traceback" not in err
     assert records(one_thread / "two") == both  # the run was left alone
+
+    # its last.pt holds rank 0's share of the carried state: resuming it is refused before any change
+    before = tree_bytes(one_thread / "two")
+    resumed = cli("train", "--resume", one_thread / "two", *sets("train.max_steps=30"))
+    assert resumed.exit_code == 2
+    assert "written by a run of 2 processes" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert tree_bytes(one_thread / "two") == before
 
 
 def test_batch_must_split_over_processes(one_thread, capfd):
