@@ -20,7 +20,7 @@ import torch
 import typer
 
 from lmtrain.config import load_config
-from lmtrain.corpus import BUILTIN, load_corpus, read_lines
+from lmtrain.corpus import BUILTIN, ENCODING_ERRORS, Text, load_corpus, load_text
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
 from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
@@ -70,19 +70,27 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    encoding_errors: Annotated[str, typer.Option(help="Bytes that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
 ) -> None:
     """Train a tokenizer and a language model on CORPUS."""
     with user_errors():
+        check_encoding_errors(encoding_errors)
         cfg = load_config(config, overrides or [])
-        model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, say)
+        progress = TerminalProgress()
+        model, data, info = prepare_run(corpus, cfg, run_dir, overwrite, default_run_dir, say, encoding_errors, progress)
         run_dir = Path(info.pop("run_dir"))
         try:
-            record = train_model(model, cfg, data, run_dir, info, TerminalProgress())
+            record = train_model(model, cfg, data, run_dir, info, progress)
         except KeyboardInterrupt:
             say(f"\ninterrupted; checkpoints of finished epochs are in {run_dir}")
             raise typer.Exit(130) from None
         say(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps; run in {run_dir}")
         say(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+
+
+def check_encoding_errors(value: str) -> None:
+    if value not in ENCODING_ERRORS:
+        raise LmtrainError(f"--encoding-errors must be {' or '.join(ENCODING_ERRORS)}, got '{value}'")
 
 
 def default_run_dir(source: str) -> Path:
@@ -107,9 +115,11 @@ def evaluate(
     cache_lambda: Annotated[float, typer.Option(help="The cache's weight in the mixture.")] = CacheSettings.lam,
     tune_cache: Annotated[bool, typer.Option("--tune-cache", help="Choose --cache-theta and --cache-lambda on the validation split (a small grid).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    encoding_errors: Annotated[str, typer.Option(help="Bytes of FILES (or of the run's corpus) that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
 ) -> None:
     """Perplexity, word-level perplexity and bits per byte of a trained model."""
     with user_errors():
+        check_encoding_errors(encoding_errors)
         if split not in ("train", "valid", "test"):
             raise LmtrainError(f"--split must be train, valid or test, got '{split}'")
         if batch_size is not None and batch_size < 1:
@@ -127,26 +137,26 @@ def evaluate(
         batch = batch_size or loaded.config.train.eval_batch_size
         bptt = loaded.config.train.bptt
         if files:
-            texts = {str(f): read_lines(f) for f in files}
+            texts = {str(f): load_text_file(f, encoding_errors) for f in files}
         else:
-            texts = {split: corpus_split(loaded.corpus, split)}
+            texts = {split: corpus_split(loaded.corpus, split, encoding_errors)}
         settings = {}
         adapt = None
         if dynamic:
             dyn = DynamicSettings(dynamic_lr, dynamic_decay, bptt=dynamic_bptt, stats_batches=stats_batches)
-            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train")).tokens
+            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train", encoding_errors)).tokens
             adapt = DynamicEval(loaded.model, gradient_stats(loaded.model, train_tokens, dyn), dyn)
             bptt = dynamic_bptt
             settings["dynamic"] = dataclasses.asdict(dyn)
         cache_settings = CacheSettings(cache_window, cache_theta, cache_lambda) if cache else None
         if tune_cache:
-            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid"))
+            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid", encoding_errors))
             cache_settings = tune_cache_settings(loaded.model, valid, bptt, cache_window)
         if cache_settings is not None:
             settings["cache"] = dataclasses.asdict(cache_settings)
         results = {}
-        for name, lines in texts.items():
-            tokens = encode_split(loaded.tokenizer, lines)
+        for name, text in texts.items():
+            tokens = encode_split(loaded.tokenizer, text)
             if stream:
                 results[name] = evaluate_stream(loaded.model, tokens, bptt, adapt, cache_settings)
             else:
@@ -168,10 +178,16 @@ def evaluate(
             typer.echo(format_metrics("all", report))
 
 
-def corpus_split(source: str, split: str) -> list[str]:
+def load_text_file(path: Path, encoding_errors: str) -> Text:
+    if not path.exists():
+        raise LmtrainError(f"file to evaluate not found: {path}")
+    return load_text(path, encoding_errors)
+
+
+def corpus_split(source: str, split: str, encoding_errors: str = "strict") -> Text:
     if source != BUILTIN and not Path(source).exists():
         raise LmtrainError(f"the run's training corpus {source} is no longer there; pass text files to score instead")
-    return load_corpus(None if source == BUILTIN else Path(source)).splits[split]
+    return load_corpus(None if source == BUILTIN else Path(source), encoding_errors).splits[split]
 
 
 def format_metrics(name: str, m: dict) -> str:

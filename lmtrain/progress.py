@@ -1,6 +1,7 @@
 """The only module that writes training progress to the terminal.
 
-`train` calls the four methods below; `QuietProgress` is for library use and tests.
+`train` calls the four methods below, `prepare` the fifth (a bar over the bytes of a text being
+read); `QuietProgress` is for library use and tests.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class QuietProgress:
 
     def note(self, message: str) -> None:
         pass
+
+    def bytes_bar(self, total: int, desc: str) -> tqdm:
+        """A context manager with update(n_bytes); here one that shows nothing."""
+        return tqdm(total=total, disable=True)
 
 
 class TerminalProgress(QuietProgress):
@@ -53,3 +58,9 @@ class TerminalProgress(QuietProgress):
 
     def note(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
+
+    def bytes_bar(self, total: int, desc: str) -> tqdm:
+        """Bytes read so far, in MB/s; nothing when the stream is not a terminal (a log file, tests)."""
+        shown = hasattr(self.stream, "isatty") and self.stream.isatty() and total > 0
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=self.stream, dynamic_ncols=True,
+                    leave=False, mininterval=0.5, disable=not shown)

@@ -36,19 +36,23 @@ RUN_MARKER = "config.toml"
 
 
 def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overwrite: bool,
-                default_run_dir, say) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
+                default_run_dir, say, encoding_errors: str = "strict",
+                progress=None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
     enough, make the run directory and the seeded model on the configured device.
 
     `default_run_dir(source)` names the run directory when `run_dir` is None; `say` takes one
     line of news for the user. Returns the model, the encoded splits and what every checkpoint
     stores besides the model, with "run_dir" added (pop it before training: it is not stored).
+    `encoding_errors` (lmtrain.corpus.ENCODING_ERRORS) applies to reading the corpus; `progress`
+    (lmtrain.progress) shows the passes over it.
     """
-    texts = load_corpus(corpus)
+    texts = load_corpus(corpus, encoding_errors)
     device = resolve_device(config.train.device)
     say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
-    tokenizer = get_tokenizer(texts.splits["train"], config.tokenizer.kind, config.tokenizer.vocab_size)
-    data = encode_corpus(tokenizer, texts.splits)
+    tc = config.tokenizer
+    tokenizer = get_tokenizer(texts.splits["train"], tc.kind, tc.vocab_size, tc.sample_lines, progress)
+    data = encode_corpus(tokenizer, texts.splits, progress)
     n_train, needed = len(data["train"].tokens), min_train_tokens(config.train)
     if n_train < needed:
         raise LmtrainError(
@@ -60,10 +64,16 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, overw
     model, info = start_run(run_dir, config, tokenizer, texts.source, overwrite, device)
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
-        f"vocab {tokenizer.vocab_size:,} ({config.tokenizer.kind}) | {count_parameters(model):,} parameters | "
+        f"vocab {tokenizer.vocab_size:,} ({tc.kind}{vocab_note(tokenizer.vocab_size, tc.vocab_size)}) | "
+        f"{count_parameters(model):,} parameters | "
         f"device {device} | run {run_dir}"
     )
     return model, data, {**info, "run_dir": str(run_dir)}
+
+
+def vocab_note(got: int, asked: int) -> str:
+    """Says so when the training text gave fewer pieces than tokenizer.vocab_size asked for."""
+    return f"; the corpus gives no more than {got:,} of the {asked:,} asked for" if got < asked else ""
 
 
 def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, overwrite: bool,
