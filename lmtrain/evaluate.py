@@ -18,7 +18,7 @@ from lmtrain.dynamic import DynamicEval
 from lmtrain.model import LanguageModel
 from lmtrain.stream import score_stream
 from lmtrain.tokenizer import EOS_ID
-from lmtrain.tokens import TokenFile, batchify, windows
+from lmtrain.tokens import TokenFile, lazy_batchify, windows
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
     was_training = model.training
     model.eval()
     device = model.decoder.weight.device
-    inputs, targets = batchify(tokens, batch_size, EOS_ID, pad=True)
+    inputs, targets = lazy_batchify(tokens, batch_size, EOS_ID, pad=True)
     state = model.init_state(batch_size)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in windows(inputs.to(device), targets.to(device), bptt):
@@ -43,7 +43,7 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
             logits = logits.float()
         total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")
     model.train(was_training)
-    return total.item(), int((targets >= 0).sum())
+    return total.item(), len(tokens)  # the padded layout predicts every token once
 
 
 def metrics(nll_sum: float, n_tokens: int, n_words: int, n_bytes: int, n_chars: int = 0) -> dict[str, float | int | None]:

@@ -31,7 +31,7 @@ from lmtrain.kernels.cross_entropy import cross_entropy
 from lmtrain.model import LanguageModel, detach_state
 from lmtrain.progress import QuietProgress
 from lmtrain.tokenizer import EOS_ID
-from lmtrain.tokens import TokenFile, batchify
+from lmtrain.tokens import TokenFile, lazy_batchify
 
 
 def seed_everything(seed: int) -> None:
@@ -164,7 +164,7 @@ def train(
     progress = progress or QuietProgress()
     device = model.decoder.weight.device
     decoder_dtype = torch.bfloat16 if tc.precision == "bf16" else None
-    inputs, targets = batchify(data["train"].tokens, tc.batch_size, EOS_ID)
+    inputs, targets = lazy_batchify(data["train"].tokens, tc.batch_size, EOS_ID)  # windows built as they are used
     inputs, targets = inputs.to(device), targets.to(device)
     steps_per_epoch = math.ceil(inputs.size(0) / tc.bptt)
     epochs = tc.epochs if tc.epochs else math.ceil(tc.max_steps / steps_per_epoch)
