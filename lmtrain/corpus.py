@@ -306,10 +306,12 @@ class Block:
     split_words: int = 0  # 1 when that head was cut through a word (which split() then counts twice)
 
 
-def read_blocks(text: Text, block_bytes: int = BLOCK_BYTES, long_line: int = LONG_LINE_BYTES) -> Iterator[Block]:
+def read_blocks(text: Text, block_bytes: int | None = None, long_line: int | None = None) -> Iterator[Block]:
     """Cut a file range into blocks of whole lines, about `block_bytes` each; a line that grows
     past `long_line` bytes without a newline comes as head blocks (`open_end`), so memory stays
-    bounded however long the line. The byte order mark at the start of a file is dropped."""
+    bounded however long the line (None: BLOCK_BYTES, LONG_LINE_BYTES, looked up when called so
+    that tests can make them small). The byte order mark at the start of a file is dropped."""
+    block_bytes, long_line = block_bytes or BLOCK_BYTES, long_line or LONG_LINE_BYTES
     with open_text_file(text.path) as f:
         f.seek(text.start)
         offset = text.start  # file offset of carry[0]
@@ -359,8 +361,9 @@ def first_cut(line: bytes, limit: int) -> tuple[int, int]:
     return cut, int(bool(before) and bool(after) and not before.isspace() and not after.isspace())
 
 
-def cut_line(line: str, limit: int = LONG_LINE_BYTES) -> list[str]:
-    """A whole line as pieces of at most `limit` UTF-8 bytes (see `first_cut`)."""
+def cut_line(line: str, limit: int | None = None) -> list[str]:
+    """A whole line as pieces of at most `limit` (None: LONG_LINE_BYTES) UTF-8 bytes (see `first_cut`)."""
+    limit = limit or LONG_LINE_BYTES
     if len(line) * 4 <= limit:  # cannot be longer than limit bytes: skip the encoding
         return [line]
     rest = line.encode("utf-8")
@@ -373,9 +376,10 @@ def cut_line(line: str, limit: int = LONG_LINE_BYTES) -> list[str]:
     return pieces
 
 
-def cut_long_lines(lines: list[str], open_last: bool = False, limit: int = LONG_LINE_BYTES) -> tuple[list[str], list[int]]:
+def cut_long_lines(lines: list[str], open_last: bool = False, limit: int | None = None) -> tuple[list[str], list[int]]:
     """Lines as pieces for the tokenizer: (pieces, indices of the pieces that do not end their
-    line). `open_last`: the last line goes on in the next block."""
+    line). `open_last`: the last line goes on in the next block. `limit`: see `cut_line`."""
+    limit = limit or LONG_LINE_BYTES
     if not lines or max(map(len, lines)) * 4 <= limit:  # the usual case: nothing to cut
         return lines, [len(lines) - 1] if open_last and lines else []
     pieces: list[str] = []
@@ -388,7 +392,7 @@ def cut_long_lines(lines: list[str], open_last: bool = False, limit: int = LONG_
     return pieces, continued
 
 
-def block_pieces(block: Block, errors: str, name: str, long_line: int = LONG_LINE_BYTES) -> tuple[list[str], list[int], TextStats]:
+def block_pieces(block: Block, errors: str, name: str, long_line: int | None = None) -> tuple[list[str], list[int], TextStats]:
     """The lines of a block as pieces for the tokenizer, the pieces that do not end their line,
     and the block's share of the text's TextStats (as `text_stats` counts them)."""
     text, _ = decode(block.data, block.offset, errors, name)

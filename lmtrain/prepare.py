@@ -33,7 +33,8 @@ import sentencepiece
 
 from lmtrain.atomic import atomic_open
 from lmtrain.config import TokenizerConfig
-from lmtrain.corpus import BLOCK_BYTES, Block, Text, TextStats, as_text, block_pieces, read_blocks, text_pieces
+from lmtrain import corpus
+from lmtrain.corpus import Block, Text, TextStats, as_text, block_pieces, read_blocks, text_pieces
 from lmtrain.errors import LmtrainError
 from lmtrain.progress import QuietProgress
 from lmtrain.tokenizer import Tokenizer, train_tokenizer
@@ -129,7 +130,7 @@ def write_encoded(tokenizer: Tokenizer, text: Text, f, workers: int | None, prog
 def encoded_blocks(tokenizer: Tokenizer, text: Text, workers: int | None) -> Iterator[tuple[np.ndarray, TextStats, int]]:
     """(ids, TextStats, bytes read) of each block of `text`, in order."""
     workers = workers or default_workers()
-    if text.lines is not None or workers <= 1 or text.size <= BLOCK_BYTES:
+    if text.lines is not None or workers <= 1 or text.size <= corpus.BLOCK_BYTES:
         for pieces, continued, stats, n_bytes in text_pieces(text):
             yield tokenizer.encode_pieces(pieces, continued), stats, n_bytes
         return
