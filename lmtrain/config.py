@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: str = "bpe"  # bpe | unigram | char | word (whitespace-separated words)
-    vocab_size: int = 4000  # an upper bound for char and word; exact for bpe and unigram
+    vocab_size: int = 4000  # an upper bound: a corpus too small to fill it gives fewer (train says how many)
     # the tokenizer trains on a uniform sample of at most this many lines of the training split,
     # so its memory is bounded whatever the corpus size (sentencepiece holds the sample, about
     # 2-3x its bytes). 2,000,000 was sentencepiece's input_sentence_size here before we sampled
