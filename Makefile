@@ -8,7 +8,7 @@ DATA_MIRROR ?=
 RUN ?= runs/demo
 DATA ?= data
 
-.PHONY: help install demo test data clean compare-cells results
+.PHONY: help install demo test data clean compare-cells results bench-encode
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
@@ -17,6 +17,7 @@ help:
 	@echo "make compare-cells   train every cell on a copy task with a known optimum, print a table"
 	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json"
 	@echo "make results   the table of every result beside the published numbers"
+	@echo "make bench-encode   encoding MB/s (1 vs 2 workers) and peak memory on generated 0.25-1 GB corpora"
 
 # torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -52,3 +53,8 @@ data:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# encoding speed (1 vs 2 workers) and peak memory on generated 0.25/0.5/1 GB corpora under /tmp (deleted after):
+# tens of minutes on 2 CPU cores; see README "Large corpora"
+bench-encode: install
+	$(BIN)/python -m lmtrain.bench_encode --dir /tmp/lmtrain-bench-encode --sizes 0.25,0.5,1 --workers 1,2 --clean
