@@ -160,6 +160,10 @@ def measure(corpus: Path, model: Path, workers: int, cache: Path) -> dict:
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     if found:
         record["max_rss_mb"], record["max_rss_from"] = int(found[1]) / 1024, "/usr/bin/time -v"
+        # CPU seconds of the process and its workers: equal for 1 and 2 workers means the work
+        # parallelises, whatever share of the cores other jobs leave
+        cpu = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", done.stderr)
+        record["cpu_s"] = sum(map(float, cpu))
     else:  # the largest child so far: only right when this one is the largest
         record["max_rss_mb"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
         record["max_rss_from"] = "getrusage(RUSAGE_CHILDREN)"
@@ -211,14 +215,15 @@ def main(argv: list[str] | None = None) -> None:
                 record = measure(corpora[gb], model, w, args.dir / "cache")
                 print(json.dumps(record), file=sys.stderr)
                 runs.setdefault((gb, w), []).append(record)
-    print(f"| corpus | workers | encode MB/s | vs 1 worker | max RSS, main process (MB) | peak RSS, main + workers summed (MB) |")
-    print("|---|---|---|---|---|---|")
+    print(f"| corpus | workers | encode MB/s | vs 1 worker | CPU s (all processes) | max RSS, main process (MB) | peak RSS, main + workers summed (MB) |")
+    print("|---|---|---|---|---|---|---|")
     for gb in sizes:
         base = statistics.median(r["encode_mb_s"] for r in runs.get((gb, 1), [{"encode_mb_s": float("nan")}]))
         for w in workers:
             rs = runs[(gb, w)]
             speed = statistics.median(r["encode_mb_s"] for r in rs)
-            print(f"| {rs[0]['corpus_mb']:,.0f} MB | {w} | {speed:.2f} | {speed / base:.2f}x | "
+            cpu = statistics.median(r.get("cpu_s", float("nan")) for r in rs)
+            print(f"| {rs[0]['corpus_mb']:,.0f} MB | {w} | {speed:.2f} | {speed / base:.2f}x | {cpu:.0f} | "
                   f"{max(r['max_rss_mb'] for r in rs):,.0f} | {max(r['sampled_peak_rss_sum_mb'] for r in rs):,.0f} |")
     print(f"(median of {args.repeats}; max RSS from {runs[(sizes[0], workers[0])][0]['max_rss_from']}; "
           f"{len(os.sched_getaffinity(0))} CPUs)")
