@@ -153,15 +153,19 @@ class Streams:
     so a split of any size trains and evaluates straight from its token file's memmap. Row t of
     column c is position p = c * steps + t of the stream: the token at p - shift of the split
     (shift 1 for inputs, where position 0 holds `start_id`), or `fill` past the split's end.
+    `streams[:, a:b]` keeps columns a..b-1 only (a rank's share of the streams, as
+    lmtrain.distributed cuts a tensor layout), still unbuilt.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, steps: int, used: int, shift: int, start_id: int,
-                 fill: int, device: torch.device | str = "cpu"):
+                 fill: int, device: torch.device | str = "cpu", columns: np.ndarray | None = None):
         self.tokens = tokens
-        self.batch_size, self.steps, self.used = batch_size, steps, used
+        self.steps, self.used = steps, used
         self.shift, self.start_id, self.fill = shift, start_id, fill
         self.device = torch.device(device)
-        self.columns = steps * np.arange(batch_size, dtype=np.int64)  # (B,) first position of each stream
+        # (B,) the stream position where each column starts
+        self.columns = steps * np.arange(batch_size, dtype=np.int64) if columns is None else columns
+        self.batch_size = len(self.columns)
 
     def __len__(self) -> int:
         return self.steps
@@ -174,11 +178,19 @@ class Streams:
         return self.shape if dim is None else self.shape[dim]
 
     def to(self, device: torch.device | str) -> Streams:
-        return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill, device)
+        return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill,
+                       device, self.columns)
 
-    def __getitem__(self, rows: slice) -> torch.Tensor:
+    def contiguous(self) -> Streams:
+        """Itself: the windows it builds are contiguous tensors already (for code written for tensors)."""
+        return self
+
+    def __getitem__(self, rows: slice | tuple[slice, slice]) -> torch.Tensor | Streams:
+        if isinstance(rows, tuple) and len(rows) == 2 and rows[0] == slice(None) and isinstance(rows[1], slice):
+            return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill,
+                           self.device, self.columns[rows[1]])
         if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise TypeError("Streams take contiguous row slices [a:b] only")
+            raise TypeError("Streams take contiguous row slices [a:b], or a column slice [:, a:b], only")
         first, stop, _ = rows.indices(self.steps)
         positions = np.arange(first, max(first, stop), dtype=np.int64)[:, None] + self.columns  # (T, B)
         source = positions - self.shift

@@ -214,3 +214,15 @@ def test_lazy_batchify_reads_a_memmap(tmp_path):
     assert isinstance(tokens, np.memmap)
     inputs, targets = lazy_batchify(tokens, 4, EOS_ID)
     assert torch.equal(targets[10:20], batchify(ids, 4, EOS_ID)[1][10:20])
+
+
+@pytest.mark.parametrize("share", [slice(0, 2), slice(2, 4), slice(1, 3), slice(3, 3)])
+def test_lazy_streams_cut_by_columns_equal_the_tensor_cut(share):
+    """A rank's share of the streams, as lmtrain.distributed cuts them: inputs[:, a:b].contiguous()."""
+    tokens = np.random.default_rng(0).integers(2, 500, size=203)
+    for pad in (False, True):
+        inputs, targets = batchify(tokens, 4, EOS_ID, pad=pad)
+        lazy_inputs, lazy_targets = lazy_batchify(tokens, 4, EOS_ID, pad=pad)
+        x, y = lazy_inputs[:, share].contiguous(), lazy_targets[:, share].contiguous()
+        assert x.size(1) == inputs[:, share].size(1) and len(x) == len(inputs)
+        assert torch.equal(x[5:17], inputs[:, share][5:17]) and torch.equal(y[:], targets[:, share])
