@@ -8,7 +8,7 @@ DATA_MIRROR ?=
 RUN ?= runs/demo
 DATA ?= data
 
-.PHONY: help install demo test data clean compare-cells results bench-distributed bench-gpu
+.PHONY: help install demo test data clean compare-cells results bench-distributed bench-gpu bench-encode
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
@@ -19,6 +19,7 @@ help:
 	@echo "make results   the table of every result beside the published numbers"
 	@echo "make bench-distributed   training tokens/s of one process against --nproc 2 (about 10 minutes on 2 CPU cores)"
 	@echo "make bench-gpu   our LSTM against cuDNN at issue 7's sizes, fp32 and bf16 (needs a CUDA GPU), a markdown table"
+	@echo "make bench-encode   encoding MB/s (1 vs 2 workers) and peak memory on generated 0.25-1 GB corpora"
 
 # torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -62,3 +63,8 @@ data:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# encoding speed (1 vs 2 workers) and peak memory on generated 0.25/0.5/1 GB corpora under /tmp (deleted after):
+# tens of minutes on 2 CPU cores; see README "Large corpora"
+bench-encode: install
+	$(BIN)/python -m lmtrain.bench_encode --dir /tmp/lmtrain-bench-encode --sizes 0.25,0.5,1 --workers 1,2 --clean

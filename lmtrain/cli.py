@@ -22,7 +22,7 @@ import typer
 from lmtrain import distributed
 from lmtrain.checkpoint import CheckpointWriteError
 from lmtrain.config import load_config
-from lmtrain.corpus import BUILTIN, load_corpus, read_lines
+from lmtrain.corpus import BUILTIN, ENCODING_ERRORS, Text, load_corpus, load_text
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
 from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
@@ -86,6 +86,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where its last checkpoint left it, on its own corpus and config; --set may change only train.max_steps, train.epochs and train.max_minutes.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", hidden=True, help="The old name of --force.")] = False,
+    encoding_errors: Annotated[str, typer.Option(help="Bytes that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; train.batch_size is shared out).", show_default=False)] = None,
 ) -> None:
     """Train a tokenizer and a language model on CORPUS, or continue a run (--resume RUN).
@@ -100,19 +101,22 @@ def train(
             (resume is None or not (force or overwrite), "--resume continues a run and --force replaces it: give one of them"),
             (resume is None or (nproc is None and not distributed.launched()), "--resume continues a run in one process: drop --nproc"),
         )
+        check_encoding_errors(encoding_errors)
         cfg = load_config(config, overrides or []) if resume is None else None
         if nproc is not None:
             raise typer.Exit(distributed.launch(nproc, forwarded_args(ctx, drop="nproc"),
                                                 resolve_device(cfg.train.device), cfg.train.batch_size))
+        if resume is None:
+            distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
+        progress = TerminalProgress() if distributed.is_main() else QuietProgress()
         try:
             if resume is not None:
-                model, cfg, data, info, payload = resume_run(resume, overrides or [], say)
+                model, cfg, data, info, payload = resume_run(resume, overrides or [], say, encoding_errors)
                 run_dir = resume
             else:
-                distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
                 with distributed.main_first():  # caches and run dir: rank 0, then one rank per other machine, then the rest
                     model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir,
-                                                    say if distributed.is_main() else quiet)
+                                                    say if distributed.is_main() else quiet, encoding_errors, progress)
                 counts = str([len(split.tokens) for split in data.values()]).encode()
                 distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None
@@ -122,8 +126,7 @@ def train(
         tell = say if distributed.is_main() else quiet
         with StopSignals() as signals:
             try:
-                record = train_model(model, cfg, data, run_dir, info,
-                                     TerminalProgress() if distributed.is_main() else QuietProgress(), resume=payload,
+                record = train_model(model, cfg, data, run_dir, info, progress, resume=payload,
                                      stop_requested=signals.received)
             except KeyboardInterrupt:  # a second signal
                 tell(f"\naborted; {resume_hint(run_dir)}")
@@ -143,8 +146,8 @@ def forwarded_args(ctx: typer.Context, drop: str) -> list[str]:
     arguments, options = [], []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name == drop or value is None or value == () or value == []:
-            continue
+        if param.name == drop or value is None or value == () or value == [] or value == param.default:
+            continue  # what is not given, or given as its default, the ranks take as their default
         if param.param_type_name == "argument":
             arguments.append(str(value))
         elif param.is_flag:
@@ -160,6 +163,11 @@ def resume_hint(run_dir: Path) -> str:
     if not (run_dir / "last.pt").is_file():
         return f"no checkpoint was written yet; start again with `lmtrain train ... --run-dir {run_dir} --force`"
     return f"{run_dir / 'last.pt'} holds the last checkpoint; continue with: lmtrain train --resume {run_dir}"
+
+
+def check_encoding_errors(value: str) -> None:
+    if value not in ENCODING_ERRORS:
+        raise LmtrainError(f"--encoding-errors must be {' or '.join(ENCODING_ERRORS)}, got '{value}'")
 
 
 def default_run_dir(source: str) -> Path:
@@ -184,9 +192,11 @@ def evaluate(
     cache_lambda: Annotated[float, typer.Option(help="The cache's weight in the mixture.")] = CacheSettings.lam,
     tune_cache: Annotated[bool, typer.Option("--tune-cache", help="Choose --cache-theta and --cache-lambda on the validation split (a small grid).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    encoding_errors: Annotated[str, typer.Option(help="Bytes of FILES (or of the run's corpus) that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
 ) -> None:
     """Perplexity, word-level perplexity and bits per byte of a trained model."""
     with user_errors():
+        check_encoding_errors(encoding_errors)
         if split not in ("train", "valid", "test"):
             raise LmtrainError(f"--split must be train, valid or test, got '{split}'")
         if batch_size is not None and batch_size < 1:
@@ -204,26 +214,26 @@ def evaluate(
         batch = batch_size or loaded.config.train.eval_batch_size
         bptt = loaded.config.train.bptt
         if files:
-            texts = {str(f): read_lines(f) for f in files}
+            texts = {str(f): load_text_file(f, encoding_errors) for f in files}
         else:
-            texts = {split: corpus_split(loaded.corpus, split)}
+            texts = {split: corpus_split(loaded.corpus, split, encoding_errors)}
         settings = {}
         adapt = None
         if dynamic:
             dyn = DynamicSettings(dynamic_lr, dynamic_decay, bptt=dynamic_bptt, stats_batches=stats_batches)
-            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train")).tokens
+            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train", encoding_errors)).tokens
             adapt = DynamicEval(loaded.model, gradient_stats(loaded.model, train_tokens, dyn), dyn)
             bptt = dynamic_bptt
             settings["dynamic"] = dataclasses.asdict(dyn)
         cache_settings = CacheSettings(cache_window, cache_theta, cache_lambda) if cache else None
         if tune_cache:
-            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid"))
+            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid", encoding_errors))
             cache_settings = tune_cache_settings(loaded.model, valid, bptt, cache_window)
         if cache_settings is not None:
             settings["cache"] = dataclasses.asdict(cache_settings)
         results = {}
-        for name, lines in texts.items():
-            tokens = encode_split(loaded.tokenizer, lines)
+        for name, text in texts.items():
+            tokens = encode_split(loaded.tokenizer, text)
             if stream:
                 results[name] = evaluate_stream(loaded.model, tokens, bptt, adapt, cache_settings)
             else:
@@ -245,10 +255,16 @@ def evaluate(
             typer.echo(format_metrics("all", report))
 
 
-def corpus_split(source: str, split: str) -> list[str]:
+def load_text_file(path: Path, encoding_errors: str) -> Text:
+    if not path.exists():
+        raise LmtrainError(f"file to evaluate not found: {path}")
+    return load_text(path, encoding_errors)
+
+
+def corpus_split(source: str, split: str, encoding_errors: str = "strict") -> Text:
     if source != BUILTIN and not Path(source).exists():
         raise LmtrainError(f"the run's training corpus {source} is no longer there; pass text files to score instead")
-    return load_corpus(None if source == BUILTIN else Path(source)).splits[split]
+    return load_corpus(None if source == BUILTIN else Path(source), encoding_errors).splits[split]
 
 
 def format_metrics(name: str, m: dict) -> str:

@@ -84,7 +84,7 @@ def compare_cells(
         for cell in cells
     }
     shared = configs[cells[0]].tokenizer  # the tokenizer settings are the same for every cell
-    tokenizer = get_tokenizer(texts.splits["train"], shared.kind, shared.vocab_size)
+    tokenizer = get_tokenizer(texts.splits["train"], shared.kind, shared.vocab_size, shared.sample_lines)
     data = encode_corpus(tokenizer, texts.splits)
     rows = []
     for cell, cfg in configs.items():

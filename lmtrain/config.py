@@ -31,7 +31,13 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: str = "bpe"  # bpe | unigram | char | word (whitespace-separated words)
-    vocab_size: int = 4000  # an upper bound for char and word; exact for bpe and unigram
+    vocab_size: int = 4000  # bpe/unigram: exactly (a corpus that cannot give that many is an error); word/char: at most
+    # the tokenizer trains on a uniform sample of at most this many lines of the training split,
+    # so its memory is bounded whatever the corpus size (sentencepiece holds the sample, about
+    # 2-3x its bytes). 2,000,000 was sentencepiece's input_sentence_size here before we sampled
+    # ourselves, so tokenizers of corpora up to 2M lines (PTB, WikiText-2) are unchanged;
+    # more lines than that add little to the statistics of a vocabulary of a few 10k pieces
+    sample_lines: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,8 @@ def validate(config: Config) -> None:
         raise LmtrainError(f"config key 'train.lr_decay' must be at least 1 (the lr is divided by it), got {tr.lr_decay}")
     if t.vocab_size < 3:
         raise LmtrainError(f"config key 'tokenizer.vocab_size' must be at least 3, got {t.vocab_size}")
+    if t.sample_lines <= 100:  # sentencepiece's own lower limit
+        raise LmtrainError(f"config key 'tokenizer.sample_lines' must be more than 100, got {t.sample_lines}")
     if tr.lr_schedule in ("plateau", "epoch") and tr.optimizer == "ntasgd":
         raise LmtrainError(f"train.optimizer ntasgd averages at a fixed rate: use train.lr_schedule constant, not {tr.lr_schedule}")
 

@@ -1,31 +1,95 @@
 """Finding and checking text: a directory with train/valid/test, one file, or the built-in corpus.
 
-A corpus is three lists of lines. A line is the text between two newlines, without the newline
-(a trailing carriage return is dropped, so CRLF files read like LF files); the tokenizer ends
-each line with an end-of-sentence token.
+Each split is a `Text`: a byte range of a UTF-8 file (or, for the built-in corpus, lines held in
+memory). Loading a corpus checks and hashes every file in one streaming pass; encoding reads it
+again block by block, so no file is ever held whole, whatever its size:
+
+    file ─ read_blocks ─▶ Block (~1 MB of whole lines) ─ block_pieces ─▶ pieces, line ends, TextStats
+                          (in the main process)                          (in an encoding worker)
+
+A line is the text between two newlines, without the newline (a trailing carriage return is
+dropped, so CRLF files read like LF files); the tokenizer ends each line with an end-of-sentence
+token. A line longer than LONG_LINE_BYTES goes to the tokenizer in pieces (see `first_cut`), the
+end-of-sentence token only after its last piece.
 """
 
 from __future__ import annotations
 
+import bisect
+import codecs
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from lmtrain.errors import LmtrainError
 
 SPLITS = ("train", "valid", "test")
 BUILTIN = "builtin"  # the source name of the corpus made from CPython's reference documentation
+ENCODING_ERRORS = ("strict", "replace")  # what reading does with bytes that are not UTF-8: stop, or U+FFFD
+# bytes read, checked and encoded at a time: large enough that the per-block costs (a read, a
+# pickle to a worker and back, one sentencepiece call) vanish, small enough that several blocks
+# in flight per worker stay a few MB
+BLOCK_BYTES = 1 << 20
+# longer lines go to the tokenizer in pieces: sentencepiece's time and memory per sentence grow
+# faster than its length (a text8-style file is one 100 MB line), and a piece is also the unit of
+# the tokenizer's training sample. Real prose lines are far shorter, so they are never cut.
+LONG_LINE_BYTES = 1 << 16
+BOM = codecs.BOM_UTF8
+
+
+class TextStats(NamedTuple):
+    """Size of a text: UTF-8 bytes, whitespace-separated words, lines, characters; bytes and
+    characters count one newline per line (so CRLF and LF files measure the same)."""
+
+    bytes: int = 0
+    words: int = 0
+    lines: int = 0
+    chars: int = 0
+
+    def __add__(self, other: TextStats) -> TextStats:  # type: ignore[override]
+        return TextStats(*(a + b for a, b in zip(self, other)))
+
+
+@dataclass(frozen=True)
+class Text:
+    """One split: bytes [start, stop) of a checked UTF-8 file, or lines in memory (`lines`).
+
+    `digest` identifies the content for cache keys; `len(text)` is its number of lines.
+    """
+
+    name: str  # for messages: the file, and which part of it
+    digest: str
+    line_count: int
+    path: Path | None = None
+    start: int = 0
+    stop: int = 0
+    errors: str = "strict"  # one of ENCODING_ERRORS
+    lines: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.line_count
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file range (0 for lines in memory)."""
+        return self.stop - self.start
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """Lines of each split, and where they came from (an absolute path or BUILTIN)."""
+    """The text of each split, and where it came from (an absolute path or BUILTIN)."""
 
     source: str
-    splits: dict[str, list[str]]
+    splits: dict[str, Text]
 
 
-def load_corpus(path: Path | None) -> Corpus:
-    """Read a corpus: a directory holding train.txt/valid.txt/test.txt, one text file, or None (built-in)."""
+def load_corpus(path: Path | None, errors: str = "strict") -> Corpus:
+    """Find and check a corpus: a directory holding train.txt/valid.txt/test.txt, one text file
+    (split 90/5/5 by lines), or None (built-in). `errors`: see ENCODING_ERRORS."""
     if path is None:
         return builtin_corpus()
     if not path.exists():
@@ -37,54 +101,174 @@ def load_corpus(path: Path | None) -> Corpus:
                 f"corpus directory {path} lacks {', '.join(missing)} "
                 "(expected train.txt, valid.txt and test.txt, or give a single text file)"
             )
-        splits = {s: read_lines(path / f"{s}.txt") for s in SPLITS}
-        return Corpus(str(path.resolve()), splits)
-    lines = read_lines(path)
-    return Corpus(str(path.resolve()), split_lines(lines, f"corpus file {path}"))
+        return Corpus(str(path.resolve()), {s: load_text(path / f"{s}.txt", errors) for s in SPLITS})
+    return Corpus(str(path.resolve()), split_file(path, scan_file(path, errors), errors))
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file; raise LmtrainError for anything that is not usable text."""
+def load_text(path: Path, errors: str = "strict") -> Text:
+    """A whole text file, checked (see `scan_file`)."""
+    scan = scan_file(path, errors)
+    return Text(str(path), scan.digest, scan.line_count, path, 0, scan.size, errors)
+
+
+def lines_text(lines: list[str], name: str = "text") -> Text:
+    """Lines in memory as a Text (the built-in corpus; callers that already hold their lines)."""
+    h = hashlib.sha256(b"lines\0")
+    for line in lines:
+        h.update(line.encode("utf-8"))
+        h.update(b"\n")
+    return Text(name, h.hexdigest(), len(lines), lines=lines)
+
+
+def as_text(text: Text | list[str]) -> Text:
+    return text if isinstance(text, Text) else lines_text(text)
+
+
+# --- checking a file: one streaming pass ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileScan:
+    """What one pass over a file learns: its size, sha256, lines, and the lines before each block
+    (so that the offset of any line is found by reading one block)."""
+
+    size: int
+    digest: str
+    line_count: int
+    block_starts: list[int]  # byte offset of each BLOCK_BYTES block
+    lines_before: list[int]  # newlines before each of those offsets
+
+
+def scan_file(path: Path, errors: str = "strict") -> FileScan:
+    """Check that `path` is usable text (not empty, not binary, UTF-8 unless errors='replace',
+    not only whitespace) and hash and count it, reading it once in blocks."""
+    h = hashlib.sha256()
+    starts: list[int] = []
+    before: list[int] = []
+    offset = newlines = 0
+    pending = b""  # an incomplete UTF-8 sequence at the end of the last block
+    has_text = False
+    last = b""
+    with open_text_file(path) as f:
+        while block := read_or_fail(f, BLOCK_BYTES, path):
+            starts.append(offset)
+            before.append(newlines)
+            h.update(block)
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise LmtrainError(f"{path} looks binary (NUL byte at offset {offset + nul}); expected UTF-8 text")
+            text, pending = decode(pending + block, offset - len(pending), errors, str(path), final=False)
+            has_text = has_text or bool(text.strip())
+            newlines += block.count(b"\n")
+            offset += len(block)
+            last = block[-1:]
+    decode(pending, offset - len(pending), errors, str(path), final=True)
+    if offset == 0:
+        raise LmtrainError(f"{path} is empty")
+    if not has_text:
+        raise LmtrainError(f"{path} holds only whitespace")
+    lines = newlines + (last != b"\n")  # a last line without a newline still counts
+    return FileScan(offset, h.hexdigest(), lines, starts, before)
+
+
+def open_text_file(path: Path):
     try:
-        data = path.read_bytes()
+        return open(path, "rb")
     except IsADirectoryError:
         raise LmtrainError(f"expected a text file, got a directory: {path}") from None
     except OSError as e:
         raise LmtrainError(f"cannot read {path}: {e.strerror}") from None
-    return decode_lines(data, str(path))
 
 
-def decode_lines(data: bytes, name: str) -> list[str]:
-    if not data:
-        raise LmtrainError(f"{name} is empty")
-    nul = data.find(b"\0")
-    if nul >= 0:
-        raise LmtrainError(f"{name} looks binary (NUL byte at offset {nul}); expected UTF-8 text")
+def read_or_fail(f, size: int, path: Path) -> bytes:
     try:
-        text = data.decode("utf-8")
+        return f.read(size)
+    except OSError as e:
+        raise LmtrainError(f"cannot read {path}: {e.strerror}") from None
+
+
+def decode(data: bytes, offset: int, errors: str, name: str, final: bool = True) -> tuple[str, bytes]:
+    """UTF-8 `data` (found at byte `offset` of `name`) as text, and the incomplete sequence at its
+    end that waits for the next block (none when `final`)."""
+    try:
+        text, used = codecs.utf_8_decode(data, errors, final)
     except UnicodeDecodeError as e:
-        raise LmtrainError(f"{name} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-    if not text.strip():
-        raise LmtrainError(f"{name} holds only whitespace")
-    text = text.removeprefix("\ufeff")
-    if text.endswith("\n"):
-        text = text[:-1]
-    return [line.removesuffix("\r") for line in text.split("\n")]
+        raise LmtrainError(
+            f"{name} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {offset + e.start}); "
+            "fix the file or read it with --encoding-errors replace"
+        ) from None
+    return text, data[used:]
+
+
+# --- the 90/5/5 split of one file ---------------------------------------------------------------
+
+
+def split_sizes(n_lines: int, name: str) -> tuple[int, int]:
+    """(train lines, valid lines = test lines) of a text split 90/5/5 by lines."""
+    if n_lines < 3:
+        raise LmtrainError(
+            f"{name} has {n_lines} line(s); at least 3 are needed to split it into train/valid/test "
+            "(or give a directory with train.txt, valid.txt and test.txt)"
+        )
+    held_out = max(1, n_lines // 20)
+    return n_lines - 2 * held_out, held_out
+
+
+def split_file(path: Path, scan: FileScan, errors: str) -> dict[str, Text]:
+    """Split one checked file deterministically into contiguous train (90 %), valid (5 %) and test
+    (5 %) line ranges, without reading it whole: the scan counted the lines, and each boundary's
+    byte offset is found by reading the one block it lies in.
+
+    Contiguous blocks rather than a shuffle keep documents whole, so valid and test measure text
+    the model has not seen in pieces.
+    """
+    name = f"corpus file {path}"
+    n_train, held_out = split_sizes(scan.line_count, name)
+    first = [0, n_train, n_train + held_out, scan.line_count]
+    offsets = [0, line_offset(path, scan, first[1]), line_offset(path, scan, first[2]), scan.size]
+    splits = {}
+    for i, split in enumerate(SPLITS):
+        digest = hashlib.sha256(f"{scan.digest} bytes {offsets[i]}-{offsets[i + 1]}".encode()).hexdigest()
+        text = Text(f"{path} (lines {first[i] + 1}-{first[i + 1]}, its {split} part)", digest,
+                    first[i + 1] - first[i], path, offsets[i], offsets[i + 1], errors)
+        if not has_text(text):
+            raise LmtrainError(f"{name}: its {split} part (by the 90/5/5 line split) holds only whitespace")
+        splits[split] = text
+    return splits
+
+
+def line_offset(path: Path, scan: FileScan, line: int) -> int:
+    """Byte offset where line number `line` (0-based, 0 < line < line_count) starts."""
+    i = bisect.bisect_left(scan.lines_before, line) - 1  # the block holding the line-th newline
+    with open_text_file(path) as f:
+        f.seek(scan.block_starts[i])
+        block = read_or_fail(f, BLOCK_BYTES, path)
+    newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n"))
+    return scan.block_starts[i] + int(newlines[line - scan.lines_before[i] - 1]) + 1
+
+
+def has_text(text: Text) -> bool:
+    """Whether a file range holds anything but whitespace (reads only until it finds some)."""
+    with open_text_file(text.path) as f:
+        f.seek(text.start)
+        pending, offset = b"", text.start
+        while offset < text.stop:
+            block = read_or_fail(f, min(BLOCK_BYTES, text.stop - offset), text.path)
+            if not block:
+                break
+            decoded, pending = decode(pending + block, offset - len(pending), text.errors, text.name, final=False)
+            if decoded.strip():
+                return True
+            offset += len(block)
+    return False
+
+
+# --- the built-in corpus ----------------------------------------------------------------------
 
 
 def split_lines(lines: list[str], name: str) -> dict[str, list[str]]:
-    """Split one text deterministically into contiguous train (90 %), valid (5 %) and test (5 %) lines.
-
-    Contiguous blocks rather than a shuffle keep documents whole, so valid and test measure
-    text the model has not seen in pieces.
-    """
-    if len(lines) < 3:
-        raise LmtrainError(
-            f"{name} has {len(lines)} line(s); at least 3 are needed to split it into train/valid/test "
-            "(or give a directory with train.txt, valid.txt and test.txt)"
-        )
-    held_out = max(1, len(lines) // 20)
-    n_train = len(lines) - 2 * held_out
+    """`split_file` for lines in memory: the same 90/5/5 rule."""
+    n_train, held_out = split_sizes(len(lines), name)
     splits = {
         "train": lines[:n_train],
         "valid": lines[n_train : n_train + held_out],
@@ -105,13 +289,153 @@ def builtin_corpus() -> Corpus:
     from pydoc_data.topics import topics
 
     lines = [line for key in sorted(topics) for line in topics[key].split("\n") if line.strip()]
-    return Corpus(BUILTIN, split_lines(lines, "the built-in corpus"))
+    parts = split_lines(lines, "the built-in corpus")
+    return Corpus(BUILTIN, {split: lines_text(part, f"the built-in corpus ({split} part)") for split, part in parts.items()})
 
 
-def text_stats(lines: list[str]) -> tuple[int, int, int, int]:
-    """(UTF-8 bytes, whitespace-separated words, lines, characters) of a split; bytes and
+# --- reading a text in blocks and pieces --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """Bytes of whole lines of a file, or the head of a line too long to take whole."""
+
+    data: bytes
+    offset: int  # file offset of data[0], for messages
+    open_end: bool = False  # data is the head of a line that goes on in the next block
+    split_words: int = 0  # 1 when that head was cut through a word (which split() then counts twice)
+
+
+def read_blocks(text: Text, block_bytes: int | None = None, long_line: int | None = None) -> Iterator[Block]:
+    """Cut a file range into blocks of whole lines, about `block_bytes` each; a line that grows
+    past `long_line` bytes without a newline comes as head blocks (`open_end`), so memory stays
+    bounded however long the line (None: BLOCK_BYTES, LONG_LINE_BYTES, looked up when called so
+    that tests can make them small). The byte order mark at the start of a file is dropped."""
+    block_bytes, long_line = block_bytes or BLOCK_BYTES, long_line or LONG_LINE_BYTES
+    with open_text_file(text.path) as f:
+        f.seek(text.start)
+        offset = text.start  # file offset of carry[0]
+        carry = b""  # bytes after the last newline sent
+        while True:
+            block = read_or_fail(f, min(block_bytes, text.stop - offset - len(carry)), text.path)
+            data = carry + block
+            if offset == 0 and data.startswith(BOM):
+                data, offset = data[len(BOM):], len(BOM)
+            if offset + len(data) >= text.stop or not block:
+                if data:
+                    yield Block(data, offset)
+                return
+            end = data.rfind(b"\n") + 1
+            if end:
+                yield Block(data[:end], offset)
+                offset += end
+            carry = data[end:]
+            # slack: the character after a cut must be whole (to tell whether the cut goes through
+            # a word), and a trailing \r may yet turn out to end the line (and be dropped)
+            while len(carry) > long_line + 4:
+                cut, split = first_cut(carry, long_line)
+                yield Block(carry[:cut], offset, open_end=True, split_words=split)
+                offset += cut
+                carry = carry[cut:]
+
+
+def first_cut(line: bytes, limit: int) -> tuple[int, int]:
+    """Where to cut the head off a line longer than `limit` bytes: (cut, 1 if through a word).
+
+    At the start of the last run of spaces within the first `limit` bytes that follows a
+    non-space: sentencepiece starts a new word there, so the pieces' tokens are the whole
+    line's (and word mode splits at spaces anyway). With no such space, at `limit`, moved back to a
+    character boundary. The cut depends only on line[:limit + 4], so cutting a line's head before
+    its end is read gives the same pieces as cutting the whole line.
+    """
+    cut = line.rfind(b" ", 1, limit + 1)
+    if cut > 0:
+        cut = len(line[:cut].rstrip(b" "))
+        if cut > 0:
+            return cut, 0
+    cut = limit
+    while line[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        cut -= 1
+    before = line[max(0, cut - 4) : cut].decode("utf-8", "ignore")[-1:]
+    after = line[cut : cut + 4].decode("utf-8", "ignore")[:1]
+    return cut, int(bool(before) and bool(after) and not before.isspace() and not after.isspace())
+
+
+def cut_line(line: str, limit: int | None = None) -> list[str]:
+    """A whole line as pieces of at most `limit` (None: LONG_LINE_BYTES) UTF-8 bytes (see `first_cut`)."""
+    limit = limit or LONG_LINE_BYTES
+    if len(line) * 4 <= limit:  # cannot be longer than limit bytes: skip the encoding
+        return [line]
+    rest = line.encode("utf-8")
+    pieces = []
+    while len(rest) > limit:
+        cut, _ = first_cut(rest, limit)
+        pieces.append(rest[:cut].decode("utf-8", "replace"))
+        rest = rest[cut:]
+    pieces.append(rest.decode("utf-8", "replace"))
+    return pieces
+
+
+def cut_long_lines(lines: list[str], open_last: bool = False, limit: int | None = None) -> tuple[list[str], list[int]]:
+    """Lines as pieces for the tokenizer: (pieces, indices of the pieces that do not end their
+    line). `open_last`: the last line goes on in the next block. `limit`: see `cut_line`."""
+    limit = limit or LONG_LINE_BYTES
+    if not lines or max(map(len, lines)) * 4 <= limit:  # the usual case: nothing to cut
+        return lines, [len(lines) - 1] if open_last and lines else []
+    pieces: list[str] = []
+    continued: list[int] = []
+    for i, line in enumerate(lines):
+        parts = cut_line(line, limit)
+        pieces.extend(parts)
+        ends_here = not (open_last and i == len(lines) - 1)
+        continued.extend(range(len(pieces) - len(parts), len(pieces) - ends_here))
+    return pieces, continued
+
+
+def block_pieces(block: Block, errors: str, name: str, long_line: int | None = None) -> tuple[list[str], list[int], TextStats]:
+    """The lines of a block as pieces for the tokenizer, the pieces that do not end their line,
+    and the block's share of the text's TextStats (as `text_stats` counts them)."""
+    text, _ = decode(block.data, block.offset, errors, name)
+    lines = text.split("\n")
+    tail = lines.pop()  # "" after a final newline; else the text's last line, or a long line's head
+    newlines = len(lines)
+    if tail and not block.open_end:
+        lines.append(tail)
+    dropped_cr = 0
+    if "\r" in text:  # only lines that end here lose a trailing \r, not the head of an open one
+        dropped_cr = sum(line.endswith("\r") for line in lines)
+        lines = [line.removesuffix("\r") for line in lines]
+    line_ends = len(lines)
+    if block.open_end:
+        lines.append(tail)
+    pieces, continued = cut_long_lines(lines, block.open_end, long_line)
+    # without the newlines and dropped carriage returns, plus one newline per line end; bytes are
+    # the file's own (with errors='replace', a replaced byte counts as itself, not as U+FFFD)
+    stats = TextStats(
+        bytes=len(block.data) - newlines - dropped_cr + line_ends,
+        words=len(text.split()) - block.split_words,
+        lines=line_ends,
+        chars=len(text) - newlines - dropped_cr + line_ends,
+    )
+    return pieces, continued, stats
+
+
+def text_pieces(text: Text) -> Iterator[tuple[list[str], list[int], TextStats, int]]:
+    """The whole text as (pieces, continued, stats, bytes read) per block, in this process."""
+    if text.lines is not None:
+        for start in range(0, len(text.lines), 4096):
+            lines = text.lines[start : start + 4096]
+            pieces, continued = cut_long_lines(lines)
+            yield pieces, continued, text_stats(lines), 0
+        return
+    for block in read_blocks(text):
+        yield *block_pieces(block, text.errors, text.name), len(block.data)
+
+
+def text_stats(lines: list[str]) -> TextStats:
+    """(UTF-8 bytes, whitespace-separated words, lines, characters) of lines in memory; bytes and
     characters count one newline per line."""
     n_bytes = sum(len(line.encode("utf-8")) + 1 for line in lines)
     n_words = sum(len(line.split()) for line in lines)
     n_chars = sum(len(line) + 1 for line in lines)
-    return n_bytes, n_words, len(lines), n_chars
+    return TextStats(n_bytes, n_words, len(lines), n_chars)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lmtrain.model import LanguageModel, detach_state
 from lmtrain.tokenizer import EOS_ID
-from lmtrain.tokens import batchify, windows
+from lmtrain.tokens import lazy_batchify, windows
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def gradient_stats(model: LanguageModel, tokens: np.ndarray, settings: DynamicSe
     """RMS of each parameter's gradient over batches of `tokens` (the training split), in eval mode."""
     model.eval()
     device = model.decoder.weight.device
-    inputs, targets = batchify(tokens, settings.stats_batch_size, EOS_ID)
+    inputs, targets = lazy_batchify(tokens, settings.stats_batch_size, EOS_ID)
     sums = [torch.zeros_like(p) for p in model.parameters()]
     state = model.init_state(settings.stats_batch_size)
     batches = 0

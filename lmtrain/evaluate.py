@@ -18,7 +18,7 @@ from lmtrain.dynamic import DynamicEval
 from lmtrain.model import LanguageModel
 from lmtrain.stream import score_stream
 from lmtrain.tokenizer import EOS_ID
-from lmtrain.tokens import TokenFile, batchify, windows
+from lmtrain.tokens import TokenFile, lazy_batchify, windows
 
 
 @torch.no_grad()
@@ -29,10 +29,10 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
     decoder_dtype: as in training (LanguageModel.decode); None computes it all in the model's dtype.
     streams: score only these of the `batch_size` streams (one rank's share, lmtrain.distributed).
 
-    The split is laid out as `batch_size` padded streams (see `batchify`), each starting from a
+    The split is laid out as `batch_size` padded streams (see `lazy_batchify`), each starting from a
     zero state, and the state is carried across windows as in training.
     """
-    inputs, targets = batchify(tokens, batch_size, EOS_ID, pad=True)
+    inputs, targets = lazy_batchify(tokens, batch_size, EOS_ID, pad=True)  # windows built from the memmap
     inputs, targets = inputs[:, streams].contiguous(), targets[:, streams].contiguous()
     if inputs.size(1) == 0:
         return 0.0, 0
@@ -41,13 +41,15 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
     device = model.decoder.weight.device
     state = model.init_state(inputs.size(1))
     total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in windows(inputs.to(device), targets.to(device), bptt):
         logits, state = model(x, state, decoder_dtype)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")
+        count += (y >= 0).sum()  # padding (-1) is not scored; all streams together predict every token once
     model.train(was_training)
-    return total.item(), int((targets >= 0).sum())
+    return total.item(), int(count)
 
 
 def metrics(nll_sum: float, n_tokens: int, n_words: int, n_bytes: int, n_chars: int = 0) -> dict[str, float | int | None]:

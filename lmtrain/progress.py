@@ -1,7 +1,7 @@
 """The only module that writes training progress to the terminal.
 
-`train` calls the methods below (close() once, however training ends); `QuietProgress` is for
-library use and tests.
+`train` calls the methods below (close() once, however training ends), `prepare` bytes_bar (a
+bar over the bytes of a text being read); `QuietProgress` is for library use and tests.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class QuietProgress:
 
     def close(self) -> None:
         pass
+
+    def bytes_bar(self, total: int, desc: str) -> tqdm:
+        """A context manager with update(n_bytes); here one that shows nothing."""
+        return tqdm(total=total, disable=True)
 
 
 class TerminalProgress(QuietProgress):
@@ -63,3 +67,9 @@ class TerminalProgress(QuietProgress):
         if self.bar is not None and not self.bar.disable:
             self.bar.close()
             self.bar = None
+
+    def bytes_bar(self, total: int, desc: str) -> tqdm:
+        """Bytes read so far, in MB/s; nothing when the stream is not a terminal (a log file, tests)."""
+        shown = hasattr(self.stream, "isatty") and self.stream.isatty() and total > 0
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=self.stream, dynamic_ncols=True,
+                    leave=False, mininterval=0.5, disable=not shown)

@@ -53,19 +53,27 @@ RUN_MARKER = "config.toml"
 
 
 def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force: bool,
-                default_run_dir, say) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
+                default_run_dir, say, encoding_errors: str = "strict",
+                progress=None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
     enough, make the run directory and the seeded model on the configured device.
 
     `default_run_dir(source)` names the run directory when `run_dir` is None; `say` takes one
     line of news for the user. Returns the model, the encoded splits and what every checkpoint
     stores besides the model, with "run_dir" added (pop it before training: it is not stored).
+    `encoding_errors` (lmtrain.corpus.ENCODING_ERRORS) applies to reading the corpus; `progress`
+    (lmtrain.progress) shows the passes over it.
     """
-    texts = load_corpus(corpus)
+    texts = load_corpus(corpus, encoding_errors)
     device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
-    tokenizer = get_tokenizer(texts.splits["train"], config.tokenizer.kind, config.tokenizer.vocab_size)
-    data = encode_corpus(tokenizer, texts.splits)
+    tc = config.tokenizer
+    tokenizer = get_tokenizer(texts.splits["train"], tc.kind, tc.vocab_size, tc.sample_lines, progress)
+    if tc.kind in ("bpe", "unigram") and tokenizer.vocab_size < tc.vocab_size:  # word and char: a cap (config.py)
+        raise LmtrainError(f"config key 'tokenizer.vocab_size' = {tc.vocab_size:,} is more than this corpus allows: its "
+                           f"training text gives a {tc.kind} vocabulary of {tokenizer.vocab_size:,} pieces at most "
+                           f"(set tokenizer.vocab_size to {tokenizer.vocab_size:,} or less, or use a larger corpus)")
+    data = encode_corpus(tokenizer, texts.splits, progress)
     n_train, needed = len(data["train"].tokens), min_train_tokens(config.train)
     if n_train < needed:
         raise LmtrainError(
@@ -77,10 +85,16 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
     model, info = start_run(run_dir, config, tokenizer, texts.source, force, device)
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
-        f"vocab {tokenizer.vocab_size:,} ({config.tokenizer.kind}) | {count_parameters(model):,} parameters | "
+        f"vocab {tokenizer.vocab_size:,} ({tc.kind}{vocab_note(tokenizer.vocab_size, tc.vocab_size)}) | "
+        f"{count_parameters(model):,} parameters | "
         f"device {device} | run {run_dir}"
     )
     return model, data, {**info, "run_dir": str(run_dir)}
+
+
+def vocab_note(got: int, asked: int) -> str:
+    """Says so when the training text gave fewer pieces than tokenizer.vocab_size asked for."""
+    return f"; the corpus gives no more than {got:,} of the {asked:,} asked for" if got < asked else ""
 
 
 def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, force: bool,
@@ -183,7 +197,7 @@ def load_run(run: Path, device: torch.device, warn=None) -> LoadedRun:
     return LoadedRun(model, tokenizer, config, payload["corpus"], payload["progress"])
 
 
-def resume_run(run_dir: Path, overrides: list[str], say) -> tuple[LanguageModel, Config, dict[str, TokenFile],
+def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = "strict") -> tuple[LanguageModel, Config, dict[str, TokenFile],
                                                                     dict[str, Any], dict[str, Any]]:
     """Everything before `train(..., resume=payload)` continues RUN where its last.pt left it.
 
@@ -213,7 +227,7 @@ def resume_run(run_dir: Path, overrides: list[str], say) -> tuple[LanguageModel,
     source = payload["corpus"]
     if source != BUILTIN and not Path(source).exists():
         raise LmtrainError(f"the run's corpus {source} is no longer there: put it back to resume")
-    texts = load_corpus(None if source == BUILTIN else Path(source))
+    texts = load_corpus(None if source == BUILTIN else Path(source), encoding_errors)
     tokenizer = Tokenizer(payload["tokenizer"]["model"], payload["tokenizer"]["kind"])
     data = encode_corpus(tokenizer, texts.splits)
     if data_digest(data) != payload["resume"]["data"]:

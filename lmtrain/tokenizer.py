@@ -1,6 +1,12 @@
-"""The sentencepiece wrapper: train on the training split, encode lines to ids, decode ids to text.
+"""The sentencepiece wrapper: train on a sample of the training split, encode lines to ids, decode ids to text.
 
-Ids 0 and 1 are always `<unk>` and `<eos>`; every encoded line ends with `<eos>`.
+Ids 0 and 1 are always `<unk>` and `<eos>`; every encoded line ends with `<eos>` (a line that
+comes in pieces, see lmtrain.corpus, only after its last piece).
+
+Training sees a uniform sample of at most `sample_lines` lines, drawn in one streaming pass
+(`reservoir_sample`), so its memory is bounded whatever the corpus size; when the training split
+has no more lines than that, the sample is all of them, in order, and the tokenizer is the one
+sentencepiece trains on the whole split.
 
 Word mode reproduces the published word-level setups (PTB: 10,000 types, WikiText-2: 33,278):
 sentencepiece's `word` model collects the vocabulary, the corpus' literal `<unk>` is left out of
@@ -12,16 +18,24 @@ the token count and so every perplexity.)
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import itertools
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from lmtrain.config import TokenizerConfig
 from lmtrain.errors import LmtrainError
 
 UNK_ID, EOS_ID = 0, 1
 UNK, EOS = "<unk>", "<eos>"
 WORD_PREFIX = "\u2581"  # sentencepiece's visible space
+# the training sample's seed: fixed, not train.seed, so that runs differing only in their seed
+# share one tokenizer (and their perplexities stay comparable)
+SAMPLE_SEED = 0
 
 
 class Tokenizer:
@@ -38,17 +52,21 @@ class Tokenizer:
 
     def encode_lines(self, lines: list[str]) -> np.ndarray:
         """Ids of `lines`, each line followed by `<eos>`; shape (tokens,), int64."""
+        return self.encode_pieces(lines)
+
+    def encode_pieces(self, pieces: list[str], continued: Sequence[int] = ()) -> np.ndarray:
+        """Ids of `pieces`, each followed by `<eos>` but those listed in `continued` (pieces of a
+        line that goes on in the next piece); shape (tokens,), int64. One thread: the
+        parallelism is in the processes that call it (lmtrain.prepare)."""
         if self.kind == "word":
-            pieces = [[WORD_PREFIX + w for w in line.split()] for line in lines]
-            per_line = [self.sp.piece_to_id(p) if p else [] for p in pieces]
+            words = [[WORD_PREFIX + w for w in piece.split()] for piece in pieces]
+            per_piece = [self.sp.piece_to_id(w) if w else [] for w in words]
         else:
-            per_line = self.sp.encode(lines, num_threads=2)
-        lengths = np.fromiter((len(ids) + 1 for ids in per_line), dtype=np.int64, count=len(per_line))
-        out = np.full(int(lengths.sum()), EOS_ID, dtype=np.int64)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        for start, ids in zip(starts, per_line):
-            out[start : start + len(ids)] = ids
-        return out
+            per_piece = self.sp.encode(pieces, num_threads=1)
+        lengths = np.fromiter(map(len, per_piece), dtype=np.int64, count=len(per_piece))
+        ids = np.fromiter(itertools.chain.from_iterable(per_piece), dtype=np.int64, count=int(lengths.sum()))
+        line_ends = np.delete(np.cumsum(lengths), list(continued))
+        return np.insert(ids, line_ends, EOS_ID)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Ids of a prompt: its lines, each but the last ended by `<eos>` (the last stays open)."""
@@ -68,12 +86,14 @@ class Tokenizer:
         return self.sp.id_to_piece(token_id).replace(WORD_PREFIX, " ")
 
 
-def train_tokenizer(lines: list[str], kind: str, vocab_size: int) -> Tokenizer:
-    """Train a sentencepiece model of `kind` on `lines` (the training split)."""
+def train_tokenizer(lines: Iterable[str], kind: str, vocab_size: int, sample_lines: int = TokenizerConfig.sample_lines,
+                    seed: int = SAMPLE_SEED) -> Tokenizer:
+    """Train a sentencepiece model of `kind` on a uniform sample of at most `sample_lines` of
+    the non-blank `lines` (the training split, read once, in any size)."""
     if kind == "word":
         # the corpus' own <unk> marks out-of-vocabulary words: keep it out of the vocabulary
-        lines = [" ".join(w for w in line.split() if w != UNK) for line in lines]
-    lines = [line for line in lines if line.strip()]
+        lines = (" ".join(w for w in line.split() if w != UNK) for line in lines)
+    lines = reservoir_sample(filter(str.strip, lines), sample_lines, seed)
     if not lines:
         raise LmtrainError("the training split holds no text to train a tokenizer on")
     options = dict(
@@ -93,7 +113,9 @@ def train_tokenizer(lines: list[str], kind: str, vocab_size: int) -> Tokenizer:
         character_coverage=1.0 if kind in ("char", "word") else 0.9995,
         max_sentence_length=1 << 24,
         max_sentencepiece_length=512 if kind == "word" else 16,
-        input_sentence_size=2_000_000,
+        # the sample is drawn above, so sentencepiece takes it whole (and its own sampler, seeded
+        # from the clock, never runs); the value is also what the model file records
+        input_sentence_size=sample_lines,
         shuffle_input_sentence=True,
         num_threads=2,
         minloglevel=2,
@@ -101,7 +123,46 @@ def train_tokenizer(lines: list[str], kind: str, vocab_size: int) -> Tokenizer:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
-    except RuntimeError as e:
-        reason = str(e).split("]")[-1].strip() or str(e)
-        raise LmtrainError(f"sentencepiece could not train a {kind} tokenizer with vocab_size {vocab_size}: {reason}") from None
+    except (RuntimeError, ValueError) as e:  # ValueError: a vocab_size beyond sentencepiece's int32
+        raise LmtrainError(training_error(str(e), kind, vocab_size)) from None
     return Tokenizer(model.getvalue(), kind)
+
+
+def training_error(message: str, kind: str, vocab_size: int) -> str:
+    """sentencepiece's reason for not training, as one line that says what to change."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_small:
+        return (f"tokenizer.vocab_size {vocab_size} is too small for a {kind} tokenizer of this corpus: its characters "
+                f"and the special tokens alone need {too_small[1]} (set tokenizer.vocab_size to at least {too_small[1]})")
+    if "as int" in message:
+        return (f"tokenizer.vocab_size {vocab_size:,} is more than sentencepiece can take (at most 2,147,483,647); "
+                "a corpus gives far fewer pieces, so set a smaller tokenizer.vocab_size")
+    reason = (message.split("]")[-1].strip() or message).splitlines()[0]
+    return f"sentencepiece could not train a {kind} tokenizer with tokenizer.vocab_size {vocab_size}: {reason}"
+
+
+def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform random sample of `k` of `items` in one pass and O(k) memory, in their original
+    order; all of them when there are at most `k`.
+
+    Li's Algorithm L (1994): after the first k, it jumps over a geometrically distributed number
+    of items to the next one that replaces a random slot, so most items cost no random draw.
+    """
+    rng = random.Random(seed)
+    stream = iter(items)
+    sample = list(itertools.islice(stream, k))
+    if len(sample) < k:
+        return sample
+    positions = list(range(k))
+    position = k - 1
+    w = math.exp(math.log(1.0 - rng.random()) / k)
+    while True:
+        skip = int(math.log(1.0 - rng.random()) / math.log1p(-w)) if w < 1.0 else 0
+        item = next(itertools.islice(stream, skip, None), None)
+        if item is None:
+            break
+        position += skip + 1
+        slot = rng.randrange(k)
+        sample[slot], positions[slot] = item, position
+        w *= math.exp(math.log(1.0 - rng.random()) / k)
+    return [sample[i] for i in sorted(range(k), key=positions.__getitem__)]

@@ -46,24 +46,61 @@ class TokenFile:
     text_chars: int = 0  # 0: not known (a version 1 file)
 
 
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+class TokenWriter:
+    """Writes a token file into an open binary file as the ids arrive: a blank header first, the
+    ids, and the header with the counts last (`finish`), once they are known.
+
+    Use it inside `atomic_open`, so that a reader never sees a file without its header.
+    """
+
+    def __init__(self, f, vocab_size: int):
+        self.f = f
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.count = 0
+        f.write(bytes(HEADER.size))
+
+    def write(self, ids: np.ndarray) -> None:
+        """Append ids (any integer dtype), shape (n,)."""
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            raise ValueError("token id out of vocabulary range")
+        self.f.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.count += len(ids)
+
+    def finish(self, text_bytes: int, text_words: int, text_lines: int, text_chars: int = 0) -> None:
+        header = HEADER.pack(MAGIC, VERSION, np.dtype(self.dtype).itemsize, self.vocab_size, self.count,
+                             text_bytes, text_words, text_lines, text_chars)
+        self.f.seek(0)
+        self.f.write(header)
+        self.f.seek(0, os.SEEK_END)
+
+
 def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, text_bytes: int, text_words: int, text_lines: int,
                  text_chars: int = 0) -> None:
     """Write a token file atomically (temporary file, fsync, rename)."""
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise ValueError("token id out of vocabulary range")
-    header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, len(tokens), text_bytes, text_words, text_lines, text_chars)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
-        f.write(header)
-        f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
+        writer = TokenWriter(f, vocab_size)
+        writer.write(tokens)
+        writer.finish(text_bytes, text_words, text_lines, text_chars)
 
 
-def read_tokens(path: Path) -> TokenFile:
-    """Open a token file, checking its header, with the ids as a read-only memmap."""
+def read_tokens(path) -> TokenFile:
+    """Open a token file, checking its header, with the ids as a read-only memmap. `path` may
+    also be an open binary file (an unnamed temporary one: see lmtrain.prepare)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER.size)
+        if isinstance(path, (str, os.PathLike)):
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                raw = f.read(HEADER.size)
+        else:
+            size = os.fstat(path.fileno()).st_size
+            path.seek(0)
+            raw = path.read(HEADER.size)
     except OSError as e:
         raise LmtrainError(f"cannot read token file {path}: {e.strerror}") from None
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
@@ -72,7 +109,7 @@ def read_tokens(path: Path) -> TokenFile:
     if version not in (1, VERSION) or width not in (2, 4):
         raise LmtrainError(f"{path}: unsupported token file version {version} or token width {width}")
     dtype = np.uint16 if width == 2 else np.uint32
-    if os.path.getsize(path) != HEADER.size + count * width:
+    if size != HEADER.size + count * width:
         raise LmtrainError(f"{path} is truncated or has trailing bytes (header says {count} tokens)")
     tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
     return TokenFile(tokens, vocab_size, text_bytes, words, lines, chars if version >= 2 else 0)
@@ -108,7 +145,75 @@ def batchify(tokens: np.ndarray, batch_size: int, start_id: int, pad: bool = Fal
     return inputs.view(batch_size, steps).t().contiguous(), targets.view(batch_size, steps).t().contiguous()
 
 
-def windows(inputs: torch.Tensor, targets: torch.Tensor, bptt: int):
+class Streams:
+    """One side of `batchify`'s layout, inputs or targets, cut from the token array on demand.
+
+    It has the layout's length and shape, and `streams[a:b]` is rows a..b-1 of it as a
+    (b - a, batch_size) int64 tensor on `device`, built from the few tokens those rows hold;
+    so a split of any size trains and evaluates straight from its token file's memmap. Row t of
+    column c is position p = c * steps + t of the stream: the token at p - shift of the split
+    (shift 1 for inputs, where position 0 holds `start_id`), or `fill` past the split's end.
+    `streams[:, a:b]` keeps columns a..b-1 only (a rank's share of the streams, as
+    lmtrain.distributed cuts a tensor layout), still unbuilt.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, steps: int, used: int, shift: int, start_id: int,
+                 fill: int, device: torch.device | str = "cpu", columns: np.ndarray | None = None):
+        self.tokens = tokens
+        self.steps, self.used = steps, used
+        self.shift, self.start_id, self.fill = shift, start_id, fill
+        self.device = torch.device(device)
+        # (B,) the stream position where each column starts
+        self.columns = steps * np.arange(batch_size, dtype=np.int64) if columns is None else columns
+        self.batch_size = len(self.columns)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.steps, self.batch_size))
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def to(self, device: torch.device | str) -> Streams:
+        return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill,
+                       device, self.columns)
+
+    def contiguous(self) -> Streams:
+        """Itself: the windows it builds are contiguous tensors already (for code written for tensors)."""
+        return self
+
+    def __getitem__(self, rows: slice | tuple[slice, slice]) -> torch.Tensor | Streams:
+        if isinstance(rows, tuple) and len(rows) == 2 and rows[0] == slice(None) and isinstance(rows[1], slice):
+            return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill,
+                           self.device, self.columns[rows[1]])
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("Streams take contiguous row slices [a:b], or a column slice [:, a:b], only")
+        first, stop, _ = rows.indices(self.steps)
+        positions = np.arange(first, max(first, stop), dtype=np.int64)[:, None] + self.columns  # (T, B)
+        source = positions - self.shift
+        inside = (positions < self.used) & (source >= 0)
+        out = np.full(positions.shape, self.fill, dtype=np.int64)
+        out[inside] = self.tokens[source[inside]]
+        if self.shift:
+            out[positions == 0] = self.start_id
+        return torch.from_numpy(out).to(self.device)
+
+
+def lazy_batchify(tokens: np.ndarray, batch_size: int, start_id: int, pad: bool = False) -> tuple[Streams, Streams]:
+    """`batchify`'s (inputs, targets) layout without building it: two `Streams` of (steps,
+    batch_size) whose row slices are built from `tokens` (a memmap, say) when asked for."""
+    n = len(tokens)
+    steps = -(-n // batch_size) if pad else n // batch_size
+    used = min(n, steps * batch_size)
+    tokens = np.asarray(tokens)
+    return (Streams(tokens, batch_size, steps, used, 1, start_id, 0),
+            Streams(tokens, batch_size, steps, used, 0, start_id, -1))
+
+
+def windows(inputs: torch.Tensor | Streams, targets: torch.Tensor | Streams, bptt: int):
     """Yield consecutive (x, y) windows of at most `bptt` steps; each (T, B)."""
     for start in range(0, inputs.size(0), bptt):
         yield inputs[start : start + bptt], targets[start : start + bptt]

@@ -41,7 +41,7 @@ from lmtrain.model import LanguageModel, detach_state
 from lmtrain.progress import QuietProgress
 from lmtrain.resume import LoopState, data_digest, hidden_from_lists, hidden_to_lists, loop_from_dict, rng_states, set_rng_states
 from lmtrain.tokenizer import EOS_ID
-from lmtrain.tokens import TokenFile, batchify
+from lmtrain.tokens import TokenFile, lazy_batchify
 
 
 def seed_everything(seed: int) -> None:
@@ -234,8 +234,9 @@ def train(
     stop_requested = stop_requested or (lambda: None)
     device = model.decoder.weight.device
     decoder_dtype = torch.bfloat16 if tc.precision == "bf16" else None
-    # under torchrun each rank trains on its share of the streams (lmtrain.distributed)
-    inputs, targets = distributed.shard_streams(*batchify(data["train"].tokens, tc.batch_size, EOS_ID))
+    # windows built from the memmap as they are used; under torchrun each rank trains on its share
+    # of the streams (lmtrain.distributed)
+    inputs, targets = distributed.shard_streams(*lazy_batchify(data["train"].tokens, tc.batch_size, EOS_ID))
     inputs, targets = inputs.to(device), targets.to(device)
     epochs, total_steps = plan(tc, inputs.size(0))
     optimizer = make_optimizer(model, tc)
