@@ -37,14 +37,15 @@ def variants(nproc: int) -> dict[str, tuple[list[str], dict[str, str]]]:
 
 
 def run_once(extra: list[str], env: dict[str, str], steps: int, run_dir: Path) -> float:
-    """Train once; the epoch's tokens/s (over all ranks) from timing.jsonl."""
+    """Train once; the tokens/s (over all ranks) of its first epoch, or of the stretch up to
+    train.max_steps when that ends mid-epoch (a "stop" record), from timing.jsonl."""
     command = [sys.executable, "-m", "lmtrain", "train", "--config", str(ROOT / "configs/demo.toml"),
                "--run-dir", str(run_dir), "--force", "--set", f"train.max_steps={steps}",
                "--set", "model.dropout=0", *extra]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, **env})
     records = [json.loads(line) for line in (run_dir / "timing.jsonl").read_text().splitlines()]
-    return next(r["tokens_per_s"] for r in records if r["kind"] == "epoch")
+    return next(r["tokens_per_s"] for r in records if r["kind"] in ("epoch", "stop"))
 
 
 def main() -> None:
