@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 WORDS = (
@@ -66,3 +67,34 @@ def assert_error_after_progress(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+@contextmanager
+def private_cache_one_thread(tmp_path_factory):
+    """For a test module: a private tokenizer/token cache and working directory, and one torch
+    thread (these models are too small to gain from threads, and the same float sums come out in
+    every run)."""
+    import pytest
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+    torch.set_num_threads(threads)
+
+
+def cli(*args):
+    """Invoke the CLI in-process; stdout and stderr are kept apart (result.stdout, result.stderr)."""
+    from typer.testing import CliRunner
+
+    from lmtrain.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
+    return result

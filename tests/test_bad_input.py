@@ -13,12 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import assert_one_error, tree_bytes, write_corpus
-from typer.testing import CliRunner
+from helpers import (
+    assert_one_error,
+    cli,
+    private_cache_one_thread,
+    tree_bytes,
+    write_corpus,
+)
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
-from lmtrain.cli import app
 from lmtrain.config import SECTIONS, Config, from_dict, to_toml
 
 SETTINGS = [
@@ -30,17 +33,9 @@ SETTINGS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
+    with private_cache_one_thread(tmp_path_factory):
         yield
-    torch.set_num_threads(threads)
 
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def sets(*items: str) -> list[str]:

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_error_after_progress, assert_one_error, tree_bytes, write_corpus
-from typer.testing import CliRunner
+from helpers import (
+    assert_error_after_progress,
+    assert_one_error,
+    cli,
+    ok,
+    private_cache_one_thread,
+    tree_bytes,
+    write_corpus,
+)
 
 import lmtrain.checkpoint
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
-from lmtrain.cli import app
 from lmtrain.errors import LmtrainError
 
 SETTINGS = [
@@ -32,22 +38,10 @@ STOP, TOTAL = 40, 80  # a run stopped at STOP (mid-epoch 2), and one that went o
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
+    with private_cache_one_thread(tmp_path_factory):
         yield
-    torch.set_num_threads(threads)
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstderr:\n{result.stderr}\n{result.exception!r}"
-    return result
 
 
 def train(corpus: Path, run: Path, max_steps: int):

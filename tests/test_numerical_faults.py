@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_error_after_progress, write_corpus
+from helpers import assert_error_after_progress, private_cache_one_thread, write_corpus
 from typer.testing import CliRunner
 
 import lmtrain.train
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import load_config
-from lmtrain.model import LanguageModel
 from lmtrain.distributed import WindowForward
 from lmtrain.graphs import WindowRunner
+from lmtrain.model import LanguageModel
 from lmtrain.train import make_optimizer, train_step, train_window
 
 SETTINGS = [
@@ -32,13 +32,8 @@ SETTINGS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
+    with private_cache_one_thread(tmp_path_factory):
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_corpus
-from typer.testing import CliRunner
+from helpers import cli, ok, private_cache_one_thread, write_corpus
 
 import lmtrain.cli
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
-from lmtrain.cli import app
 from lmtrain.progress import QuietProgress
 from lmtrain.resume import restore_best
 
@@ -46,24 +44,10 @@ TOTAL = 240  # mid-epoch: the run ends with a 'stop' record
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_env(tmp_path_factory):
-    """A private tokenizer cache and working directory, and one torch thread: the same float sums
-    in every run of the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
+    with private_cache_one_thread(tmp_path_factory):
         yield
-    torch.set_num_threads(threads)
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstderr:\n{result.stderr}\n{result.exception!r}"
-    return result
 
 
 def sets(settings: list[str], *more: str) -> list[str]:
@@ -161,7 +145,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(corpus, reference, tmp_pa
     before = signal.getsignal(signal.SIGINT)
     result = cli("train", corpus, "--run-dir", run, *sets(SETTINGS, f"train.max_steps={TOTAL}"))
     assert result.exit_code == 130, result.stderr
-    assert f"SIGINT: stopped after step 61" in result.stderr
+    assert "SIGINT: stopped after step 61" in result.stderr
     assert f"lmtrain train --resume {run}" in result.stderr
     stopped = load_checkpoint(run / "last.pt")
     assert stopped["progress"]["step"] == 61 and stopped["progress"]["at"] == "step"
