@@ -12,10 +12,11 @@ import json
 import tomllib
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import make_lines, write_corpus, write_lines
+from helpers import make_lines, ok, write_corpus
 from typer.testing import CliRunner, Result
 
 from lmtrain import corpus as corpus_module
@@ -49,21 +50,14 @@ def train(corpus: Path, run: Path, *extra) -> Result:
 
 
 def assert_trained(result: Result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.stderr}\n{result.exception!r}"
+    ok(result)
 
 
 def assert_one_error(result: Result, *fragments: str) -> str:
-    """Exit 2, stdout empty, stderr ends in the one `error: ...` line (after at most train's
-    `corpus: ...` line), no traceback; return that line."""
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.stderr}\n{result.exception!r}"
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = result.stderr.splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert all(line.startswith("corpus: ") for line in lines[:-1]), result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
+    """helpers.assert_one_error, with nothing on stdout either; return the error line."""
+    line = helpers.assert_one_error(result, *fragments)
+    assert result.stdout == "", result.stdout
+    return line
 
 
 def assert_nothing_half_written(tmp_path: Path, cache: Path) -> None:
@@ -181,8 +175,7 @@ def test_a_100mb_line_is_read_in_bounded_pieces(tmp_path):
     path = tmp_path / "corpus.txt"
     chunk = (" ".join(make_lines(2000, 4)) + " ").encode()
     with open(path, "wb") as f:
-        for _ in range(100 * 2**20 // len(chunk) + 1):
-            f.write(chunk)
+        f.writelines(chunk for _ in range(100 * 2**20 // len(chunk) + 1))
     assert path.stat().st_size >= 100 * 2**20
     assert_one_error(train(path, tmp_path / "run"), "1 line(s)", "at least 3")
     text = load_text(path)

@@ -137,18 +137,12 @@ __attribute__((always_inline)) inline uint32_t bf16_pair(const uint16_t* x, int6
   return static_cast<uint32_t>(x[kk]) | (kk + 1 < k ? static_cast<uint32_t>(x[kk + 1]) << 16 : 0u);
 }
 
+// acc{0,1}[r] += the first `pairs` k-pairs of row r of x times a panel's two halves (32 outputs)
 template <int ROWS>
-__attribute__((always_inline)) inline void panel_block_bf16(const uint16_t* __restrict__ x, int64_t ldx,
-                                                            const uint16_t* __restrict__ wp, int64_t k, uint16_t* __restrict__ out,
-                                                            int64_t ldo, __mmask16 m0, __mmask16 m1, bool accumulate) {
-  __m512 acc0[ROWS], acc1[ROWS];
-#pragma GCC unroll 12
-  for (int r = 0; r < ROWS; ++r) {
-    acc0[r] = accumulate ? load_bf16(out + r * ldo, m0) : _mm512_setzero_ps();
-    acc1[r] = accumulate ? load_bf16(out + r * ldo + 16, m1) : _mm512_setzero_ps();
-  }
-  int64_t full = k / 2;
-  for (int64_t kk = 0; kk < full; ++kk) {
+__attribute__((always_inline)) inline void dot_bf16_pairs(const uint16_t* __restrict__ x, int64_t ldx,
+                                                          const uint16_t* __restrict__ wp, int64_t pairs, __m512* acc0,
+                                                          __m512* acc1) {
+  for (int64_t kk = 0; kk < pairs; ++kk) {
     __m512bh w0 = (__m512bh)_mm512_load_si512(wp + kk * kPanel * 2);
     __m512bh w1 = (__m512bh)_mm512_load_si512(wp + kk * kPanel * 2 + 32);
 #pragma GCC unroll 12
@@ -160,6 +154,20 @@ __attribute__((always_inline)) inline void panel_block_bf16(const uint16_t* __re
       acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, w1);
     }
   }
+}
+
+template <int ROWS>
+__attribute__((always_inline)) inline void panel_block_bf16(const uint16_t* __restrict__ x, int64_t ldx,
+                                                            const uint16_t* __restrict__ wp, int64_t k, uint16_t* __restrict__ out,
+                                                            int64_t ldo, __mmask16 m0, __mmask16 m1, bool accumulate) {
+  __m512 acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r) {
+    acc0[r] = accumulate ? load_bf16(out + r * ldo, m0) : _mm512_setzero_ps();
+    acc1[r] = accumulate ? load_bf16(out + r * ldo + 16, m1) : _mm512_setzero_ps();
+  }
+  int64_t full = k / 2;
+  dot_bf16_pairs<ROWS>(x, ldx, wp, full, acc0, acc1);
   if (k % 2) {  // the last, unpaired k
     __m512bh w0 = (__m512bh)_mm512_load_si512(wp + full * kPanel * 2);
     __m512bh w1 = (__m512bh)_mm512_load_si512(wp + full * kPanel * 2 + 32);

@@ -115,18 +115,7 @@ __attribute__((always_inline)) inline void block_bf16(const uint16_t* __restrict
   __m512 acc0[ROWS], acc1[ROWS];
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < pairs; ++kk) {
-    __m512bh w0 = (__m512bh)_mm512_load_si512(wp + kk * kPanel * 2);
-    __m512bh w1 = (__m512bh)_mm512_load_si512(wp + kk * kPanel * 2 + 32);
-#pragma GCC unroll 12
-    for (int r = 0; r < ROWS; ++r) {
-      uint32_t pair;
-      __builtin_memcpy(&pair, x + r * ldx + 2 * kk, 4);
-      __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-      acc0[r] = _mm512_dpbf16_ps(acc0[r], xv, w0);
-      acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, w1);
-    }
-  }
+  dot_bf16_pairs<ROWS>(x, ldx, wp, pairs, acc0, acc1);
   __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r) {
