@@ -211,6 +211,8 @@ def main_first():
             except BaseException as e:
                 failure, error = f"{type(e).__name__}: {e}", e
         failures = failures_everywhere(None if failure is None else f"rank {rank()} failed: {failure}")
+        if failures:  # every rank is here: let the gather's traffic end everywhere before any rank leaves
+            dist.barrier()
         if error is not None:
             raise error
         if failures:
@@ -224,6 +226,7 @@ def check_same(what: str, data: bytes) -> None:
     digests = [None] * world_size()
     dist.all_gather_object(digests, hashlib.sha256(data).hexdigest())
     if len(set(digests)) > 1:
+        dist.barrier()  # as in main_first: every rank leaves together
         raise every_rank_error(f"the ranks prepared different {what}; on several machines, point "
                                "LMTRAIN_CACHE at a directory they all share")
 

@@ -89,7 +89,7 @@ def test_two_processes_reproduce_one(one_thread, capfd):
     # a failure on the main rank while preparing (the run exists): one line from rank 0, exit 2
     again = cli("train", corpus, "--run-dir", one_thread / "two", "--nproc", 2, *sets(*TINY))
     out, err = capfd.readouterr()
-    assert again.exit_code == 2
+    assert again.exit_code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "already holds a run" in errors[0], err
     assert "Traceback" not in err
