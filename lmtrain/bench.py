@@ -11,6 +11,10 @@ alike; the figure is the median over the repeats. Two things are timed:
 On CUDA the step is also timed with our window captured as a CUDA graph and replayed
 (lmtrain.graphs; impl "ours+graphs"), as training runs it there.
 
+dtype bf16 is mixed precision as training runs it (train.precision = bf16): float32 weights,
+bfloat16 GEMM operands, float32 state and gradients. Ours gets compute_dtype bfloat16; the
+reference runs under torch.autocast(bfloat16), PyTorch's own mixed precision for its LSTM.
+
 `bench --preset issue7` runs the settings issue 7 asks about (PRESETS below).
 
 Peak memory is the highest amount of tensor memory held during one forward + backward, above
@@ -46,7 +50,7 @@ from lmtrain.stepper import Stepper
 from lmtrain.tokenizer import EOS_ID
 from lmtrain.tokens import batchify
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the compute dtype of each; weights stay float32
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,9 @@ class OurStack(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -0.1, 0.1)
 
-    def forward(self, x):
+    def forward(self, x, low=None):
         for layer in self.layers:
-            x, _ = layer(x, layer.init_state(x.size(1), x))
+            x, _ = layer(x, layer.init_state(x.size(1), x), low=low)
         return x
 
 
@@ -122,22 +126,32 @@ class TorchLSTMLanguageModel(nn.Module):
         return self.decoder(y), state
 
 
-def stack_step(stack: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def forward_in(low: torch.dtype | None, ours: bool, device: torch.device, forward: Callable):
+    """forward(low) for ours; for torch's modules, forward(None) under autocast to `low`."""
+    if ours or low is None:
+        return forward(low)
+    with torch.autocast(device.type, dtype=low):
+        return forward(None)
+
+
+def stack_step(stack: nn.Module, x: torch.Tensor, low: torch.dtype | None, ours: bool) -> Callable[[], None]:
     def run():
         x.grad = None
         for p in stack.parameters():
             p.grad = None
-        stack(x).float().sum().backward()
+        y = forward_in(low, ours, x.device, lambda dtype: stack(x, dtype) if ours else stack(x))
+        y.float().sum().backward()
 
     return run
 
 
-def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool) -> Callable[[], None]:
+def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool,
+               low: torch.dtype | None = None) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def run():
         state = model.init_state(tokens.size(1)) if ours else None
-        logits, _ = model(tokens, state)
+        logits, _ = forward_in(low, ours, tokens.device, lambda dtype: model(tokens, state, dtype) if ours else model(tokens))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -147,7 +161,7 @@ def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ou
     return run
 
 
-def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor,
+def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor, low: torch.dtype | None,
                        note: Callable[[str], None]) -> Callable[[], None]:
     """train_step for our model with its forward + backward captured as a CUDA graph on the first
     call and replayed after (lmtrain.graphs.WindowRunner); eager where capture fails (noted)."""
@@ -156,7 +170,7 @@ def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torc
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def window(x, y, state):
-        logits, state = model(x, state)
+        logits, state = model(x, state, low)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
         loss.backward()
         return loss, state
@@ -223,12 +237,12 @@ def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: 
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
+            low = DTYPES[dtype_name]
             torch.manual_seed(0)
-            x = torch.randn(bptt, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+            x = torch.randn(bptt, batch, hidden, device=device, requires_grad=True)
             stacks = {"torch.nn.LSTM": TorchLSTMStack(layers, hidden)}
             stacks.update({cell: OurStack(cell, layers, hidden) for cell in cells})
-            runs = {name: stack_step(stack.to(device=device, dtype=dtype), x) for name, stack in stacks.items()}
+            runs = {name: stack_step(stack.to(device), x, low, name != "torch.nn.LSTM") for name, stack in stacks.items()}
             medians = time_round_robin(runs, repeats, warmup, device)
             base = medians["torch.nn.LSTM"]
             for name, run in runs.items():
@@ -249,20 +263,20 @@ def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: i
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
+            low = DTYPES[dtype_name]
             torch.manual_seed(0)
             tokens = torch.randint(0, vocab, (bptt, batch), device=device)
             targets = torch.randint(0, vocab, (bptt, batch), device=device)
             ours = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
             reference = TorchLSTMLanguageModel(vocab, layers, hidden)
             runs = {
-                "ours": train_step(ours.to(device=device, dtype=dtype), tokens, targets, True),
-                "torch": train_step(reference.to(device=device, dtype=dtype), tokens, targets, False),
+                "ours": train_step(ours.to(device), tokens, targets, True, low),
+                "torch": train_step(reference.to(device), tokens, targets, False, low),
             }
             if device.type == "cuda":
                 graphed = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
                 graphed.load_state_dict(ours.state_dict())
-                runs["ours+graphs"] = graphed_train_step(graphed.to(device=device, dtype=dtype), tokens, targets, note)
+                runs["ours+graphs"] = graphed_train_step(graphed.to(device), tokens, targets, low, note)
             medians = time_round_robin(runs, repeats, warmup, device)
             for impl, run in runs.items():
                 records.append(Record(

@@ -114,8 +114,11 @@ class TrainConfig:
     variable_bptt: bool = False
     ar: float = 0.0  # activation regularisation: ar * mean(dropped last-layer output ** 2)
     tar: float = 0.0  # temporal AR: tar * mean((h_t - h_{t-1}) ** 2) on the last layer's output
-    # fp32, or bf16: the decoder's products (the largest GEMMs) take bfloat16 operands, with float32
-    # weights, gradients, loss and recurrences (about 1.5x faster on CPUs with AVX512-BF16)
+    # fp32, or bf16 (mixed precision): every GEMM (the recurrences' and the decoder's) takes bfloat16
+    # operands and sums in float32; the weights (the optimizer's master copy), their gradients, the
+    # cell state, the gates' pointwise work and the loss stay float32. On CPUs with AVX512-BF16 the
+    # LSTM runs our bfloat16 kernels; on CUDA, cuBLAS; elsewhere the rounding is emulated (same
+    # results, no faster)
     precision: str = "fp32"
     # token_mean: the gradient of the mean loss per token (the PyTorch example's convention);
     # sequence_sum: summed over the window's steps, averaged over streams (Zaremba et al. 2014's),

@@ -258,9 +258,9 @@ class WindowForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, state, decoder_dtype: torch.dtype | None = None):
-        raw, dropped, state = self.model.hidden(tokens, state)
-        return raw, dropped, self.model.decode(dropped, decoder_dtype), state
+    def forward(self, tokens: Tensor, state, compute_dtype: torch.dtype | None = None):
+        raw, dropped, state = self.model.hidden(tokens, state, compute_dtype)
+        return raw, dropped, self.model.decode(dropped, compute_dtype), state
 
 
 def training_forward(model: nn.Module, seed: int) -> nn.Module:

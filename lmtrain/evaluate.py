@@ -23,10 +23,10 @@ from lmtrain.tokens import TokenFile, lazy_batchify, windows
 
 @torch.no_grad()
 def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: int,
-              decoder_dtype: torch.dtype | None = None, streams: slice = slice(None)) -> tuple[float, int]:
+              compute_dtype: torch.dtype | None = None, streams: slice = slice(None)) -> tuple[float, int]:
     """Sum of -log p(token) in nats over every token of `tokens`, and the number of tokens.
 
-    decoder_dtype: as in training (LanguageModel.decode); None computes it all in the model's dtype.
+    compute_dtype: as in training (LanguageModel.forward); None computes it all in the model's dtype.
     streams: score only these of the `batch_size` streams (one rank's share, lmtrain.distributed).
 
     The split is laid out as `batch_size` padded streams (see `lazy_batchify`), each starting from a
@@ -43,7 +43,7 @@ def total_nll(model: LanguageModel, tokens: np.ndarray, batch_size: int, bptt: i
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in windows(inputs.to(device), targets.to(device), bptt):
-        logits, state = model(x, state, decoder_dtype)
+        logits, state = model(x, state, compute_dtype)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")

@@ -50,9 +50,10 @@ class RecurrentLayer(nn.Module):
     def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
         return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0,
+                low: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra),
-                         weight_drop=weight_drop if self.training else 0.0)
+                         weight_drop=weight_drop if self.training else 0.0, low=low)
 
 
 class LanguageModel(nn.Module):
@@ -91,18 +92,24 @@ class LanguageModel(nn.Module):
         """Zero state for `batch_size` streams on the model's device and dtype."""
         return [layer.init_state(batch_size, self.decoder.weight) for layer in self.layers]
 
-    def forward(self, tokens: Tensor, state: State, decoder_dtype: torch.dtype | None = None) -> tuple[Tensor, State]:
-        """tokens (T, B) int64 -> logits (T, B, V) and the new state."""
-        _, dropped, state = self.hidden(tokens, state)
-        return self.decode(dropped, decoder_dtype), state
+    def forward(self, tokens: Tensor, state: State, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, State]:
+        """tokens (T, B) int64 -> logits (T, B, V) and the new state.
 
-    def hidden(self, tokens: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
-        """tokens (T, B) -> the last layer's output (T, B, H_L) before and after its dropout, new state."""
+        compute_dtype: None, or torch.bfloat16 for mixed precision (train.precision = bf16): every
+        product takes bfloat16 operands, the weights staying float32 (see `hidden` and `decode`)."""
+        _, dropped, state = self.hidden(tokens, state, compute_dtype)
+        return self.decode(dropped, compute_dtype), state
+
+    def hidden(self, tokens: Tensor, state: State, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, State]:
+        """tokens (T, B) -> the last layer's output (T, B, H_L) before and after its dropout, new state.
+
+        compute_dtype torch.bfloat16: the layers' GEMMs take bfloat16 operands and keep float32
+        sums; their state, outputs and pointwise work stay float32 (lmtrain.kernels.mixed)."""
         p_input, p_hidden, p_output = self.config.dropouts()
         x = self.dropout(self.embed(tokens), p_input)
         new_state = []
         for k, (layer, layer_state) in enumerate(zip(self.layers, state)):
-            x, layer_state = layer(x, layer_state, self.config.weight_drop)
+            x, layer_state = layer(x, layer_state, self.config.weight_drop, compute_dtype)
             new_state.append(layer_state)
             if k < len(self.layers) - 1:
                 x = self.dropout(x, p_hidden)

@@ -19,6 +19,10 @@ back to the per-step Python loop above otherwise; both compute the same thing. O
 LMTRAIN_FUSED=1) every cell takes lmtrain.kernels.fused instead: the same loop with each step's
 pointwise work compiled into one kernel and the per-step GEMMs into reused buffers.
 
+Mixed precision (`low` = torch.bfloat16, train.precision = bf16): every GEMM above takes bfloat16
+operands and gives float32 sums (lmtrain.kernels.mixed); the cell's pointwise steps, its state
+and the weight gradients stay float32.
+
 Everything here is device-agnostic torch code.
 """
 
@@ -29,33 +33,35 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lmtrain.kernels import fused
+from lmtrain.kernels import fused, mixed
 
 
 class Recurrence(torch.autograd.Function):
-    """outputs = Recurrence.apply(cell, n_state, x, w_ih, w_hh, b_ih, b_hh, *state, *extra).
+    """outputs = Recurrence.apply(cell, n_state, low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra).
 
+    low: None (float32 throughout) or torch.bfloat16 (mixed precision's GEMM operands);
     x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
     state: n_state tensors (B, H); extra: the cell's per-unit parameters.
     outputs: y (T, B, H) followed by the n_state final state tensors (B, H).
     """
 
     @staticmethod
-    def forward(ctx, cell: ModuleType, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
+    def forward(ctx, cell: ModuleType, n_state: int, low, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
         state, extra = tuple(rest[:n_state]), tuple(rest[n_state:])
         steps, batch, _ = x.shape
+        w_ih, w_hh = mixed.operand(w_ih, low), mixed.operand(w_hh, low)
         # (T, B, GH): the input projections of all steps in one GEMM
-        xg = torch.addmm(b_ih, x.reshape(steps * batch, -1), w_ih.t()).view(steps, batch, -1)
+        xg = mixed.mm(mixed.operand(x.reshape(steps * batch, -1), low), w_ih.t(), b_ih).view(steps, batch, -1)
         states, saved = [state], []
         w_hh_t = w_hh.t()
         for t in range(steps):
-            hg = torch.addmm(b_hh, state[0], w_hh_t) if b_hh is not None else state[0] @ w_hh_t
+            hg = mixed.mm(mixed.operand(state[0], low), w_hh_t, b_hh)
             state, step_saved = cell.forward_step(xg[t], hg, state, extra)
             states.append(state)
             saved.append(step_saved)
-        ctx.cell, ctx.has_b_hh = cell, b_hh is not None
+        ctx.cell, ctx.has_b_hh, ctx.low = cell, b_hh is not None, low
         ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
-        ctx.save_for_backward(x, w_ih, w_hh, *extra)
+        ctx.save_for_backward(x, w_ih, w_hh, *extra)  # the weights as the products took them
         y = torch.stack([s[0] for s in states[1:]])  # (T, B, H)
         return (y, *(s.clone() for s in state))
 
@@ -63,7 +69,7 @@ class Recurrence(torch.autograd.Function):
     def backward(ctx, dy: Tensor, *d_final):
         x, w_ih, w_hh, *extra = ctx.saved_tensors
         extra = tuple(extra)
-        cell = ctx.cell
+        cell, low = ctx.cell, ctx.low
         steps, batch, _ = x.shape
         d_state = list(d_final)
         dxg = dhg = None
@@ -78,23 +84,27 @@ class Recurrence(torch.autograd.Function):
             if dhg is not dxg:
                 dhg[t] = dhg_t
             d_state = list(d_prev)
-            d_state[0] = dhg_t @ w_hh if d_prev[0] is None else torch.addmm(d_prev[0], dhg_t, w_hh)
+            d_state[0] = mixed.mm(mixed.operand(dhg_t, low), w_hh, d_prev[0])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
-        flat_xg = dxg.view(steps * batch, -1)  # (T*B, GH)
-        flat_hg = dhg.view(steps * batch, -1)
-        dx = (flat_xg @ w_ih).view_as(x) if ctx.needs_input_grad[2] else None
-        dw_ih = flat_xg.t() @ x.reshape(steps * batch, -1)
+        db_ih = dxg.view(steps * batch, -1).sum(0)
+        db_hh = dhg.view(steps * batch, -1).sum(0) if ctx.has_b_hh else None
+        flat_xg = mixed.operand(dxg.view(steps * batch, -1), low)  # (T*B, GH)
+        flat_hg = flat_xg if dhg is dxg else mixed.operand(dhg.view(steps * batch, -1), low)
+        dx = mixed.mm(flat_xg, w_ih).view_as(x) if ctx.needs_input_grad[3] else None
+        dw_ih = mixed.mm(flat_xg.t(), mixed.operand(x.reshape(steps * batch, -1), low))
         h_prev = torch.stack([s[0] for s in ctx.states[:-1]])  # (T, B, H): h_0 .. h_{T-1}
-        dw_hh = flat_hg.t() @ h_prev.view(steps * batch, -1)
-        db_ih = flat_xg.sum(0)
-        db_hh = flat_hg.sum(0) if ctx.has_b_hh else None
-        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
+        dw_hh = mixed.mm(flat_hg.t(), mixed.operand(h_prev.view(steps * batch, -1), low))
+        return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
 
 
 def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
-              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), weight_drop: float = 0.0):
+              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), weight_drop: float = 0.0,
+              low: torch.dtype | None = None):
     """Run `cell` over x (T, B, I) from `state` -> y (T, B, H) and the final state (a tuple).
+
+    low: torch.bfloat16 for mixed precision (bfloat16 GEMM operands, everything else float32), or
+    None; ignored unless x is float32.
 
     weight_drop: DropConnect on the recurrent weight (Wan et al. 2013, as AWD-LSTM uses it): each
     entry of w_hh is zeroed with this probability, the rest scaled by 1 / (1 - p), one mask for the
@@ -102,10 +112,12 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
     """
     if weight_drop:
         w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
+    if x.dtype != torch.float32:
+        low = None
     if fused.enabled(x):
-        return fused.run(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra)
+        return fused.run(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
     kernel = getattr(cell, "sequence_kernel", None)
-    if kernel is not None and kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra):
-        return kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra)
-    outputs = Recurrence.apply(cell, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+    if kernel is not None and kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low):
+        return kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
+    outputs = Recurrence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])

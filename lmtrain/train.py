@@ -233,7 +233,7 @@ def train(
     progress = progress or QuietProgress()
     stop_requested = stop_requested or (lambda: None)
     device = model.decoder.weight.device
-    decoder_dtype = torch.bfloat16 if tc.precision == "bf16" else None
+    compute_dtype = torch.bfloat16 if tc.precision == "bf16" else None
     # windows built from the memmap as they are used; under torchrun each rank trains on its share
     # of the streams (lmtrain.distributed)
     inputs, targets = distributed.shard_streams(*lazy_batchify(data["train"].tokens, tc.batch_size, EOS_ID))
@@ -242,7 +242,7 @@ def train(
     optimizer = make_optimizer(model, tc)
     forward = distributed.training_forward(model, tc.seed)  # DDP under torchrun
     # each window's forward + backward, replayed as a CUDA graph where it can be (lmtrain.graphs)
-    run_window = WindowRunner(partial(train_window, forward, tc, decoder_dtype), list(model.parameters()),
+    run_window = WindowRunner(partial(train_window, forward, tc, compute_dtype), list(model.parameters()),
                               tc.cuda_graphs, progress.note)
     window_rng = np.random.default_rng(tc.seed)  # window lengths
     if resume is not None and distributed.world_size() > 1:
@@ -276,7 +276,7 @@ def train(
                 progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
                 interval_start = time.perf_counter()
             if s.window == len(s.lengths):
-                record, improved = end_epoch(s, tc, model, data["valid"], average, decoder_dtype, log, timing, clock,
+                record, improved = end_epoch(s, tc, model, data["valid"], average, compute_dtype, log, timing, clock,
                                              progress)
                 if tc.optimizer == "ntasgd" and average is None and nt_trigger(s.valid_history, tc.nonmono):
                     average = WeightAverage(model)
@@ -287,7 +287,7 @@ def train(
                 continue
             if tc.max_steps and s.step >= tc.max_steps:  # the step limit, mid-epoch
                 logs_at = saver.log_sizes()
-                record = validate_and_record(s, tc, model, data["valid"], average, decoder_dtype, log, timing,
+                record = validate_and_record(s, tc, model, data["valid"], average, compute_dtype, log, timing,
                                              clock, progress, kind="stop")
                 saver.save(s, average, hidden, clock(), at="stop", valid_nll=record["valid_loss"],
                            best=record["valid_loss"] < s.best_valid_nll, logs_at=logs_at)
@@ -371,13 +371,13 @@ def train_step(model: LanguageModel, run_window, optimizer: torch.optim.Optimize
     return None, hidden
 
 
-def train_window(forward, config: TrainConfig, decoder_dtype: torch.dtype | None,
+def train_window(forward, config: TrainConfig, compute_dtype: torch.dtype | None,
                  x: Tensor, y: Tensor, state) -> tuple[Tensor, list]:
     """One window's forward and backward: x, y (T, B) -> (mean loss per token, new state); the
     gradients are left in the parameters' .grad. `forward` is the window's forward
     (lmtrain.distributed.training_forward: DDP under torchrun). AR and TAR join the objective,
     not the loss."""
-    raw, dropped, logits, state = forward(x, state, decoder_dtype)
+    raw, dropped, logits, state = forward(x, state, compute_dtype)
     loss = cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).mean()
     objective = loss
     if config.ar:
@@ -433,7 +433,7 @@ def ppl_or_none(loss_sum: float, tokens: float) -> float | None:
 
 
 def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile,
-                        average: WeightAverage | None, decoder_dtype, log, timing, clock: Clock, progress,
+                        average: WeightAverage | None, compute_dtype, log, timing, clock: Clock, progress,
                         kind: str) -> dict[str, Any]:
     """Validate (with NT-ASGD's average once averaging) and write the `kind` record ("epoch" or "stop")."""
     train_seconds = clock() - s.epoch_started_s
@@ -441,7 +441,7 @@ def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel,
     epoch_loss, epoch_tokens = distributed.sum_over_ranks(s.epoch_loss, s.epoch_tokens)
     with average.swapped_in() if average is not None else nullcontext():  # each rank scores its share of the streams
         valid_nll_sum, valid_tokens = distributed.sum_over_ranks(*total_nll(
-            model, valid.tokens, config.eval_batch_size, config.bptt, decoder_dtype,
+            model, valid.tokens, config.eval_batch_size, config.bptt, compute_dtype,
             distributed.stream_share(config.eval_batch_size)))
     valid_nll = valid_nll_sum / valid_tokens
     record = write_record(
@@ -455,11 +455,11 @@ def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel,
 
 
 def end_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile, average: WeightAverage | None,
-              decoder_dtype, log, timing, clock: Clock, progress) -> tuple[dict[str, Any], bool]:
+              compute_dtype, log, timing, clock: Clock, progress) -> tuple[dict[str, Any], bool]:
     """Validate and record the epoch, update the schedule's state (plateau lr, best, history) and
     move on to the next epoch (not started: its windows are drawn when it starts). Returns the
     record and whether validation improved on the best epoch so far."""
-    record = validate_and_record(s, config, model, valid, average, decoder_dtype, log, timing, clock, progress, "epoch")
+    record = validate_and_record(s, config, model, valid, average, compute_dtype, log, timing, clock, progress, "epoch")
     valid_nll = record["valid_loss"]
     improved = valid_nll < s.best_valid_nll
     if improved:

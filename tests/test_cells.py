@@ -73,7 +73,7 @@ def test_gradcheck_through_engine(name):
 
     def run(x, w_ih, w_hh, b_ih, *rest):
         b, rest = (rest[0], rest[1:]) if has_b_hh else (None, rest)
-        return Recurrence.apply(cell, len(state), x, w_ih, w_hh, b_ih, b, *rest)
+        return Recurrence.apply(cell, len(state), None, x, w_ih, w_hh, b_ih, b, *rest)
 
     inputs = (x, w_ih, w_hh, b_ih, *([b_hh] if has_b_hh else []), *state, *extra)
     assert all(t.requires_grad for t in inputs)

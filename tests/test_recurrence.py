@@ -33,7 +33,7 @@ def grads_of(outputs, inputs, seed=1):
 
 def test_gradcheck_with_state_in_and_out():
     x, h0, c0, w_ih, w_hh, b = random_layer_inputs(steps=4, batch=2, input_size=3, hidden=3)
-    run = lambda x, h0, c0, w_ih, w_hh, b: Recurrence.apply(lstm, 2, x, w_ih, w_hh, b, None, h0, c0)
+    run = lambda x, h0, c0, w_ih, w_hh, b: Recurrence.apply(lstm, 2, None, x, w_ih, w_hh, b, None, h0, c0)
     assert torch.autograd.gradcheck(run, (x, h0, c0, w_ih, w_hh, b))
 
 

@@ -1,6 +1,7 @@
 """Fast paths for whole sequences, behind the small interface the engine expects of
-`cell.sequence_kernel`: `supports(x, state, w_ih, w_hh, b_ih, b_hh, extra) -> bool` and
-`run(x, state, w_ih, w_hh, b_ih, b_hh, extra) -> (y, final state)`.
+`cell.sequence_kernel`: `supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low) -> bool` and
+`run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low) -> (y, final state)`, where low is None or
+torch.bfloat16 (mixed precision's GEMM operands, lmtrain.kernels.mixed).
 
 Each kernel computes exactly what the generic engine (lmtrain.recurrence.Recurrence) computes
 with the cell's per-step functions; the tests hold the two against each other. Setting the

@@ -11,7 +11,9 @@ Same arithmetic as lmtrain.recurrence.Recurrence, organised for a GPU:
     lmtrain/kernels/lstm_triton.py);
   - every recurrent GEMM writes into a buffer allocated once per shape (cuBLAS on CUDA):
     hg = h_{t-1} W_hh^T (+ b_hh) per forward step, dh_{t-1} = d hg_t W_hh per backward step;
-  - input projections, dX and the weight gradients are one large GEMM each, as in the engine.
+  - input projections, dX and the weight gradients are one large GEMM each, as in the engine;
+  - with train.precision = bf16 every GEMM takes bfloat16 operands and gives float32 sums
+    (cuBLAS, lmtrain.kernels.mixed); the compiled pointwise steps and the state stay float32.
 
 Selection (read at each call, so tests can set them):
   LMTRAIN_FUSED=1           use this path on the CPU too (on CUDA it is always used)
@@ -33,6 +35,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lmtrain.kernels import mixed
 
 MODES = ("compile", "traced", "eager")
 POINTWISE = ("compile", "triton")
@@ -146,22 +150,24 @@ def build_step(eager: Callable, args: tuple, mode: str, key: tuple) -> Callable:
 
 
 class FusedSequence(torch.autograd.Function):
-    """outputs = FusedSequence.apply(cell, n_state, x, w_ih, w_hh, b_ih, b_hh, *state, *extra):
+    """outputs = FusedSequence.apply(cell, n_state, low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra):
     the signature and results of lmtrain.recurrence.Recurrence.
 
+    low: None or torch.bfloat16 (mixed precision's GEMM operands, lmtrain.kernels.mixed);
     x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
     state: n_state tensors (B, H); extra: the cell's per-unit parameters.
     outputs: y (T, B, H) followed by the n_state final state tensors (B, H).
     """
 
     @staticmethod
-    def forward(ctx, cell: ModuleType, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
+    def forward(ctx, cell: ModuleType, n_state: int, low, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
         state, extra = tuple(rest[:n_state]), tuple(rest[n_state:])
         steps, batch, inputs = x.shape
         width, hidden = w_hh.shape
+        w_ih, w_hh = mixed.operand(w_ih, low), mixed.operand(w_hh, low)
         # (T, B, GH): the input projections of all steps in one GEMM, into a reused buffer
         xg = scratch("xg", (steps, batch, width), x)
-        torch.addmm(b_ih, x.reshape(steps * batch, inputs), w_ih.t(), out=xg.view(steps * batch, width))
+        mixed.mm(mixed.operand(x.reshape(steps * batch, inputs), low), w_ih.t(), b_ih, out=xg.view(steps * batch, width))
         hg = scratch("hg", (batch, width), x)  # (B, GH): each step's recurrent GEMM lands here
         w_hh_t = w_hh.t()
         ys = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T: the output and dW_hh's operand
@@ -169,26 +175,23 @@ class FusedSequence(torch.autograd.Function):
         states, saved = [state], []
         step = None
         for t in range(steps):
-            if b_hh is not None:
-                torch.addmm(b_hh, state[0], w_hh_t, out=hg)
-            else:
-                torch.mm(state[0], w_hh_t, out=hg)
+            mixed.mm(mixed.operand(state[0], low), w_hh_t, b_hh, out=hg)
             if step is None:
                 step = step_function(cell, "forward", (xg[t], hg, state, extra))
             state, step_saved = step(xg[t], hg, state, extra)
             ys[t + 1] = state[0]
             states.append(state)
             saved.append(step_saved)
-        ctx.cell, ctx.has_b_hh = cell, b_hh is not None
+        ctx.cell, ctx.has_b_hh, ctx.low = cell, b_hh is not None, low
         ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
-        ctx.save_for_backward(x, w_ih, w_hh, ys, *extra)
+        ctx.save_for_backward(x, w_ih, w_hh, ys, *extra)  # the weights as the products took them
         return (ys[1:].clone(), *(s.clone() for s in state))
 
     @staticmethod
     def backward(ctx, dy: Tensor, *d_final):
         x, w_ih, w_hh, ys, *extra = ctx.saved_tensors
         extra = tuple(extra)
-        cell = ctx.cell
+        cell, low = ctx.cell, ctx.low
         steps, batch, inputs = x.shape
         width, hidden = w_hh.shape
         d_state = list(d_final)
@@ -212,27 +215,23 @@ class FusedSequence(torch.autograd.Function):
             if dhg is not dxg:
                 dhg[t] = dhg_t
             d_state = list(d_prev)
-            out = dh_buffers[t % 2]
-            if d_prev[0] is None:
-                torch.mm(dhg[t], w_hh, out=out)
-            else:
-                torch.addmm(d_prev[0], dhg[t], w_hh, out=out)
-            d_state[0] = out
+            d_state[0] = mixed.mm(mixed.operand(dhg[t], low), w_hh, d_prev[0], out=dh_buffers[t % 2])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
-        flat_xg = dxg.view(steps * batch, width)  # (T*B, GH)
-        flat_hg = dhg.view(steps * batch, width)
-        dx = (flat_xg @ w_ih).view_as(x) if ctx.needs_input_grad[2] else None
-        dw_ih = flat_xg.t() @ x.reshape(steps * batch, inputs)
-        dw_hh = flat_hg.t() @ ys[:-1].reshape(steps * batch, hidden)  # h_0 .. h_{T-1}
-        db_ih = flat_xg.sum(0)
-        db_hh = flat_hg.sum(0) if ctx.has_b_hh else None
+        db_ih = dxg.view(steps * batch, width).sum(0)
+        db_hh = dhg.view(steps * batch, width).sum(0) if ctx.has_b_hh else None
+        flat_xg = mixed.operand(dxg.view(steps * batch, width), low)  # (T*B, GH)
+        flat_hg = flat_xg if dhg is dxg else mixed.operand(dhg.view(steps * batch, width), low)
+        dx = mixed.mm(flat_xg, w_ih).view_as(x) if ctx.needs_input_grad[3] else None
+        dw_ih = mixed.mm(flat_xg.t(), mixed.operand(x.reshape(steps * batch, inputs), low))
+        dw_hh = mixed.mm(flat_hg.t(), mixed.operand(ys[:-1].reshape(steps * batch, hidden), low))  # h_0 .. h_{T-1}
         d_state[0] = d_state[0].clone()  # the returned gradient must not be a reused buffer
-        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
+        return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
 
 
 def run(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-        b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = ()) -> tuple[Tensor, tuple[Tensor, ...]]:
+        b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), low: torch.dtype | None = None
+        ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract."""
-    outputs = FusedSequence.apply(cell, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+    outputs = FusedSequence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])

@@ -23,6 +23,9 @@ it faster:
 
     so each step is five operations: two multiplies into d gates, two updates of dc, and one
     packed GEMM that also adds the next step's output gradient: dh_{t-1} = d gates_t W_hh + dy_{t-1}.
+
+Mixed precision (train.precision = bf16, MixedLSTMSequence): the same loops with every GEMM on
+bfloat16 operands and float32 sums (AVX512-BF16 panels); gates, c, h and all gradients in float32.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from lmtrain.kernels.build import cpu_ops
 from lmtrain.kernels.gemm import Weight, linear, pack, plain, weight_grad
 
 PLAIN, ONEDNN, PANELS = 0, 1, 2  # the weight forms of lstm_cpu.cpp
+LOW = torch.bfloat16  # mixed precision's operand type
 # From this hidden size up, the backward's sequence-wide GEMMs (dX, dW) also run on our panels,
 # which spares oneDNN's transposing copies of W_ih^T and the operands of dW. Measured here (2-layer
 # stack, batch 20, bptt 35, ours / PyTorch's LSTM module): hidden 200: 1.01 with panels, 1.13 with oneDNN;
@@ -107,6 +111,64 @@ class LSTMSequence(torch.autograd.Function):
         return dx, dh, dc, dw_ih, dw_hh, flat.sum(0)
 
 
+class MixedLSTMSequence(torch.autograd.Function):
+    """LSTMSequence in mixed precision (train.precision = bf16) on a CPU with AVX512-BF16 and our ops.
+
+    Every GEMM takes bfloat16 operands and keeps float32 sums (panel_gemm.h): the weights are
+    rounded once per call, x, each h_{t-1} and each step's gate gradients as they are used. The
+    activations, c_t, h_t, the gradients of the state and of the weights stay float32, so the
+    cell state never loses precision across steps. Same signature and shapes as LSTMSequence;
+    the same arithmetic as lmtrain.recurrence.Recurrence with low = torch.bfloat16.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor):
+        ops = cpu_ops()
+        steps, batch, inputs = x.shape
+        hidden = h0.size(1)
+        x_low = x.detach().reshape(steps * batch, inputs).to(LOW)
+        w_ih_low, w_hh_low = w_ih.detach().to(LOW), w_hh.detach().to(LOW)
+        acts = ops.panels_matmul(x_low, ops.pack_panels(w_ih_low), 4 * hidden, torch.float32)
+        acts = acts.add_(bias).view(steps, batch, 4 * hidden)  # (T, B, 4H) float32
+        hs, cs = x.new_empty(steps + 1, batch, hidden), x.new_empty(steps + 1, batch, hidden)
+        tanh_cs = x.new_empty(steps, batch, hidden)
+        hs_low = x_low.new_empty(steps + 1, batch, hidden)  # h_t rounded: the products' operands
+        hs[0], cs[0], hs_low[0] = h0, c0, h0
+        ops.lstm_forward_loop(acts, hs, cs, tanh_cs, ops.pack_panels(w_hh_low), PANELS, hs_low)
+        ctx.input_shape = x.shape
+        ctx.save_for_backward(x_low, w_ih_low, w_hh_low, hs_low, cs, tanh_cs, acts)
+        return hs[1:].clone(), hs[steps].clone(), cs[steps].clone()
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, dh_last: Tensor, dc_last: Tensor):
+        x_low, w_ih_low, w_hh_low, hs_low, cs, tanh_cs, acts = ctx.saved_tensors
+        ops = cpu_ops()
+        steps, batch, inputs = ctx.input_shape
+        hidden = cs.size(2)
+        dgates = torch.empty_like(acts)
+        dgates_low = x_low.new_empty(batch, 4 * hidden)
+        dh, dc = ops.lstm_backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, ops.pack_panels(w_hh_low.t()), PANELS,
+                                        dgates, dgates_low)
+        flat = dgates.view(steps * batch, 4 * hidden)
+        flat_low = flat.to(LOW)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.panels_matmul(flat_low, ops.pack_panels(w_ih_low.t()), inputs, torch.float32).view(ctx.input_shape)
+        flat_t = ops.transpose(flat_low)  # (4H, T·B)
+        h_prev = hs_low[:-1].reshape(steps * batch, hidden)
+        dw_ih = ops.panels_matmul(flat_t, ops.pack_panels(x_low.t()), inputs, torch.float32)
+        dw_hh = ops.panels_matmul(flat_t, ops.pack_panels(h_prev.t()), hidden, torch.float32)
+        return dx, dh, dc, dw_ih, dw_hh, flat.sum(0)
+
+
+def mixed_available(x: Tensor) -> bool:
+    """Whether MixedLSTMSequence can run on x: float32 on a CPU whose build has bfloat16 panels."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    ops = cpu_ops()
+    return ops is not None and ops.panels_available(True)
+
+
 def step_weight(ops, weight: Tensor, rows: int, packed: bool = True) -> tuple[Weight, int]:
     """weight (N, K) prepared for one product per step with `rows`-row inputs, and its form.
 
@@ -150,11 +212,13 @@ def backward_loop(acts: Tensor, cs: Tensor, tanh_cs: Tensor, dy: Tensor, dh_last
     return dh, dc
 
 
-def supports(x, state, w_ih, w_hh, b_ih, b_hh, extra) -> bool:
-    return kernels_enabled() and b_hh is None and not extra
+def supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low=None) -> bool:
+    return kernels_enabled() and b_hh is None and not extra and (low is None or mixed_available(x))
 
 
-def run(x, state, w_ih, w_hh, b_ih, b_hh=None, extra=()):
-    """The engine's entry point: x (T, B, I), state (h, c) -> y (T, B, H), (h_T, c_T)."""
-    y, h, c = LSTMSequence.apply(x, state[0], state[1], w_ih, w_hh, b_ih)
+def run(x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), low=None):
+    """The engine's entry point: x (T, B, I), state (h, c) -> y (T, B, H), (h_T, c_T);
+    low = torch.bfloat16: mixed precision (MixedLSTMSequence)."""
+    sequence = MixedLSTMSequence if low is not None else LSTMSequence
+    y, h, c = sequence.apply(x, state[0], state[1], w_ih, w_hh, b_ih)
     return y, (h, c)

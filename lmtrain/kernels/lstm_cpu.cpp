@@ -5,19 +5,25 @@
 // dozen Python-level operations. Same equations and gate order (i, f, g, o) as
 // lmtrain/cells/lstm.py.
 //
-//   lstm_forward_loop(acts, hs, cs, tanh_cs, w_hh, mode)
+//   lstm_forward_loop(acts, hs, cs, tanh_cs, w_hh, mode, hs_low=None)
 //     acts (T, B, 4H): on entry x W_ih^T + b for every step; on return the activations i, f, g, o
 //     hs, cs (T+1, B, H): h_0 and c_0 set on entry; filled with h_t, c_t
 //     tanh_cs (T, B, H): filled with tanh(c_t)
 //     w_hh: the recurrent weight (4H, H) in the form `mode` names (below)
+//     hs_low (T+1, B, H) bfloat16, mixed precision only (float32 buffers, bfloat16 panels): h_0
+//       set on entry; filled with h_t rounded, the operand of the next step's product
 //
-//   lstm_backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, w_hh_t, mode, dgates) -> (dh_0, dc_0)
+//   lstm_backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, w_hh_t, mode, dgates, dgates_low=None)
+//       -> (dh_0, dc_0)
 //     dy (T, B, H), dh_last, dc_last (B, H); w_hh_t: W_hh^T (H, 4H) in the form `mode` names
 //     dgates (T, B, 4H): filled with the gradients of the pre-activations
+//     dgates_low (B, 4H) bfloat16, mixed precision only: each step's dgates rounded, the operand
+//       of dh_{t-1} = d gates_t W_hh
 //
 //   pack_panels(w) -> panels: w (N, K), any strides; float32 -> (ceil(N/32), K, 32), bfloat16 ->
 //     (ceil(N/32), ceil(K/2), 32, 2), zero-padded
-//   panels_matmul(x, panels, n) -> x (M, K) @ W^T (M, n), W given as its panels
+//   panels_matmul(x, panels, n, out_dtype=None) -> x (M, K) @ W^T (M, n), W given as its panels;
+//     out_dtype float32 with bfloat16 operands keeps the float32 sums
 //   transpose(x) -> x (M, N) as a contiguous (N, M) tensor, copied tile by tile
 //   panels_available(bf16) -> whether this build has the panel GEMM for the type (AVX-512, AVX512-BF16)
 //
@@ -144,12 +150,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return stack[0].toTensor();
 }
 
-// out (M, N) (+)= x (M, K) @ W^T with W as panels; all one type (float32 or bfloat16) and contiguous
+// out (M, N) (+)= x (M, K) @ W^T with W as panels; x and W one type (float32 or bfloat16), out
+// the same type or, with bfloat16 operands, float32; all contiguous
 void panels_product(const at::Tensor& x, const at::Tensor& panels, at::Tensor& out, bool accumulate) {
   if (x.scalar_type() == at::kBFloat16) {
     auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); };
-    panel_gemm_bf16(bits(x), x.size(0), x.size(1), bits(panels), out.size(1),
-                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), accumulate);
+    if (out.scalar_type() == at::kFloat) {
+      panel_gemm_bf16<float>(bits(x), x.size(0), x.size(1), bits(panels), out.size(1), out.data_ptr<float>(), accumulate);
+    } else {
+      panel_gemm_bf16<uint16_t>(bits(x), x.size(0), x.size(1), bits(panels), out.size(1),
+                                reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), accumulate);
+    }
   } else {
     panel_gemm(x.const_data_ptr<float>(), x.size(0), x.size(1), panels.const_data_ptr<float>(), out.size(1),
                out.data_ptr<float>(), accumulate);
@@ -163,16 +174,26 @@ void check_panels(const at::Tensor& w, const at::Tensor& x, int64_t mode) {
               "lmtrain: panel weights need float32 with AVX-512 or bfloat16 with AVX512-BF16");
 }
 
-void lstm_forward_loop(at::Tensor acts, at::Tensor hs, at::Tensor cs, at::Tensor tanh_cs, at::Tensor w_hh, int64_t mode) {
+// mixed precision: float32 buffers, bfloat16 operands (`low`) and panels
+void check_mixed(const at::Tensor& w, const at::Tensor& buffers, const at::Tensor& low, int64_t mode) {
+  TORCH_CHECK(mode == kPanels && buffers.scalar_type() == at::kFloat && low.scalar_type() == at::kBFloat16 &&
+                  low.is_contiguous(),
+              "lmtrain: mixed precision needs float32 buffers, bfloat16 operands and bfloat16 panels");
+  check_panels(w, low, mode);
+}
+
+void lstm_forward_loop(at::Tensor acts, at::Tensor hs, at::Tensor cs, at::Tensor tanh_cs, at::Tensor w_hh, int64_t mode,
+                       const c10::optional<at::Tensor>& hs_low) {
   TORCH_CHECK(acts.is_contiguous() && hs.is_contiguous() && cs.is_contiguous() && tanh_cs.is_contiguous(),
               "lstm_forward_loop: buffers must be contiguous");
-  check_panels(w_hh, acts, mode);
+  bool mixed = hs_low.has_value();
+  mixed ? check_mixed(w_hh, acts, *hs_low, mode) : check_panels(w_hh, acts, mode);
   int64_t steps = acts.size(0), batch = acts.size(1), hidden = hs.size(2);
   for (int64_t t = 0; t < steps; ++t) {
     at::Tensor step_acts = acts[t];
     at::Tensor pre = step_acts;  // the pre-activations, written in place when the GEMM allows it
     if (mode == kPanels) {
-      panels_product(hs[t], w_hh, step_acts, true);
+      panels_product(mixed ? (*hs_low)[t] : hs[t], w_hh, step_acts, true);
     } else {
       pre = linear(hs[t], w_hh, step_acts, mode).contiguous();
     }
@@ -181,13 +202,15 @@ void lstm_forward_loop(at::Tensor acts, at::Tensor hs, at::Tensor cs, at::Tensor
                              cs[t + 1].data_ptr<scalar_t>(), tanh_cs[t].data_ptr<scalar_t>(), hs[t + 1].data_ptr<scalar_t>(),
                              batch, hidden);
     });
+    if (mixed) (*hs_low)[t + 1].copy_(hs[t + 1]);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> lstm_backward_loop(at::Tensor acts, at::Tensor cs, at::Tensor tanh_cs, at::Tensor dy,
                                                       at::Tensor dh_last, at::Tensor dc_last, at::Tensor w_hh_t, int64_t mode,
-                                                      at::Tensor dgates) {
-  check_panels(w_hh_t, acts, mode);
+                                                      at::Tensor dgates, const c10::optional<at::Tensor>& dgates_low) {
+  bool mixed = dgates_low.has_value();
+  mixed ? check_mixed(w_hh_t, acts, *dgates_low, mode) : check_panels(w_hh_t, acts, mode);
   int64_t steps = acts.size(0), batch = acts.size(1), hidden = cs.size(2);
   dy = dy.contiguous();
   at::Tensor dh_rec = dh_last.contiguous();  // the gradient reaching h_t through the next step (or from outside)
@@ -202,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_backward_loop(at::Tensor acts, at::Tenso
                               step_dgates.data_ptr<scalar_t>(), batch, hidden);
     });
     if (mode == kPanels) {
-      panels_product(step_dgates, w_hh_t, dh_buffer, false);
+      if (mixed) dgates_low->copy_(step_dgates);
+      panels_product(mixed ? *dgates_low : step_dgates, w_hh_t, dh_buffer, false);
       dh_rec = dh_buffer;
     } else {
       dh_rec = linear(step_dgates, w_hh_t, c10::nullopt, mode).contiguous();
@@ -227,10 +251,13 @@ at::Tensor pack_panels(at::Tensor w) {
   return out;
 }
 
-at::Tensor panels_matmul(at::Tensor x, at::Tensor panels, int64_t n) {
+at::Tensor panels_matmul(at::Tensor x, at::Tensor panels, int64_t n, c10::optional<at::ScalarType> out_dtype) {
   x = x.contiguous();
   check_panels(panels, x, kPanels);
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(out_type == x.scalar_type() || (x.scalar_type() == at::kBFloat16 && out_type == at::kFloat),
+              "panels_matmul: the output type must be the operands' or, for bfloat16 operands, float32");
+  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(out_type));
   panels_product(x, panels, out, false);
   return out;
 }
@@ -271,13 +298,14 @@ at::Tensor transpose(at::Tensor x) {
 // Registered for every dispatch key, since the packed weight is an MkldnnCPU tensor; these run
 // inside an autograd.Function's forward and backward, so autograd never looks inside them.
 TORCH_LIBRARY(lmtrain, m) {  // the cross-entropy ops join from cross_entropy_cpu.cpp
-  m.def("lstm_forward_loop(Tensor(a!) acts, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tanh_cs, Tensor w_hh, int mode) -> ()",
+  m.def("lstm_forward_loop(Tensor(a!) acts, Tensor(b!) hs, Tensor(c!) cs, Tensor(d!) tanh_cs, Tensor w_hh, int mode, "
+        "Tensor(e!)? hs_low=None) -> ()",
         &lstm_forward_loop);
   m.def("lstm_backward_loop(Tensor acts, Tensor cs, Tensor tanh_cs, Tensor dy, Tensor dh_last, Tensor dc_last, Tensor w_hh_t, "
-        "int mode, Tensor(a!) dgates) -> (Tensor, Tensor)",
+        "int mode, Tensor(a!) dgates, Tensor(b!)? dgates_low=None) -> (Tensor, Tensor)",
         &lstm_backward_loop);
   m.def("pack_panels(Tensor w) -> Tensor", &pack_panels);
-  m.def("panels_matmul(Tensor x, Tensor panels, int n) -> Tensor", &panels_matmul);
+  m.def("panels_matmul(Tensor x, Tensor panels, int n, ScalarType? out_dtype=None) -> Tensor", &panels_matmul);
   m.def("transpose(Tensor x) -> Tensor", &transpose);
   m.def("panels_available(bool bf16) -> bool", &panels_available);
 }

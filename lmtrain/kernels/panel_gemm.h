@@ -10,7 +10,9 @@
 //
 // bfloat16 (with AVX512-BF16): the same panels hold pairs of consecutive k, (P, ceil(K/2), 32, 2),
 // and each vdpbf16ps multiplies a broadcast pair of x with 16 weight pairs, accumulating in
-// float32; the bfloat16 output is read and written through float32 (round to nearest even).
+// float32. The output is either bfloat16, read and written through float32 (round to nearest
+// even), or float32 as it is: mixed precision's products (train.precision = bf16) take bfloat16
+// operands and keep their float32 sums.
 //
 // Built only where the compiler targets AVX-512 (-march=native on such a CPU); elsewhere
 // panels_available() is false and lmtrain uses oneDNN or at::mm instead.
@@ -156,15 +158,21 @@ __attribute__((always_inline)) inline void dot_bf16_pairs(const uint16_t* __rest
   }
 }
 
-template <int ROWS>
+// a bfloat16 or float32 output block: read into float32 accumulators, written back from them
+__attribute__((always_inline)) inline __m512 load_out(const uint16_t* p, __mmask16 mask) { return load_bf16(p, mask); }
+__attribute__((always_inline)) inline __m512 load_out(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+__attribute__((always_inline)) inline void store_out(uint16_t* p, __mmask16 mask, __m512 v) { store_bf16(p, mask, v); }
+__attribute__((always_inline)) inline void store_out(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+
+template <int ROWS, typename Out>
 __attribute__((always_inline)) inline void panel_block_bf16(const uint16_t* __restrict__ x, int64_t ldx,
-                                                            const uint16_t* __restrict__ wp, int64_t k, uint16_t* __restrict__ out,
+                                                            const uint16_t* __restrict__ wp, int64_t k, Out* __restrict__ out,
                                                             int64_t ldo, __mmask16 m0, __mmask16 m1, bool accumulate) {
   __m512 acc0[ROWS], acc1[ROWS];
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r) {
-    acc0[r] = accumulate ? load_bf16(out + r * ldo, m0) : _mm512_setzero_ps();
-    acc1[r] = accumulate ? load_bf16(out + r * ldo + 16, m1) : _mm512_setzero_ps();
+    acc0[r] = accumulate ? load_out(out + r * ldo, m0) : _mm512_setzero_ps();
+    acc1[r] = accumulate ? load_out(out + r * ldo + 16, m1) : _mm512_setzero_ps();
   }
   int64_t full = k / 2;
   dot_bf16_pairs<ROWS>(x, ldx, wp, full, acc0, acc1);
@@ -179,17 +187,17 @@ __attribute__((always_inline)) inline void panel_block_bf16(const uint16_t* __re
   }
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r) {
-    store_bf16(out + r * ldo, m0, acc0[r]);
-    store_bf16(out + r * ldo + 16, m1, acc1[r]);
+    store_out(out + r * ldo, m0, acc0[r]);
+    store_out(out + r * ldo + 16, m1, acc1[r]);
   }
 }
 
-template <int ROWS>
-void panel_rows_bf16(int rows, const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t k, uint16_t* out, int64_t ldo,
+template <int ROWS, typename Out>
+void panel_rows_bf16(int rows, const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t k, Out* out, int64_t ldo,
                      __mmask16 m0, __mmask16 m1, bool accumulate) {
   if constexpr (ROWS > 0) {
-    if (rows == ROWS) return panel_block_bf16<ROWS>(x, ldx, wp, k, out, ldo, m0, m1, accumulate);
-    return panel_rows_bf16<ROWS - 1>(rows, x, ldx, wp, k, out, ldo, m0, m1, accumulate);
+    if (rows == ROWS) return panel_block_bf16<ROWS, Out>(x, ldx, wp, k, out, ldo, m0, m1, accumulate);
+    return panel_rows_bf16<ROWS - 1, Out>(rows, x, ldx, wp, k, out, ldo, m0, m1, accumulate);
   }
 }
 
@@ -227,12 +235,14 @@ void panel_gemm(const float* x, int64_t m, int64_t k, const float* panels, int64
 #endif
 }
 
-// the same in bfloat16, W as pair panels (P, ceil(K/2), 32, 2)
-void panel_gemm_bf16(const uint16_t* x, int64_t m, int64_t k, const uint16_t* panels, int64_t n, uint16_t* out, bool accumulate) {
+// the same with bfloat16 operands, W as pair panels (P, ceil(K/2), 32, 2); out bfloat16 (as uint16_t)
+// or float32
+template <typename Out>
+void panel_gemm_bf16(const uint16_t* x, int64_t m, int64_t k, const uint16_t* panels, int64_t n, Out* out, bool accumulate) {
 #if defined(__AVX512BF16__)
   int64_t panel_size = (k + 1) / 2 * kPanel * 2;
   for_each_block(m, n, [&](int64_t p, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
-    panel_rows_bf16<kMaxRows>(rows, x + r0 * k, k, panels + p * panel_size, k, out + r0 * n + p * kPanel, n, m0, m1, accumulate);
+    panel_rows_bf16<kMaxRows, Out>(rows, x + r0 * k, k, panels + p * panel_size, k, out + r0 * n + p * kPanel, n, m0, m1, accumulate);
   });
 #else
   (void)x, (void)m, (void)k, (void)panels, (void)n, (void)out, (void)accumulate;
