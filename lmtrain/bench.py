@@ -9,7 +9,9 @@ alike; the figure is the median over the repeats. Two things are timed:
          language model, ours against the same model with torch.nn.LSTM as its stack.
 
 On CUDA the step is also timed with our window captured as a CUDA graph and replayed
-(lmtrain.graphs; impl "ours+graphs"), as training runs it there.
+(lmtrain.graphs; impl "ours+graphs"), as training runs it there, and the LSTM stack with its
+window in one persistent kernel launch each way (lmtrain.kernels.lstm_persistent; impl
+"ours+persistent").
 
 dtype bf16 is mixed precision as training runs it (train.precision = bf16): float32 weights,
 bfloat16 GEMM operands, float32 state and gradients. Ours gets compute_dtype bfloat16; the
@@ -31,6 +33,7 @@ step (embedding, stack, decoder, loss in training mode) on the same windows.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -74,7 +77,8 @@ PRESETS = {
 class Record:
     what: str  # "stack" or "step"
     cell: str
-    impl: str  # "ours", "ours+graphs" (CUDA: the step replayed as a CUDA graph) or "torch"
+    impl: str  # "ours", "ours+graphs" (CUDA: the step replayed as a CUDA graph), "ours+persistent" (CUDA: the
+    # LSTM stack in one launch per window each way) or "torch"
     layers: int
     hidden_size: int
     batch_size: int
@@ -185,6 +189,22 @@ def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torc
     return run
 
 
+def with_env(name: str, value: str, run: Callable[[], None]) -> Callable[[], None]:
+    """run with the environment variable set for its duration."""
+    def wrapped():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            run()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+    return wrapped
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -243,12 +263,16 @@ def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: 
             stacks = {"torch.nn.LSTM": TorchLSTMStack(layers, hidden)}
             stacks.update({cell: OurStack(cell, layers, hidden) for cell in cells})
             runs = {name: stack_step(stack.to(device), x, low, name != "torch.nn.LSTM") for name, stack in stacks.items()}
+            if device.type == "cuda" and "lstm" in cells:  # the LSTM's window in one launch each way
+                runs["lstm+persistent"] = with_env("LMTRAIN_PERSISTENT", "1", stack_step(stacks["lstm"], x, low, True))
             medians = time_round_robin(runs, repeats, warmup, device)
             base = medians["torch.nn.LSTM"]
             for name, run in runs.items():
                 ours = name != "torch.nn.LSTM"
+                cell, _, variant = name.partition("+")
                 records.append(Record(
-                    "stack", name if ours else "lstm", "ours" if ours else "torch", layers, hidden, batch, bptt,
+                    "stack", cell if ours else "lstm", f"ours+{variant}" if variant else "ours" if ours else "torch",
+                    layers, hidden, batch, bptt,
                     dtype_name, device.type, bptt * batch / medians[name], peak_memory_mb(run, device),
                     base / medians[name],
                 ))

@@ -71,12 +71,16 @@ def test_cuda_form_multiplies_bfloat16_into_float32():
 
 
 @pytest.mark.skipif(not mixed_available(torch.empty(1)), reason="needs AVX512-BF16 and the compiled kernels")
-@pytest.mark.parametrize("sizes", [dict(steps=5, batch=3, input_size=7, hidden=9),  # odd K: an unpaired k
-                                   dict(steps=4, batch=13, input_size=33, hidden=40)])  # two row blocks, two panels
+@pytest.mark.parametrize("sizes", [{"steps": 5, "batch": 3, "input_size": 7, "hidden": 9},  # odd K: an unpaired k
+                                   {"steps": 4, "batch": 13, "input_size": 33, "hidden": 40}])  # two row blocks, two panels
 def test_lstm_kernel_matches_the_engines_emulation(sizes):
     inputs, (x, state, w_ih, w_hh, b_ih, _, _) = float_inputs(lstm, **sizes)
-    kernel = outputs_and_grads(lambda: (lambda o: (o[0], o[1:]))(MixedLSTMSequence.apply(x, *state, w_ih, w_hh, b_ih)), inputs)
-    emulated = outputs_and_grads(lambda: (lambda o: (o[0], o[1:]))(Recurrence.apply(lstm, 2, BF16, x, w_ih, w_hh, b_ih, None, *state)), inputs)
+
+    def split(outputs):
+        return outputs[0], outputs[1:]
+
+    kernel = outputs_and_grads(lambda: split(MixedLSTMSequence.apply(x, *state, w_ih, w_hh, b_ih)), inputs)
+    emulated = outputs_and_grads(lambda: split(Recurrence.apply(lstm, 2, BF16, x, w_ih, w_hh, b_ih, None, *state)), inputs)
     fp32 = outputs_and_grads(lambda: run_layer(lstm, x, state, w_ih, w_hh, b_ih), inputs)
     for k, e, f in zip(kernel, emulated, fp32):
         assert k.dtype == torch.float32

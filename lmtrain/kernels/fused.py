@@ -21,6 +21,8 @@ Selection (read at each call, so tests can set them):
                             inductor: for CPU tests) | eager (the cells' functions as they are)
   LMTRAIN_CUDA_POINTWISE    compile (default) | triton (LSTM only). Which is faster is to be
                             chosen by measurement on a GPU (lmtrain bench --device cuda); not yet done.
+  LMTRAIN_PERSISTENT=1      the LSTM's whole window in one launch each way
+                            (lmtrain/kernels/lstm_persistent.py); off until timed on a GPU.
 
 When tracing or compiling fails, the step runs eagerly with a warning, once per key.
 """
@@ -232,6 +234,13 @@ class FusedSequence(torch.autograd.Function):
 def run(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
         b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), low: torch.dtype | None = None
         ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract."""
+    """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract. With
+    LMTRAIN_PERSISTENT=1 the LSTM's whole time loop is one kernel launch (lmtrain.kernels.lstm_persistent)."""
+    on_triton = x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if on_triton and os.environ.get("LMTRAIN_PERSISTENT", "0") == "1":
+        from lmtrain.kernels import lstm_persistent
+
+        if lstm_persistent.supports(cell.__name__.rsplit(".", 1)[-1], x, b_hh, extra):
+            return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)
     outputs = FusedSequence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])
