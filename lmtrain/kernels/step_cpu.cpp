@@ -307,6 +307,27 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_step(at::Tensor gates, at::Tensor c
 constexpr int64_t kLanes = 16;   // partial maxima and sums kept per lane, so the loops vectorise
 constexpr int64_t kBlock = 256;  // the cumulative sum is searched block by block, then within one
 
+// the largest of row (V,), NaN left out
+float row_max(const float* row, int64_t vocab) {
+  int64_t whole = vocab / kLanes * kLanes;
+  float top = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  // GCC leaves the lane loop below scalar (a third of sample_rows' time); max_ps(x, m) keeps m
+  // where x is NaN, as the comparison does
+  __m512 lanes = _mm512_set1_ps(top);
+  for (int64_t v = 0; v < whole; v += kLanes) lanes = _mm512_max_ps(_mm512_loadu_ps(row + v), lanes);
+  top = _mm512_reduce_max_ps(lanes);
+#else
+  float lane_max[kLanes];
+  std::fill(lane_max, lane_max + kLanes, top);
+  for (int64_t v = 0; v < whole; v += kLanes)
+    for (int64_t t = 0; t < kLanes; ++t) lane_max[t] = row[v + t] > lane_max[t] ? row[v + t] : lane_max[t];
+  top = *std::max_element(lane_max, lane_max + kLanes);
+#endif
+  for (int64_t v = whole; v < vocab; ++v) top = std::max(top, row[v]);
+  return top;
+}
+
 at::Tensor sample_rows(at::Tensor logits, at::Tensor uniforms, double temperature) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && uniforms.scalar_type() == at::kFloat &&
                   uniforms.numel() == logits.size(0) && temperature > 0,
@@ -324,23 +345,30 @@ at::Tensor sample_rows(at::Tensor logits, at::Tensor uniforms, double temperatur
     std::vector<float> weights(padded, 0.0f), block_sums(blocks);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = l + r * vocab;
-      float lane_max[kLanes];
-      std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<float>::infinity());
-      int64_t whole = vocab / kLanes * kLanes;
-      for (int64_t v = 0; v < whole; v += kLanes)
-        for (int64_t t = 0; t < kLanes; ++t) lane_max[t] = row[v + t] > lane_max[t] ? row[v + t] : lane_max[t];
-      float top = *std::max_element(lane_max, lane_max + kLanes);
-      for (int64_t v = whole; v < vocab; ++v) top = std::max(top, row[v]);
-#pragma GCC ivdep
-      for (int64_t v = 0; v < vocab; ++v) {  // below e^-87 (and -inf, a masked token) counts as 0
-        float z = (row[v] - top) * inverse;
-        weights[v] = z < -87.0f ? 0.0f : exp_poly(z);
-      }
+      float top = row_max(row, vocab);
+      // the weights and their block sums in one pass while the block is in registers; the last,
+      // partial block reads no further than the row (its padding stays 0)
       double total = 0;
+      int64_t full_blocks = vocab / kBlock;
       for (int64_t b = 0; b < blocks; ++b) {
         float lane_sum[kLanes] = {};
-        for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
-          for (int64_t t = 0; t < kLanes; ++t) lane_sum[t] += weights[v + t];
+        if (b < full_blocks) {
+          for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
+#pragma GCC ivdep
+            for (int64_t t = 0; t < kLanes; ++t) {
+              float z = (row[v + t] - top) * inverse;
+              float w = z < -87.0f ? 0.0f : exp_poly(z);  // below e^-87 (and -inf, a masked token) counts as 0
+              weights[v + t] = w;
+              lane_sum[t] += w;
+            }
+        } else {
+          for (int64_t v = b * kBlock; v < vocab; ++v) {
+            float z = (row[v] - top) * inverse;
+            weights[v] = z < -87.0f ? 0.0f : exp_poly(z);
+          }
+          for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
+            for (int64_t t = 0; t < kLanes; ++t) lane_sum[t] += weights[v + t];
+        }
         float sum = 0;
         for (int64_t t = 0; t < kLanes; ++t) sum += lane_sum[t];
         block_sums[b] = sum;
