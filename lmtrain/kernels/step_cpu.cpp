@@ -185,12 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_pack_int8(at::Tensor w) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
-// the largest |x_k| of one row (K,)
+// the largest |x_k| of one row (K,), NaN left out (max_ps(a, b) is b where a is NaN)
 float row_amax(const float* row, int64_t k) {
   __m512 top = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; kk += 16) {
     __mmask16 mask = k - kk >= 16 ? 0xFFFF : (1u << (k - kk)) - 1;
-    top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + kk)));
+    top = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + kk)), top);
   }
   return _mm512_reduce_max_ps(top);
 }
