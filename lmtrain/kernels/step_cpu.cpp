@@ -79,7 +79,7 @@ __attribute__((always_inline)) inline void block_int8(const uint8_t* __restrict_
                                                       int64_t quads, float* __restrict__ out, int64_t ldo,
                                                       const float* __restrict__ x_scales, const float* __restrict__ w_scales,
                                                       const int32_t* __restrict__ sums, const float* __restrict__ bias,
-                                                      __mmask16 m0, __mmask16 m1) {
+                                                      __mmask16 m0, __mmask16 m1, const int8_t* prefetch, int64_t prefetch_bytes) {
   __m512i offset0 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m0, sums), 7);  // 128 Σ_k q
   __m512i offset1 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m1, sums + 16), 7);
   __m512i acc0[ROWS], acc1[ROWS];
@@ -91,6 +91,7 @@ __attribute__((always_inline)) inline void block_int8(const uint8_t* __restrict_
   for (int64_t q = 0; q < quads; ++q) {
     __m512i w0 = _mm512_load_si512(wp + q * kPanel * 4);
     __m512i w1 = _mm512_load_si512(wp + q * kPanel * 4 + 64);
+    _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * prefetch_bytes / quads), _MM_HINT_T0);
 #pragma GCC unroll 12
     for (int r = 0; r < ROWS; ++r) dot_quad(acc0[r], acc1[r], x + r * ldx + 4 * q, w0, w1);
   }
@@ -108,10 +109,12 @@ __attribute__((always_inline)) inline void block_int8(const uint8_t* __restrict_
 
 template <int ROWS>
 void rows_int8(int rows, const uint8_t* x, int64_t ldx, const int8_t* wp, int64_t quads, float* out, int64_t ldo,
-               const float* x_scales, const float* w_scales, const int32_t* sums, const float* bias, __mmask16 m0, __mmask16 m1) {
+               const float* x_scales, const float* w_scales, const int32_t* sums, const float* bias, __mmask16 m0, __mmask16 m1,
+               const int8_t* prefetch, int64_t prefetch_bytes) {
   if constexpr (ROWS > 0) {
-    if (rows == ROWS) return block_int8<ROWS>(x, ldx, wp, quads, out, ldo, x_scales, w_scales, sums, bias, m0, m1);
-    return rows_int8<ROWS - 1>(rows, x, ldx, wp, quads, out, ldo, x_scales, w_scales, sums, bias, m0, m1);
+    if (rows == ROWS)
+      return block_int8<ROWS>(x, ldx, wp, quads, out, ldo, x_scales, w_scales, sums, bias, m0, m1, prefetch, prefetch_bytes);
+    return rows_int8<ROWS - 1>(rows, x, ldx, wp, quads, out, ldo, x_scales, w_scales, sums, bias, m0, m1, prefetch, prefetch_bytes);
   }
 }
 
@@ -265,9 +268,19 @@ at::Tensor step_linear(at::Tensor x, at::Tensor panels, at::Tensor scales, at::T
   const int8_t* wp = panels.const_data_ptr<int8_t>();
   const float* ws = scales.const_data_ptr<float>();
   const int32_t* su = sums.const_data_ptr<int32_t>();
+  // A step's weights (11.6 MB at 2 × 650) do not stay in the cache from one step to the next, so
+  // each row block also prefetches its share of the next panel: the next panel's first block then
+  // finds it in the cache instead of waiting on memory in one burst while the later blocks wait on
+  // nothing (the last panel prefetches itself again, harmlessly). With one row block there is no
+  // such burst, and the hardware's own prefetch does better (1 stream: about 7 % slower with ours),
+  // so the block "prefetches" the lines it is loading anyway.
+  int64_t panel_bytes = quads * kPanel * 4, num_panels = panels.size(0), row_blocks = (m + kMaxRows - 1) / kMaxRows;
+  int64_t rows_per_block = (m + row_blocks - 1) / row_blocks, share = panel_bytes / row_blocks;
+  int64_t ahead = row_blocks > 1 ? 1 : 0;
   for_each_block(m, n, [&](int64_t p, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
-    rows_int8<kMaxRows>(rows, xq.data() + r0 * 4 * quads, 4 * quads, wp + p * quads * kPanel * 4, quads, y + r0 * n + p * kPanel,
-                        n, x_scales.data() + r0, ws + p * kPanel, su + p * kPanel, b + p * kPanel, m0, m1);
+    const int8_t* next = wp + std::min(p + ahead, num_panels - 1) * panel_bytes + (r0 / rows_per_block) * share;
+    rows_int8<kMaxRows>(rows, xq.data() + r0 * 4 * quads, 4 * quads, wp + p * panel_bytes, quads, y + r0 * n + p * kPanel,
+                        n, x_scales.data() + r0, ws + p * kPanel, su + p * kPanel, b + p * kPanel, m0, m1, next, share);
   });
   return out;
 #else
