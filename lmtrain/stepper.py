@@ -125,6 +125,11 @@ class Stepper:
         ops = cpu_ops() if embedding.device.type == "cpu" else None
         self.lstm_step = ops.lstm_cell_step if ops is not None else None
 
+    def table_rows(self, tokens: Tensor) -> Tensor:
+        """TABLE[tokens] (B, G·H_0): index_select copies whole rows, where advanced indexing
+        (table[tokens]) goes element by element at twice the time (32 rows of 2600: 115 -> 59 µs)."""
+        return self.table.index_select(0, tokens)
+
     @torch.no_grad()
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) int64 -> logits (B, V) float32 and the new state (the model's layout)."""
@@ -137,7 +142,7 @@ class Stepper:
                 if self.joint[k]:
                     gates = self.recurrent[k](torch.cat([x, h], 1))
                 else:
-                    xg = self.table[tokens] if k == 0 and self.table is not None else self.inputs[k](self.embedding[tokens] if k == 0 else x)
+                    xg = self.table_rows(tokens) if k == 0 and self.table is not None else self.inputs[k](self.embedding[tokens] if k == 0 else x)
                     gates = self.recurrent[k](h).add_(xg)
                 x, c = self.lstm_step(gates, layer_state[1])
                 new_state.append((x, c))
@@ -147,7 +152,7 @@ class Stepper:
                 hg = torch.zeros_like(xg)
             else:
                 if k == 0:
-                    xg = self.table[tokens] if self.table is not None else self.inputs[0](self.embedding[tokens])
+                    xg = self.table_rows(tokens) if self.table is not None else self.inputs[0](self.embedding[tokens])
                 else:
                     xg = self.inputs[k](x)
                 hg = self.recurrent[k](h)
