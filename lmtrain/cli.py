@@ -376,7 +376,7 @@ def chat(sampler: Sampler, tokenizer, max_tokens: int, temperature: float, top_k
 def bench(
     cells: Annotated[str, typer.Option(help="Our cells to time, comma-separated, or 'all'.")] = "all",
     sizes: Annotated[str, typer.Option(help="Hidden sizes (= input sizes), comma-separated.")] = "200,650",
-    dtypes: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision: ours with train.precision = bf16, torch.nn.LSTM under torch.autocast) or both, comma-separated.")] = "fp32,bf16",
+    dtypes: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision: ours with train.precision = bf16, PyTorch's LSTM module under torch.autocast) or both, comma-separated.")] = "fp32,bf16",
     layers: Annotated[int, typer.Option(help="Stacked layers.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Parallel streams.")] = 20,
     bptt: Annotated[int, typer.Option(help="Time steps per window.")] = 35,
