@@ -87,14 +87,9 @@ class Recurrence(torch.autograd.Function):
             d_state[0] = mixed.mm(mixed.operand(dhg_t, low), w_hh, d_prev[0])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
-        db_ih = dxg.view(steps * batch, -1).sum(0)
-        db_hh = dhg.view(steps * batch, -1).sum(0) if ctx.has_b_hh else None
-        flat_xg = mixed.operand(dxg.view(steps * batch, -1), low)  # (T*B, GH)
-        flat_hg = flat_xg if dhg is dxg else mixed.operand(dhg.view(steps * batch, -1), low)
-        dx = mixed.mm(flat_xg, w_ih).view_as(x) if ctx.needs_input_grad[3] else None
-        dw_ih = mixed.mm(flat_xg.t(), mixed.operand(x.reshape(steps * batch, -1), low))
         h_prev = torch.stack([s[0] for s in ctx.states[:-1]])  # (T, B, H): h_0 .. h_{T-1}
-        dw_hh = mixed.mm(flat_hg.t(), mixed.operand(h_prev.view(steps * batch, -1), low))
+        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, h_prev, w_ih, low, ctx.needs_input_grad[3])
+        db_hh = db_hh if ctx.has_b_hh else None
         return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
 
 

@@ -220,13 +220,8 @@ class FusedSequence(torch.autograd.Function):
             d_state[0] = mixed.mm(mixed.operand(dhg[t], low), w_hh, d_prev[0], out=dh_buffers[t % 2])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
-        db_ih = dxg.view(steps * batch, width).sum(0)
-        db_hh = dhg.view(steps * batch, width).sum(0) if ctx.has_b_hh else None
-        flat_xg = mixed.operand(dxg.view(steps * batch, width), low)  # (T*B, GH)
-        flat_hg = flat_xg if dhg is dxg else mixed.operand(dhg.view(steps * batch, width), low)
-        dx = mixed.mm(flat_xg, w_ih).view_as(x) if ctx.needs_input_grad[3] else None
-        dw_ih = mixed.mm(flat_xg.t(), mixed.operand(x.reshape(steps * batch, inputs), low))
-        dw_hh = mixed.mm(flat_hg.t(), mixed.operand(ys[:-1].reshape(steps * batch, hidden), low))  # h_0 .. h_{T-1}
+        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, ys[:-1], w_ih, low, ctx.needs_input_grad[3])
+        db_hh = db_hh if ctx.has_b_hh else None
         d_state[0] = d_state[0].clone()  # the returned gradient must not be a reused buffer
         return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
 

@@ -193,12 +193,9 @@ class PersistentLSTM(torch.autograd.Function):
         backward_kernel[(triton.cdiv(batch, BLOCK_B),)](
             acts, cs, tanh_cs, dy.contiguous(), w_hh_c.contiguous(), dgates, dh, dc, steps, batch, hidden,
             LOW=low_mode(low, dy), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        flat = dgates.view(steps * batch, 4 * hidden)
-        flat_c = mixed.operand(flat, low)
-        dx = mixed.mm(flat_c, w_ih_c).view(ctx.input_shape) if ctx.needs_input_grad[1] else None
-        dw_ih = mixed.mm(flat_c.t(), x_c)
-        dw_hh = mixed.mm(flat_c.t(), mixed.operand(hs[:-1].reshape(steps * batch, hidden), low))
-        return None, dx, dh, dc, dw_ih, dw_hh, flat.sum(0)
+        dx, dw_ih, dw_hh, db, _ = mixed.sequence_grads(dgates, dgates, x_c.view(ctx.input_shape), hs[:-1], w_ih_c, low,
+                                                       ctx.needs_input_grad[1])
+        return None, dx, dh, dc, dw_ih, dw_hh, db
 
 
 def supports(cell_name: str, x: Tensor, b_hh, extra) -> bool:

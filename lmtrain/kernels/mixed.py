@@ -39,3 +39,22 @@ def mm(a: Tensor, b: Tensor, add: Tensor | None = None, out: Tensor | None = Non
     if add is None:
         return torch.mm(a, b, out=out) if out is not None else a @ b
     return torch.addmm(add, a, b, out=out) if out is not None else torch.addmm(add, a, b)
+
+
+def sequence_grads(dxg: Tensor, dhg: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, low: torch.dtype | None,
+                   need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """The sequence-wide GEMMs that end a recurrence's backward, one each.
+
+    dxg, dhg: (T, B, GH) gradients of the input and recurrent projections (dhg may be dxg);
+    x: (T, B, I); h_prev: (T, B, H), h_0 .. h_{T-1}; w_ih: (GH, I) as the forward's products took it.
+    -> dx (T, B, I) or None, dW_ih (GH, I), dW_hh (GH, H), and the sums of dxg and dhg over T·B
+    (the biases' gradients).
+    """
+    rows = dxg.size(0) * dxg.size(1)
+    db_xg, db_hg = dxg.reshape(rows, -1).sum(0), dhg.reshape(rows, -1).sum(0)
+    flat_xg = operand(dxg.reshape(rows, -1), low)  # (T·B, GH)
+    flat_hg = flat_xg if dhg is dxg else operand(dhg.reshape(rows, -1), low)
+    dx = mm(flat_xg, w_ih).view_as(x) if need_dx else None
+    dw_ih = mm(flat_xg.t(), operand(x.reshape(rows, -1), low))
+    dw_hh = mm(flat_hg.t(), operand(h_prev.reshape(rows, -1), low))
+    return dx, dw_ih, dw_hh, db_xg, db_hg
