@@ -339,9 +339,11 @@ class GenerationRecord:
     ratio: float | None = None  # evaluate: its time per token / the training forward's
 
 
-def draw_tokens(model: LanguageModel, precision: str, streams: int, tokens: int) -> Callable[[], None]:
-    """A run that samples `tokens` steps for `streams` streams (each call goes on from the last)."""
+def draw_tokens(model: LanguageModel, precision: str, streams: int, tokens: int, unfused: bool = False) -> Callable[[], None]:
+    """A run that samples `tokens` steps for `streams` streams (each call goes on from the last);
+    `unfused`: an LSTM stack's step op by op instead of as one op (lmtrain.stepper)."""
     sampler = Sampler(model, precision)
+    sampler.stepper.unfused = unfused
     sampler.feed([EOS_ID])
     sampler.expand(streams)
     random = StreamRandom(0, streams)
@@ -355,12 +357,17 @@ def draw_tokens(model: LanguageModel, precision: str, streams: int, tokens: int)
 
 def bench_generation(model: LanguageModel, precisions: list[str], stream_counts: list[int], tokens: int,
                      repeats: int, warmup: int) -> list[GenerationRecord]:
-    """Sampling tokens/s (summed over streams) per precision, the precisions interleaved."""
+    """Sampling tokens/s (summed over streams) per precision, the precisions interleaved. Where
+    the model's step is one compiled op (an LSTM stack), the last precision is also timed op by
+    op ("generate, op by op"), as the reference for that op."""
     records = []
+    fused = Stepper(model, precisions[-1]).stack is not None
     for streams in stream_counts:
-        runs = {p: draw_tokens(model, p, streams, tokens) for p in precisions}
+        runs = {("generate", p): draw_tokens(model, p, streams, tokens) for p in precisions}
+        if fused:
+            runs["generate, op by op", precisions[-1]] = draw_tokens(model, precisions[-1], streams, tokens, unfused=True)
         medians = time_round_robin(runs, repeats, warmup, torch.device("cpu"))
-        records += [GenerationRecord("generate", p, streams, streams * tokens / medians[p]) for p in precisions]
+        records += [GenerationRecord(what, p, streams, streams * tokens / medians[what, p]) for what, p in runs]
     return records
 
 

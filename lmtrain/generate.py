@@ -27,16 +27,18 @@ class StreamRandom:
 
     def __init__(self, seed: int, streams: int):
         self.generators = [torch.Generator().manual_seed(seed + i) for i in range(streams)]
-        self.buffer = torch.empty(streams, UNIFORM_CHUNK)
+        self.drawn = torch.empty(streams, UNIFORM_CHUNK)
+        self.buffer = torch.empty(UNIFORM_CHUNK, streams)  # step-major, so each step's uniforms are contiguous
         self.used = UNIFORM_CHUNK
 
     def next(self) -> Tensor:
         if self.used == UNIFORM_CHUNK:
-            for row, generator in zip(self.buffer, self.generators):
+            for row, generator in zip(self.drawn, self.generators):
                 torch.rand(UNIFORM_CHUNK, generator=generator, out=row)
+            self.buffer.copy_(self.drawn.t())
             self.used = 0
         self.used += 1
-        return self.buffer[:, self.used - 1]
+        return self.buffer[self.used - 1]
 
 
 class Sampler:
@@ -74,10 +76,14 @@ class Sampler:
         """Yield the next token of every stream, (B,) int64 on the CPU, up to `max_tokens` times;
         each drawn token is fed back, so stopping early leaves the state after the last one.
         `random` (one generator per stream) is needed unless temperature is 0 (greedy)."""
+        whole = temperature > 0 and not 0 < top_k < self.last.size(-1) and top_p >= 1.0
         for _ in range(max_tokens):
             uniforms = random.next().to(self.device) if temperature else None
-            token = pick(self.last, temperature, top_k, top_p, uniforms)
-            self.last, self.state = self.stepper.step(token, self.state)
+            if whole and self.stepper.can_draw():  # the draw and the step in one op
+                token, self.last, self.state = self.stepper.draw(self.last, uniforms, temperature, self.state)
+            else:
+                token = pick(self.last, temperature, top_k, top_p, uniforms)
+                self.last, self.state = self.stepper.step(token, self.state)
             yield token.cpu()
 
 

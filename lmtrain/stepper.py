@@ -12,7 +12,10 @@ speed is that of the weights arriving from memory. The stepper prepares them onc
     decoder:   logits = h_L W_dec^T + b_dec            (B, V)
 
 then each layer's state follows from its cell's own pointwise step (lmtrain/cells; for the LSTM
-on the CPU, the same equations in one compiled pass, `lstm_cell_step`). The
+on the CPU, the same equations in one compiled pass, `lstm_cell_step`). For an LSTM stack in
+this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
+compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
+product, which at one stream is about a sixth of the step. The
 products' weights are held as float32, bfloat16 or int8 (`PRECISIONS`, lmtrain/kernels/step_cpu.cpp):
 smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
 computed on its own, so a stream's logits do not depend on the streams beside it.
@@ -94,7 +97,11 @@ class Stepper:
     """model (eval) -> step(tokens, state): one token per stream, logits for the next.
 
     The products hold copies of the weights: a stepper serves the model as it was when made.
+    `unfused` runs an LSTM stack's step op by op instead of as one op (the same bits; for tests
+    and benchmarks).
     """
+
+    unfused = False
 
     def __init__(self, model: LanguageModel, precision: str = "fp32"):
         self.cells = [layer.cell for layer in model.layers]
@@ -124,15 +131,38 @@ class Stepper:
         self.decoder = Product.prepare(model.decoder.weight, model.decoder.bias, precision)
         ops = cpu_ops() if embedding.device.type == "cpu" else None
         self.lstm_step = ops.lstm_cell_step if ops is not None else None
+        # an LSTM stack in the layout above, all of it compiled: the whole step as one op
+        products = self.recurrent + [self.decoder]
+        self.stack = None
+        if (self.lstm_step is not None and self.table is not None and all(cell is lstm for cell in self.cells)
+                and all(self.joint[1:]) and all(p.compiled for p in products)):
+            self.stack = tuple([getattr(p, name) for p in products] for name in ("weight", "scales", "sums", "bias"))
 
     def table_rows(self, tokens: Tensor) -> Tensor:
         """TABLE[tokens] (B, G·H_0): index_select copies whole rows, where advanced indexing
         (table[tokens]) goes element by element at twice the time (32 rows of 2600: 115 -> 59 µs)."""
         return self.table.index_select(0, tokens)
 
+    def can_draw(self) -> bool:
+        """Whether `draw` is offered: an LSTM stack's whole step compiled as one op."""
+        return self.stack is not None and not self.unfused
+
+    @torch.no_grad()
+    def draw(self, logits: Tensor, uniforms: Tensor, temperature: float, state: State) -> tuple[Tensor, Tensor, State]:
+        """Draw a token per stream from logits (B, V) (as generate.pick does with neither top-k nor
+        top-p: the same tokens), then step on them, in one op -> tokens (B,), the next logits, state."""
+        tokens, logits, h, c = torch.ops.lmtrain.lstm_stack_draw(
+            logits.float(), uniforms.float(), temperature, self.table, *self.stack,
+            [s[0].float() for s in state], [s[1].float() for s in state])
+        return tokens, logits, list(zip(h, c))
+
     @torch.no_grad()
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) int64 -> logits (B, V) float32 and the new state (the model's layout)."""
+        if self.stack is not None and not self.unfused:
+            logits, h, c = torch.ops.lmtrain.lstm_stack_step(tokens, self.table, *self.stack, [s[0].float() for s in state],
+                                                            [s[1].float() for s in state])
+            return logits, list(zip(h, c))
         x = None
         new_state = []
         for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):

@@ -73,3 +73,24 @@ def test_bench_rejects_unknown_preset():
     result = CliRunner().invoke(app, ["bench", "--preset", "issue8"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == ["error: --preset: unknown preset 'issue8' (known: issue7)"]
+
+
+def test_bench_generate_times_every_precision_and_the_step_op_by_op():
+    from lmtrain.config import ModelConfig
+    from lmtrain.model import LanguageModel
+    from lmtrain.stepper import Stepper, available_precisions
+
+    args = ["bench", "--generate", "--json", "--sizes", "16", "--vocab-size", "50", "--streams", "1,3", "--tokens", "4",
+            "--repeats", "1", "--warmup", "0", "--batch-size", "2", "--bptt", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    have = available_precisions(torch.device("cpu"))
+    generated = {(r["what"], r["precision"], r["streams"]) for r in records if r["what"].startswith("generate")}
+    expected = {("generate", p, n) for p in have for n in (1, 3)}
+    if Stepper(LanguageModel(ModelConfig(layers=2, embedding_size=16, hidden_size=16), 50), have[-1]).stack is not None:
+        # compiled products: the LSTM's step is one op, timed against its op-by-op reference
+        expected |= {("generate, op by op", have[-1], n) for n in (1, 3)}
+    assert generated == expected
+    assert all(r["tokens_per_s"] > 0 for r in records)
+    assert {r["what"] for r in records} - {w for w, _, _ in generated} == {"evaluate", "train forward"}

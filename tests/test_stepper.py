@@ -46,6 +46,7 @@ def test_stepper_without_the_embedding_table(monkeypatch):
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=16, hidden_size=16, tie_weights=True), 30).eval()
     assert Stepper(model).table is None
+    assert Stepper(model).stack is None  # the whole-step op needs the table
     reference, stepped = run_both(model, "fp32")
     assert torch.allclose(stepped, reference, atol=1e-5)
 
@@ -63,3 +64,59 @@ def test_a_stream_does_not_depend_on_the_streams_beside_it(precision):
     for b in range(14):
         alone, _ = stepper.step(tokens[b : b + 1], [tuple(s[b : b + 1] for s in layer) for layer in state])
         assert torch.equal(alone, together[b : b + 1])
+
+
+def random_state(layers: int, batch: int, hidden: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(batch, hidden, generator=g) for _ in range(2)) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
+    if precision not in available_precisions(torch.device("cpu")):
+        pytest.skip(f"{precision} products need CPU features this machine lacks")
+    torch.manual_seed(0)
+    # odd sizes: partial panels, a K that is not a multiple of 4, and 1 or 2 blocks of rows
+    model = LanguageModel(ModelConfig(layers=layers, embedding_size=40, hidden_size=37), 101).eval()
+    stepper = Stepper(model, precision)
+    assert stepper.stack is not None
+    for batch in (1, 13):
+        state = random_state(layers, batch, 37, seed=batch)
+        tokens = torch.randint(0, 101, (batch,), generator=torch.Generator().manual_seed(batch))
+        whole, whole_state = stepper.step(tokens, state)
+        stepper.unfused = True
+        parts, parts_state = stepper.step(tokens, state)
+        stepper.unfused = False
+        assert torch.equal(whole, parts)
+        for (h1, c1), (h2, c2) in zip(whole_state, parts_state):
+            assert torch.equal(h1, h2) and torch.equal(c1, c2)
+        assert not torch.equal(whole_state[0][0], state[0][0])  # the state moved on
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_whole_step_op_draws_what_pick_draws(precision):
+    if precision not in available_precisions(torch.device("cpu")):
+        pytest.skip(f"{precision} products need CPU features this machine lacks")
+    from lmtrain.generate import pick
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=24, hidden_size=40), 300).eval()
+    stepper = Stepper(model, precision)
+    g = torch.Generator().manual_seed(1)
+    logits, uniforms, state = torch.randn(14, 300, generator=g) * 3, torch.rand(14, generator=g), random_state(2, 14, 40, 2)
+    tokens, next_logits, next_state = stepper.draw(logits, uniforms, 0.8, state)
+    expected = pick(logits, 0.8, 0, 1.0, uniforms)
+    assert torch.equal(tokens, expected) and len(set(tokens.tolist())) > 5
+    stepped, stepped_state = stepper.step(expected, state)
+    assert torch.equal(next_logits, stepped)
+    assert all(torch.equal(a, b) for x, y in zip(next_state, stepped_state) for a, b in zip(x, y))
+
+
+def test_the_whole_step_op_refuses_a_token_outside_the_vocabulary():
+    model = LanguageModel(ModelConfig(layers=1, embedding_size=8, hidden_size=8), 20).eval()
+    stepper = Stepper(model)
+    if stepper.stack is None:
+        pytest.skip("the compiled kernels are not built on this machine")
+    with pytest.raises(RuntimeError, match="outside the table"):
+        stepper.step(torch.tensor([3, 20]), model.init_state(2))

@@ -204,23 +204,30 @@ void panel_rows_bf16(int rows, const uint16_t* x, int64_t ldx, const uint16_t* w
 #endif
 #endif
 
-// the work of one GEMM as (panel, row block) items, each given its rows and column masks
+// the work of one GEMM as (panel, row block) items: their number, and items [begin, end) each
+// given its rows and column masks (block(p, r0, rows, m0, m1)), for a caller that splits the
+// items across threads itself
+inline int64_t block_count(int64_t m, int64_t n) { return (n + kPanel - 1) / kPanel * ((m + kMaxRows - 1) / kMaxRows); }
+
 template <typename F>
-void for_each_block(int64_t m, int64_t n, F&& block) {
-  int64_t num_panels = (n + kPanel - 1) / kPanel;
+void blocks_in(int64_t m, int64_t n, int64_t begin, int64_t end, F&& block) {
   int64_t row_blocks = (m + kMaxRows - 1) / kMaxRows;
   int64_t rows_per_block = (m + row_blocks - 1) / row_blocks;  // even blocks: 20 rows -> 10 + 10
-  at::parallel_for(0, num_panels * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t p = item / row_blocks, r0 = (item % row_blocks) * rows_per_block;
-      int rows = static_cast<int>(std::min<int64_t>(rows_per_block, m - r0));
-      if (rows <= 0) continue;
-      int64_t cols = std::min<int64_t>(kPanel, n - p * kPanel);
-      uint32_t m0 = cols >= 16 ? 0xFFFFu : (1u << cols) - 1;
-      uint32_t m1 = cols >= 32 ? 0xFFFFu : cols <= 16 ? 0u : (1u << (cols - 16)) - 1;
-      block(p, r0, rows, m0, m1);
-    }
-  });
+  for (int64_t item = begin; item < end; ++item) {
+    int64_t p = item / row_blocks, r0 = (item % row_blocks) * rows_per_block;
+    int rows = static_cast<int>(std::min<int64_t>(rows_per_block, m - r0));
+    if (rows <= 0) continue;
+    int64_t cols = std::min<int64_t>(kPanel, n - p * kPanel);
+    uint32_t m0 = cols >= 16 ? 0xFFFFu : (1u << cols) - 1;
+    uint32_t m1 = cols >= 32 ? 0xFFFFu : cols <= 16 ? 0u : (1u << (cols - 16)) - 1;
+    block(p, r0, rows, m0, m1);
+  }
+}
+
+// every item of one GEMM, split across torch's threads
+template <typename F>
+void for_each_block(int64_t m, int64_t n, F&& block) {
+  at::parallel_for(0, block_count(m, n), 1, [&](int64_t begin, int64_t end) { blocks_in(m, n, begin, end, block); });
 }
 
 // out (M, N) (+)= x (M, K) @ W^T, W as panels (P, K, 32); x and out row-major and contiguous

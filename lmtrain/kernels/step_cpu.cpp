@@ -24,6 +24,10 @@
 //     pre-activations gates (B, 4H) in the order i, f, g, o, without keeping what a backward needs
 //   sample_rows(logits, uniforms, temperature) -> (B,) int64: per row, the first token whose
 //     cumulative probability under softmax(logits / temperature) exceeds uniforms[b]
+//   lstm_stack_step(tokens, table, panels[], scales[], sums[], biases[], h[], c[]) -> (logits, h', c'):
+//     a whole step of an LSTM stack as the ops above would take it, in one parallel region
+//   lstm_stack_draw(logits, uniforms, temperature, table, ...) -> (tokens, logits', h', c'): the
+//     draw of sample_rows, then that step
 //
 // Every row of x is computed on its own, in the same order whatever M is, so a stream's logits
 // do not depend on how many streams run beside it (batched sampling equals one-by-one).
@@ -38,6 +42,10 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "fast_math.h"
 #include "panel_gemm.h"
@@ -222,70 +230,169 @@ void quantise_rows(const float* x, int64_t m, int64_t k, int64_t width, uint8_t*
 
 #endif
 
-at::Tensor step_linear(at::Tensor x, at::Tensor panels, at::Tensor scales, at::Tensor sums, at::Tensor bias, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "step_linear: x must be a float32 matrix");
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n && panels.size(0) == (n + kPanel - 1) / kPanel,
+// One product of a step, its weight prepared: out (M, n) = x (M, k) W^T + bias, W as the panels
+// of one kind (float32, bfloat16 or int8, with the scales and row sums of int8).
+struct StepProduct {
+  at::ScalarType kind;
+  const void* panels;
+  const float* scales;
+  const int32_t* sums;
+  const float* bias;
+  int64_t n, k, num_panels;
+};
+
+StepProduct step_product(const at::Tensor& panels, const at::Tensor& scales, const at::Tensor& sums, const at::Tensor& bias,
+                         int64_t n, int64_t k) {
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == n &&
+                  panels.is_contiguous() && panels.size(0) == (n + kPanel - 1) / kPanel,
               "step_linear: bias or panels do not match n");
-  x = x.contiguous();
-  bias = bias.contiguous();
-  int64_t m = x.size(0), k = x.size(1);
-  at::Tensor out = at::empty({m, n}, x.options());
-  float* y = out.data_ptr<float>();
-  const float* b = bias.const_data_ptr<float>();
   auto kind = panels.scalar_type();
+  StepProduct p{kind, panels.const_data_ptr(), nullptr, nullptr, bias.const_data_ptr<float>(), n, k, panels.size(0)};
   if (kind == at::kFloat) {
     TORCH_CHECK(panels.dim() == 3 && panels.size(1) == k && panels_available(false), "step_linear: float32 panels of another K");
-    panel_gemm(x.const_data_ptr<float>(), m, k, panels.const_data_ptr<float>(), n, y, false);
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t j = 0; j < n; ++j) y[r * n + j] += b[j];
-    return out;
+  } else if (kind == at::kBFloat16) {
+    TORCH_CHECK(panels_available(true), "step_linear: bfloat16 panels need AVX512-BF16");
+    TORCH_CHECK(panels.dim() == 4 && panels.size(1) == (k + 1) / 2, "step_linear: bfloat16 panels of another K");
+  } else {
+    TORCH_CHECK(kind == at::kChar, "step_linear: panels must be float32, bfloat16 or int8");
+    TORCH_CHECK(int8_available(), "step_linear: int8 panels need AVX512-VNNI");
+    TORCH_CHECK(panels.dim() == 4 && panels.size(1) == (k + 3) / 4 && scales.scalar_type() == at::kFloat &&
+                    sums.scalar_type() == at::kInt && scales.is_contiguous() && sums.is_contiguous() &&
+                    scales.numel() >= n && sums.numel() >= n,
+                "step_linear: int8 panels of another K, or their scales and sums missing");
+    p.scales = scales.const_data_ptr<float>();
+    p.sums = sums.const_data_ptr<int32_t>();
   }
-  if (kind == at::kBFloat16) {
-#if defined(__AVX512BF16__)
-    int64_t pairs = (k + 1) / 2;
-    TORCH_CHECK(panels.dim() == 4 && panels.size(1) == pairs, "step_linear: bfloat16 panels of another K");
-    at::Tensor xb = at::zeros({m, 2 * pairs}, x.options().dtype(at::kBFloat16));
-    xb.narrow(1, 0, k).copy_(x);
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>());
-    for_each_block(m, n, [&](int64_t p, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
-      rows_bf16<kMaxRows>(rows, xp + r0 * 2 * pairs, 2 * pairs, wp + p * pairs * kPanel * 2, pairs, y + r0 * n + p * kPanel, n,
-                          b + p * kPanel, m0, m1);
-    });
-    return out;
-#else
-    TORCH_CHECK(false, "step_linear: bfloat16 panels need AVX512-BF16");
-#endif
+  return p;
+}
+
+// x as a product reads it, for M rows: float32 as it is, bfloat16 pairs (rounded to nearest
+// even, padding 0), or the bytes p + 128 of int8 quads with one scale per row (quantise_rows)
+struct StepOperand {
+  int64_t width;  // elements per row: k, 2 ceil(k/2) or 4 ceil(k/4)
+  std::vector<float> f;
+  std::vector<uint16_t> b;
+  std::vector<uint8_t> q;
+  std::vector<float> scales;
+
+  StepOperand(const StepProduct& p, int64_t m) {
+    if (p.kind == at::kFloat) {
+      width = p.k;
+      f.resize(m * width);
+    } else if (p.kind == at::kBFloat16) {
+      width = 2 * ((p.k + 1) / 2);
+      b.assign(m * width, 0);
+    } else {
+      width = 4 * ((p.k + 3) / 4);
+      q.resize(m * width);
+      scales.resize(m);
+    }
   }
-  TORCH_CHECK(kind == at::kChar, "step_linear: panels must be float32, bfloat16 or int8");
+
+  // rows [r0, r1) of x (rows of k float32, ldx apart)
+  void fill(const StepProduct& p, const float* x, int64_t ldx, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = x + r * ldx;
+      if (p.kind == at::kFloat) {
+        std::copy(row, row + p.k, f.data() + r * width);
+      } else if (p.kind == at::kBFloat16) {
+        for (int64_t kk = 0; kk < p.k; ++kk) {
+          if (std::isnan(row[kk]))
+            b[r * width + kk] = 0x7FC0;
+          else
+            store(reinterpret_cast<at::BFloat16*>(b.data() + r * width), kk, row[kk]);
+        }
+      } else {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  int64_t quads = (k + 3) / 4;
-  TORCH_CHECK(panels.dim() == 4 && panels.size(1) == quads && scales.numel() >= n && sums.numel() >= n,
-              "step_linear: int8 panels of another K, or their scales and sums missing");
-  std::vector<uint8_t> xq(m * 4 * quads);
-  std::vector<float> x_scales(m);
-  quantise_rows(x.const_data_ptr<float>(), m, k, 4 * quads, xq.data(), x_scales.data());
-  const int8_t* wp = panels.const_data_ptr<int8_t>();
-  const float* ws = scales.const_data_ptr<float>();
-  const int32_t* su = sums.const_data_ptr<int32_t>();
+        quantise_rows(row, 1, p.k, width, q.data() + r * width, scales.data() + r);
+#endif
+      }
+    }
+  }
+};
+
+// items [begin, end) (blocks_in) of out (M, n) = operand · W^T + bias
+void product_blocks(const StepProduct& p, const StepOperand& x, int64_t m, float* y, int64_t begin, int64_t end) {
+  int64_t n = p.n;
+  if (p.kind == at::kFloat) {
+#if defined(__AVX512F__)
+    const float* wp = static_cast<const float*>(p.panels);
+    blocks_in(m, n, begin, end, [&](int64_t panel, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
+      float* out = y + r0 * n + panel * kPanel;
+      panel_rows<kMaxRows>(rows, x.f.data() + r0 * x.width, x.width, wp + panel * p.k * kPanel, p.k, out, n, m0, m1, false);
+      int64_t cols = std::min<int64_t>(kPanel, n - panel * kPanel);
+      for (int r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) out[r * n + j] += p.bias[panel * kPanel + j];
+    });
+#endif
+    return;
+  }
+  if (p.kind == at::kBFloat16) {
+#if defined(__AVX512BF16__)
+    int64_t pairs = x.width / 2;
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(p.panels);
+    blocks_in(m, n, begin, end, [&](int64_t panel, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
+      rows_bf16<kMaxRows>(rows, x.b.data() + r0 * x.width, x.width, wp + panel * pairs * kPanel * 2, pairs,
+                          y + r0 * n + panel * kPanel, n, p.bias + panel * kPanel, m0, m1);
+    });
+#endif
+    return;
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   // A step's weights (11.6 MB at 2 × 650) do not stay in the cache from one step to the next, so
   // each row block also prefetches its share of the next panel: the next panel's first block then
   // finds it in the cache instead of waiting on memory in one burst while the later blocks wait on
   // nothing (the last panel prefetches itself again, harmlessly). With one row block there is no
   // such burst, and the hardware's own prefetch does better (1 stream: about 7 % slower with ours),
   // so the block "prefetches" the lines it is loading anyway.
-  int64_t panel_bytes = quads * kPanel * 4, num_panels = panels.size(0), row_blocks = (m + kMaxRows - 1) / kMaxRows;
+  int64_t quads = x.width / 4;
+  const int8_t* wp = static_cast<const int8_t*>(p.panels);
+  int64_t panel_bytes = quads * kPanel * 4, row_blocks = (m + kMaxRows - 1) / kMaxRows;
   int64_t rows_per_block = (m + row_blocks - 1) / row_blocks, share = panel_bytes / row_blocks;
   int64_t ahead = row_blocks > 1 ? 1 : 0;
-  for_each_block(m, n, [&](int64_t p, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
-    const int8_t* next = wp + std::min(p + ahead, num_panels - 1) * panel_bytes + (r0 / rows_per_block) * share;
-    rows_int8<kMaxRows>(rows, xq.data() + r0 * 4 * quads, 4 * quads, wp + p * panel_bytes, quads, y + r0 * n + p * kPanel,
-                        n, x_scales.data() + r0, ws + p * kPanel, su + p * kPanel, b + p * kPanel, m0, m1, next, share);
+  blocks_in(m, n, begin, end, [&](int64_t panel, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
+    const int8_t* next = wp + std::min(panel + ahead, p.num_panels - 1) * panel_bytes + (r0 / rows_per_block) * share;
+    rows_int8<kMaxRows>(rows, x.q.data() + r0 * x.width, x.width, wp + panel * panel_bytes, quads, y + r0 * n + panel * kPanel,
+                        n, x.scales.data() + r0, p.scales + panel * kPanel, p.sums + panel * kPanel, p.bias + panel * kPanel, m0,
+                        m1, next, share);
   });
-  return out;
-#else
-  TORCH_CHECK(false, "step_linear: int8 panels need AVX512-VNNI");
 #endif
+}
+
+at::Tensor step_linear(at::Tensor x, at::Tensor panels, at::Tensor scales, at::Tensor sums, at::Tensor bias, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "step_linear: x must be a float32 matrix");
+  x = x.contiguous();
+  int64_t m = x.size(0), k = x.size(1);
+  panels = panels.contiguous();
+  scales = scales.contiguous();
+  sums = sums.contiguous();
+  bias = bias.contiguous();
+  StepProduct p = step_product(panels, scales, sums, bias, n, k);
+  StepOperand operand(p, m);
+  operand.fill(p, x.const_data_ptr<float>(), k, 0, m);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, block_count(m, n), 1, [&](int64_t begin, int64_t end) { product_blocks(p, operand, m, y, begin, end); });
+  return out;
+}
+
+// rows [begin, end) of the LSTM's pointwise step: gates (B, 4H) in the order i, f, g, o and c
+// (B, H) -> h', c'. Not inlined, so the single-step op and the stack's step run the same code
+// and give the same bits.
+__attribute__((noinline)) void lstm_rows(const float* g, const float* cp, float* ho, float* co, int64_t begin, int64_t end,
+                                         int64_t hidden) {
+  for (int64_t b = begin; b < end; ++b) {
+    const float* pi = g + b * 4 * hidden;
+    const float* pf = pi + hidden;
+    const float* pg = pi + 2 * hidden;
+    const float* po = pi + 3 * hidden;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < hidden; ++j) {
+      float cell = sigmoid_fast(pf[j]) * cp[b * hidden + j] + sigmoid_fast(pi[j]) * tanh_fast(pg[j]);
+      co[b * hidden + j] = cell;
+      ho[b * hidden + j] = sigmoid_fast(po[j]) * tanh_fast(cell);
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> lstm_cell_step(at::Tensor gates, at::Tensor c) {
@@ -300,20 +407,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_step(at::Tensor gates, at::Tensor c
   const float* cp = c.const_data_ptr<float>();
   float* ho = h_out.data_ptr<float>();
   float* co = c_out.data_ptr<float>();
-  at::parallel_for(0, batch, std::max<int64_t>(1, 8192 / std::max<int64_t>(hidden, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* pi = g + b * 4 * hidden;
-      const float* pf = pi + hidden;
-      const float* pg = pi + 2 * hidden;
-      const float* po = pi + 3 * hidden;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < hidden; ++j) {
-        float cell = sigmoid_fast(pf[j]) * cp[b * hidden + j] + sigmoid_fast(pi[j]) * tanh_fast(pg[j]);
-        co[b * hidden + j] = cell;
-        ho[b * hidden + j] = sigmoid_fast(po[j]) * tanh_fast(cell);
-      }
-    }
-  });
+  at::parallel_for(0, batch, std::max<int64_t>(1, 8192 / std::max<int64_t>(hidden, 1)),
+                   [&](int64_t begin, int64_t end) { lstm_rows(g, cp, ho, co, begin, end, hidden); });
   return {h_out, c_out};
 }
 
@@ -341,6 +436,69 @@ float row_max(const float* row, int64_t vocab) {
   return top;
 }
 
+// The buffers one thread needs to draw from rows of `vocab` logits.
+struct DrawBuffers {
+  std::vector<float> weights, block_sums;
+  explicit DrawBuffers(int64_t vocab)
+      : weights((vocab + kBlock - 1) / kBlock * kBlock, 0.0f), block_sums((vocab + kBlock - 1) / kBlock) {}
+};
+
+// one row of logits (V,) -> the first token whose cumulative weight exp((l - max) / T) exceeds
+// u times the total; a weight-0 token is never drawn. inverse = 1 / T.
+int64_t sample_row(const float* row, int64_t vocab, float u, float inverse, DrawBuffers& buffers) {
+  float* weights = buffers.weights.data();
+  float* block_sums = buffers.block_sums.data();
+  int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  float top = row_max(row, vocab);
+  // the weights and their block sums in one pass while the block is in registers; the last,
+  // partial block reads no further than the row (its padding stays 0)
+  double total = 0;
+  int64_t full_blocks = vocab / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float lane_sum[kLanes] = {};
+    if (b < full_blocks) {
+      for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
+#pragma GCC ivdep
+        for (int64_t t = 0; t < kLanes; ++t) {
+          float z = (row[v + t] - top) * inverse;
+          float w = z < -87.0f ? 0.0f : exp_poly(z);  // below e^-87 (and -inf, a masked token) counts as 0
+          weights[v + t] = w;
+          lane_sum[t] += w;
+        }
+    } else {
+      for (int64_t v = b * kBlock; v < vocab; ++v) {
+        float z = (row[v] - top) * inverse;
+        weights[v] = z < -87.0f ? 0.0f : exp_poly(z);
+      }
+      for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
+        for (int64_t t = 0; t < kLanes; ++t) lane_sum[t] += weights[v + t];
+    }
+    float sum = 0;
+    for (int64_t t = 0; t < kLanes; ++t) sum += lane_sum[t];
+    block_sums[b] = sum;
+    total += sum;
+  }
+  // the first token whose cumulative weight exceeds u * total
+  double threshold = static_cast<double>(u) * total, running = 0;
+  int64_t last_positive = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (running + block_sums[b] <= threshold) {
+      running += block_sums[b];
+      continue;
+    }
+    for (int64_t v = b * kBlock; v < std::min(vocab, (b + 1) * kBlock); ++v) {
+      if (weights[v] <= 0) continue;
+      last_positive = v;
+      running += weights[v];
+      if (running > threshold) return v;
+    }
+  }
+  // rounding left the threshold past the end: the last token that can be drawn
+  for (int64_t v = vocab - 1; v >= 0; --v)
+    if (weights[v] > 0) return v;
+  return last_positive;
+}
+
 at::Tensor sample_rows(at::Tensor logits, at::Tensor uniforms, double temperature) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && uniforms.scalar_type() == at::kFloat &&
                   uniforms.numel() == logits.size(0) && temperature > 0,
@@ -348,75 +506,168 @@ at::Tensor sample_rows(at::Tensor logits, at::Tensor uniforms, double temperatur
   logits = logits.contiguous();
   uniforms = uniforms.contiguous();
   int64_t rows = logits.size(0), vocab = logits.size(1);
-  int64_t blocks = (vocab + kBlock - 1) / kBlock, padded = blocks * kBlock;
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   const float* l = logits.const_data_ptr<float>();
   const float* u = uniforms.const_data_ptr<float>();
   int64_t* picked = out.data_ptr<int64_t>();
   float inverse = static_cast<float>(1.0 / temperature);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(padded, 0.0f), block_sums(blocks);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = l + r * vocab;
-      float top = row_max(row, vocab);
-      // the weights and their block sums in one pass while the block is in registers; the last,
-      // partial block reads no further than the row (its padding stays 0)
-      double total = 0;
-      int64_t full_blocks = vocab / kBlock;
-      for (int64_t b = 0; b < blocks; ++b) {
-        float lane_sum[kLanes] = {};
-        if (b < full_blocks) {
-          for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
-#pragma GCC ivdep
-            for (int64_t t = 0; t < kLanes; ++t) {
-              float z = (row[v + t] - top) * inverse;
-              float w = z < -87.0f ? 0.0f : exp_poly(z);  // below e^-87 (and -inf, a masked token) counts as 0
-              weights[v + t] = w;
-              lane_sum[t] += w;
-            }
-        } else {
-          for (int64_t v = b * kBlock; v < vocab; ++v) {
-            float z = (row[v] - top) * inverse;
-            weights[v] = z < -87.0f ? 0.0f : exp_poly(z);
-          }
-          for (int64_t v = b * kBlock; v < (b + 1) * kBlock; v += kLanes)
-            for (int64_t t = 0; t < kLanes; ++t) lane_sum[t] += weights[v + t];
-        }
-        float sum = 0;
-        for (int64_t t = 0; t < kLanes; ++t) sum += lane_sum[t];
-        block_sums[b] = sum;
-        total += sum;
-      }
-      // the first token whose cumulative weight exceeds u * total; a weight-0 token never
-      double threshold = static_cast<double>(u[r]) * total, running = 0;
-      int64_t choice = -1, last_positive = 0;
-      for (int64_t b = 0; b < blocks && choice < 0; ++b) {
-        if (running + block_sums[b] <= threshold) {
-          running += block_sums[b];
-          continue;
-        }
-        for (int64_t v = b * kBlock; v < std::min(vocab, (b + 1) * kBlock); ++v) {
-          if (weights[v] <= 0) continue;
-          last_positive = v;
-          running += weights[v];
-          if (running > threshold) {
-            choice = v;
-            break;
-          }
-        }
-      }
-      if (choice < 0) {  // rounding left the threshold past the end: the last token that can be drawn
-        for (int64_t v = vocab - 1; v >= 0; --v)
-          if (weights[v] > 0) {
-            choice = v;
-            break;
-          }
-        if (choice < 0) choice = last_positive;
-      }
-      picked[r] = choice;
-    }
+    DrawBuffers buffers(vocab);
+    for (int64_t r = begin; r < end; ++r) picked[r] = sample_row(l + r * vocab, vocab, u[r], inverse, buffers);
   });
   return out;
+}
+
+// [begin, end) of `count`, the share of thread `tid` of `team` (as at::parallel_for splits a range)
+std::pair<int64_t, int64_t> share_of(int64_t count, int tid, int team) {
+  int64_t chunk = (count + team - 1) / team;
+  return {std::min(count, tid * chunk), std::min(count, (tid + 1) * chunk)};
+}
+
+// A whole step of an LSTM stack, with the products, the pointwise steps and the hand-overs between
+// layers in one parallel region: the same computation, bit for bit, as the stepper's ops one by
+// one (step_linear, lstm_cell_step, index_select, cat), without their dispatches and thread
+// start-ups (at one stream, about a sixth of the step).
+//
+//   tokens (B,) int64, or drawn first from draw = (logits (B, V), uniforms (B,), temperature) as
+//     sample_rows draws them, each thread its own rows
+//   table (V, 4 H_0) = E W_ih^T + b_ih of layer 0
+//   products: L + 1 of them, as (panels, scales, sums, bias) lists: layer 0's W_hh (K = H_0),
+//     layer l's [W_ih, W_hh] side by side (K = H_{l-1} + H_l), then the decoder (K = H_{L-1})
+//   h, c: L tensors (B, H_l)
+//   -> tokens (B,), logits (B, V), h' and c' (L tensors each)
+//
+// Threads split the rows for the pointwise work and the (panel, row block) items for the products,
+// with a barrier wherever one needs what another wrote.
+struct Draw {
+  at::Tensor logits, uniforms;
+  double temperature;
+};
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stack_step(
+    at::Tensor tokens, const Draw* draw, at::Tensor table, std::vector<at::Tensor> panels, std::vector<at::Tensor> scales,
+    std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h, std::vector<at::Tensor> c) {
+  int64_t layers = static_cast<int64_t>(h.size());
+  TORCH_CHECK(layers >= 1 && c.size() == h.size() && panels.size() == h.size() + 1 && scales.size() == panels.size() &&
+                  sums.size() == panels.size() && biases.size() == panels.size(),
+              "lstm_stack_step: L states and L + 1 products");
+  table = table.contiguous();
+  int64_t vocab_rows = table.size(0);
+  at::Tensor draw_logits, uniforms;
+  if (draw != nullptr) {
+    draw_logits = draw->logits.contiguous();
+    uniforms = draw->uniforms.contiguous();
+    TORCH_CHECK(draw_logits.scalar_type() == at::kFloat && draw_logits.dim() == 2 && uniforms.scalar_type() == at::kFloat &&
+                    uniforms.numel() == draw_logits.size(0) && draw_logits.size(1) <= vocab_rows && draw->temperature > 0,
+                "lstm_stack_draw: float32 logits (B, V), float32 uniforms (B,), temperature > 0");
+    tokens = at::empty({draw_logits.size(0)}, draw_logits.options().dtype(at::kLong));
+  }
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "lstm_stack_step: tokens must be (B,) int64");
+  int64_t batch = tokens.size(0);
+  tokens = tokens.contiguous();
+  std::vector<int64_t> hidden(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    h[l] = h[l].contiguous();
+    c[l] = c[l].contiguous();
+    hidden[l] = h[l].size(1);
+    TORCH_CHECK(h[l].scalar_type() == at::kFloat && c[l].scalar_type() == at::kFloat && h[l].dim() == 2 &&
+                    h[l].sizes() == c[l].sizes() && h[l].size(0) == batch,
+                "lstm_stack_step: float32 states (B, H_l)");
+  }
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(1) == 4 * hidden[0],
+              "lstm_stack_step: a float32 table (V, 4 H_0)");
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch && draw == nullptr; ++b)
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab_rows, "lstm_stack_step: token ", tok[b], " outside the table");
+  std::vector<StepProduct> products;
+  std::vector<StepOperand> operands;
+  std::vector<at::Tensor> contiguous;  // keeps the contiguous copies alive
+  for (int64_t l = 0; l <= layers; ++l) {
+    int64_t k = l == 0 ? hidden[0] : l < layers ? hidden[l - 1] + hidden[l] : hidden[layers - 1];
+    int64_t n = l < layers ? 4 * hidden[l] : biases[l].numel();
+    for (auto* t : {&panels[l], &scales[l], &sums[l], &biases[l]}) contiguous.push_back(t->contiguous());
+    auto* kept = &contiguous[contiguous.size() - 4];
+    products.push_back(step_product(kept[0], kept[1], kept[2], kept[3], n, k));
+    operands.emplace_back(products.back(), batch);
+  }
+  std::vector<at::Tensor> gates, h_out, c_out;
+  std::vector<std::vector<float>> joint(layers);  // [h'_{l-1}, h_l] rows, the input of layer l
+  for (int64_t l = 0; l < layers; ++l) {
+    gates.push_back(at::empty({batch, 4 * hidden[l]}, h[l].options()));
+    h_out.push_back(at::empty_like(h[l]));
+    c_out.push_back(at::empty_like(c[l]));
+    if (l > 0) joint[l].resize(batch * (hidden[l - 1] + hidden[l]));
+  }
+  int64_t vocab = products[layers].n;
+  at::Tensor logits = at::empty({batch, vocab}, h[0].options());
+  const float* table_p = table.const_data_ptr<float>();
+  int team_size = at::in_parallel_region() ? 1 : at::get_num_threads();
+
+#pragma omp parallel num_threads(team_size)
+  {
+#ifdef _OPENMP
+    int tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    int tid = 0, team = 1;
+#endif
+    auto [r0, r1] = share_of(batch, tid, team);
+    if (draw != nullptr && r0 < r1) {
+      int64_t width = draw_logits.size(1);
+      DrawBuffers buffers(width);
+      const float* rows = draw_logits.const_data_ptr<float>();
+      const float* u = uniforms.const_data_ptr<float>();
+      float inverse = static_cast<float>(1.0 / draw->temperature);
+      for (int64_t b = r0; b < r1; ++b) tok[b] = sample_row(rows + b * width, width, u[b], inverse, buffers);
+    }
+    for (int64_t l = 0; l < layers; ++l) {
+      int64_t width = 4 * hidden[l];
+      if (l == 0) {
+        operands[0].fill(products[0], h[0].const_data_ptr<float>(), hidden[0], r0, r1);
+      } else {
+        int64_t k = hidden[l - 1] + hidden[l];
+        const float* below = h_out[l - 1].const_data_ptr<float>();
+        const float* mine = h[l].const_data_ptr<float>();
+        for (int64_t b = r0; b < r1; ++b) {
+          std::copy(below + b * hidden[l - 1], below + (b + 1) * hidden[l - 1], joint[l].data() + b * k);
+          std::copy(mine + b * hidden[l], mine + (b + 1) * hidden[l], joint[l].data() + b * k + hidden[l - 1]);
+        }
+        operands[l].fill(products[l], joint[l].data(), k, r0, r1);
+      }
+#pragma omp barrier
+      float* g = gates[l].data_ptr<float>();
+      auto [i0, i1] = share_of(block_count(batch, width), tid, team);
+      product_blocks(products[l], operands[l], batch, g, i0, i1);
+#pragma omp barrier
+      if (l == 0)
+        for (int64_t b = r0; b < r1; ++b) {
+          const float* row = table_p + tok[b] * width;
+          for (int64_t j = 0; j < width; ++j) g[b * width + j] += row[j];
+        }
+      lstm_rows(g, c[l].const_data_ptr<float>(), h_out[l].data_ptr<float>(), c_out[l].data_ptr<float>(), r0, r1, hidden[l]);
+    }
+    operands[layers].fill(products[layers], h_out[layers - 1].const_data_ptr<float>(), hidden[layers - 1], r0, r1);
+#pragma omp barrier
+    auto [i0, i1] = share_of(block_count(batch, vocab), tid, team);
+    product_blocks(products[layers], operands[layers], batch, logits.data_ptr<float>(), i0, i1);
+  }
+  return {tokens, logits, h_out, c_out};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_stack_step(
+    at::Tensor tokens, at::Tensor table, std::vector<at::Tensor> panels, std::vector<at::Tensor> scales,
+    std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h, std::vector<at::Tensor> c) {
+  auto [drawn, logits, h_out, c_out] = stack_step(tokens, nullptr, table, panels, scales, sums, biases, h, c);
+  return {logits, h_out, c_out};
+}
+
+// tokens drawn from logits (B, V) as sample_rows draws them, then the stack's step on them:
+// -> (tokens, logits', h', c')
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_stack_draw(
+    at::Tensor logits, at::Tensor uniforms, double temperature, at::Tensor table, std::vector<at::Tensor> panels,
+    std::vector<at::Tensor> scales, std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h,
+    std::vector<at::Tensor> c) {
+  Draw draw{logits, uniforms, temperature};
+  return stack_step(at::Tensor(), &draw, table, panels, scales, sums, biases, h, c);
 }
 
 }  // namespace
@@ -427,4 +678,10 @@ TORCH_LIBRARY_FRAGMENT(lmtrain, m) {
   m.def("step_pack_int8(Tensor w) -> (Tensor, Tensor, Tensor)", &step_pack_int8);
   m.def("step_linear(Tensor x, Tensor panels, Tensor scales, Tensor sums, Tensor bias, int n) -> Tensor", &step_linear);
   m.def("step_available(int kind) -> bool", &step_available);
+  m.def("lstm_stack_step(Tensor tokens, Tensor table, Tensor[] panels, Tensor[] scales, Tensor[] sums, Tensor[] biases, "
+        "Tensor[] h, Tensor[] c) -> (Tensor, Tensor[], Tensor[])",
+        &lstm_stack_step);
+  m.def("lstm_stack_draw(Tensor logits, Tensor uniforms, float temperature, Tensor table, Tensor[] panels, Tensor[] scales, "
+        "Tensor[] sums, Tensor[] biases, Tensor[] h, Tensor[] c) -> (Tensor, Tensor, Tensor[], Tensor[])",
+        &lstm_stack_draw);
 }
