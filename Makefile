@@ -15,7 +15,7 @@ help:
 	@echo "make test   run the test suite (creates $(VENV) with the test extras)"
 	@echo "make data   fetch PTB and WikiText-2 into data/ (DATA_MIRROR=DIR copies from a mirror)"
 	@echo "make compare-cells   train every cell on a copy task with a known optimum, print a table"
-	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json"
+	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json (FORCE=1 replaces an earlier run)"
 	@echo "make results   the table of every result beside the published numbers"
 	@echo "make bench-distributed   training tokens/s of one process against --nproc 2 (about 10 minutes on 2 CPU cores)"
 	@echo "make bench-gpu   our LSTM against cuDNN at issue 7's sizes, fp32 and bf16 (needs a CUDA GPU), a markdown table"
@@ -45,7 +45,7 @@ compare-cells: install
 
 # a published setup (configs/NAME.toml): train, score valid and test, write results/NAME.json
 reproduce-%: install
-	$(BIN)/lmtrain reproduce $* --data $(DATA)
+	$(BIN)/lmtrain reproduce $* --data $(DATA) $(if $(FORCE),--force)
 
 results: install
 	$(BIN)/lmtrain results

@@ -536,15 +536,16 @@ def reproduce(
     data: Annotated[Path, typer.Option(help="Directory holding ptb/ and wikitext-2/ (make data fills data/).")] = Path("data"),
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key of the config (recorded in the result).")] = None,
     config_dir: Annotated[Path, typer.Option(help="Where the configs are.")] = Path("configs"),
-    runs_dir: Annotated[Path, typer.Option(help="The run goes to RUNS_DIR/reproduce-NAME (replaced).")] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Option(help="The run goes to RUNS_DIR/reproduce-NAME.")] = Path("runs"),
     results_dir: Annotated[Path, typer.Option(help="The result goes to RESULTS_DIR/NAME.json.")] = Path("results"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier reproduction's run directory.")] = False,
 ) -> None:
     """Train a published setup, score valid and test as one stream each, write results/NAME.json."""
     from lmtrain.reproduce import reproduce as run_reproduction
 
     with user_errors():
         try:
-            r = run_reproduction(name, data, config_dir, runs_dir, results_dir, overrides or [], TerminalProgress(), say)
+            r = run_reproduction(name, data, config_dir, runs_dir, results_dir, overrides or [], TerminalProgress(), say, force)
         except KeyboardInterrupt:
             say(f"\ninterrupted; no result written to {results_dir / (name + '.json')}")
             raise typer.Exit(130) from None

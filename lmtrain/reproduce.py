@@ -68,8 +68,9 @@ def config_path(name: str, config_dir: Path) -> Path:
 
 
 def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, results_dir: Path,
-              overrides: list[str] = (), progress=None, say=lambda line: None) -> dict[str, Any]:
-    """Train configs/NAME.toml on DATA/<corpus>, score valid and test, write results/NAME.json."""
+              overrides: list[str] = (), progress=None, say=lambda line: None, force: bool = False) -> dict[str, Any]:
+    """Train configs/NAME.toml on DATA/<corpus>, score valid and test, write results/NAME.json.
+    An earlier reproduction's run directory (its checkpoints) is replaced only with `force`."""
     published = PUBLISHED.get(name)
     path = config_path(name, config_dir)
     corpus = data_dir / published.corpus
@@ -77,6 +78,9 @@ def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, resul
         raise LmtrainError(f"{corpus} not found: DATA must hold ptb/ and wikitext-2/ (make data fills data/)")
     config = load_config(path, list(overrides))
     run_dir = runs_dir / f"reproduce-{name}"
+    if not force and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise LmtrainError(f"{run_dir} holds an earlier reproduction of {name}: pass --force to replace it "
+                           f"(make reproduce-{name} FORCE=1), or move it away first")
     model, data, info = prepare_run(corpus, config, run_dir, True, None, say)
     info.pop("run_dir")
     started = time.perf_counter()

@@ -70,6 +70,17 @@ def test_reproduce_writes_a_result_and_the_table_shows_it(tmp_path, monkeypatch,
     assert f"{saved['valid_ppl']:.1f} / {saved['test_ppl']:.1f}" in row and "120.7 / 114.5" in row
     assert sum("not yet run" in line for line in table) == len(PUBLISHED) - 1
 
+    # a second reproduction keeps the first one's run unless forced
+    (run / "best.pt").write_bytes(b"the first run's checkpoint")
+    again = cli("reproduce", "ptb-small", *args)
+    assert again.exit_code == 2 and "holds an earlier reproduction of ptb-small: pass --force" in again.stderr
+    assert (run / "best.pt").read_bytes() == b"the first run's checkpoint" and "Traceback" not in again.output
+    assert json.loads((tmp_path / "results" / "ptb-small.json").read_text()) == saved
+    forced = cli("reproduce", "ptb-small", *args, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (run / "best.pt").read_bytes() != b"the first run's checkpoint"
+    assert json.loads((tmp_path / "results" / "ptb-small.json").read_text())["overrides"] == []
+
 
 @pytest.mark.parametrize(
     "args,message",
