@@ -45,6 +45,8 @@ class Sampler:
     """One model's sampling state: `feed` text ids, then `draw` tokens; the state carries on.
 
     state: the model's recurrent state for B streams; last: the logits (B, V) for the next token.
+    While `draw` runs, they may live in buffers it writes again two tokens later: copy them to keep
+    them longer.
     """
 
     def __init__(self, model: LanguageModel, precision: str = "fp32"):
@@ -76,11 +78,14 @@ class Sampler:
         """Yield the next token of every stream, (B,) int64 on the CPU, up to `max_tokens` times;
         each drawn token is fed back, so stopping early leaves the state after the last one.
         `random` (one generator per stream) is needed unless temperature is 0 (greedy)."""
-        whole = temperature > 0 and not 0 < top_k < self.last.size(-1) and top_p >= 1.0
-        for _ in range(max_tokens):
+        whole = temperature > 0 and not 0 < top_k < self.last.size(-1) and top_p >= 1.0 and self.stepper.can_draw()
+        if whole:  # the draw and the step in one op, writing to two sets of buffers in turn
+            streams = self.last.size(0)
+            buffers = [self.stepper.new_outputs(streams), self.stepper.new_outputs(streams)]
+        for n in range(max_tokens):
             uniforms = random.next().to(self.device) if temperature else None
-            if whole and self.stepper.can_draw():  # the draw and the step in one op
-                token, self.last, self.state = self.stepper.draw(self.last, uniforms, temperature, self.state)
+            if whole:
+                token, self.last, self.state = self.stepper.draw(self.last, uniforms, temperature, self.state, buffers[n % 2])
             else:
                 token = pick(self.last, temperature, top_k, top_p, uniforms)
                 self.last, self.state = self.stepper.step(token, self.state)

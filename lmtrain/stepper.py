@@ -96,7 +96,8 @@ class Product:
 class Stepper:
     """model (eval) -> step(tokens, state): one token per stream, logits for the next.
 
-    The products hold copies of the weights: a stepper serves the model as it was when made.
+    The products hold copies of the weights: a stepper serves the model as it was when made. Its
+    working memory is reused from step to step, so a stepper serves one caller at a time.
     `unfused` runs an LSTM stack's step op by op instead of as one op (the same bits; for tests
     and benchmarks).
     """
@@ -137,6 +138,7 @@ class Stepper:
         if (self.lstm_step is not None and self.table is not None and all(cell is lstm for cell in self.cells)
                 and all(self.joint[1:]) and all(p.compiled for p in products)):
             self.stack = tuple([getattr(p, name) for p in products] for name in ("weight", "scales", "sums", "bias"))
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # the whole-step op's working memory, grown by the op
 
     def table_rows(self, tokens: Tensor) -> Tensor:
         """TABLE[tokens] (B, G·H_0): index_select copies whole rows, where advanced indexing
@@ -147,22 +149,36 @@ class Stepper:
         """Whether `draw` is offered: an LSTM stack's whole step compiled as one op."""
         return self.stack is not None and not self.unfused
 
+    def new_outputs(self, streams: int) -> list[Tensor]:
+        """Buffers for one whole-step op's results: [logits (B, V), h'_0 .. h'_{L-1}, c'_0 .. c'_{L-1}]."""
+        hidden = [w.size(0) // 4 for w in self.stack[3][:-1]]  # each layer's bias is (4 H_l,)
+        return [torch.empty(streams, self.stack[3][-1].numel())] + [torch.empty(streams, h) for h in hidden * 2]
+
+    def unpack(self, out: list[Tensor]) -> tuple[Tensor, State]:
+        """new_outputs' layout -> logits and the state (the model's layout)."""
+        layers = (len(out) - 1) // 2
+        return out[0], list(zip(out[1 : layers + 1], out[layers + 1 :]))
+
     @torch.no_grad()
-    def draw(self, logits: Tensor, uniforms: Tensor, temperature: float, state: State) -> tuple[Tensor, Tensor, State]:
+    def draw(self, logits: Tensor, uniforms: Tensor, temperature: float, state: State,
+             out: list[Tensor] | None = None) -> tuple[Tensor, Tensor, State]:
         """Draw a token per stream from logits (B, V) (as generate.pick does with neither top-k nor
-        top-p: the same tokens), then step on them, in one op -> tokens (B,), the next logits, state."""
-        tokens, logits, h, c = torch.ops.lmtrain.lstm_stack_draw(
-            logits.float(), uniforms.float(), temperature, self.table, *self.stack,
-            [s[0].float() for s in state], [s[1].float() for s in state])
-        return tokens, logits, list(zip(h, c))
+        top-p: the same tokens), then step on them, in one op -> tokens (B,), the next logits, state.
+        `out` (new_outputs, none of them an input) receives the logits and state; fresh ones by default."""
+        out = self.new_outputs(logits.size(0)) if out is None else out
+        tokens = torch.ops.lmtrain.lstm_stack_draw(logits.float(), uniforms.float(), temperature, self.table, *self.stack,
+                                                   [s[0].float() for s in state], [s[1].float() for s in state], out,
+                                                   self.scratch)
+        return (tokens, *self.unpack(out))
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) int64 -> logits (B, V) float32 and the new state (the model's layout)."""
         if self.stack is not None and not self.unfused:
-            logits, h, c = torch.ops.lmtrain.lstm_stack_step(tokens, self.table, *self.stack, [s[0].float() for s in state],
-                                                            [s[1].float() for s in state])
-            return logits, list(zip(h, c))
+            out = self.new_outputs(tokens.size(0))
+            torch.ops.lmtrain.lstm_stack_step(tokens, self.table, *self.stack, [s[0].float() for s in state],
+                                              [s[1].float() for s in state], out, self.scratch)
+            return self.unpack(out)
         x = None
         new_state = []
         for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):

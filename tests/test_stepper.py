@@ -120,3 +120,34 @@ def test_the_whole_step_op_refuses_a_token_outside_the_vocabulary():
         pytest.skip("the compiled kernels are not built on this machine")
     with pytest.raises(RuntimeError, match="outside the table"):
         stepper.step(torch.tensor([3, 20]), model.init_state(2))
+
+
+def test_the_whole_step_op_writes_the_buffers_it_is_given_and_never_its_inputs():
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=24, hidden_size=40), 300).eval()
+    stepper = Stepper(model, available_precisions(torch.device("cpu"))[-1])
+    if stepper.stack is None:
+        pytest.skip("the compiled kernels are not built on this machine")
+    g = torch.Generator().manual_seed(1)
+    logits, uniforms, state = torch.randn(5, 300, generator=g), torch.rand(5, generator=g), random_state(2, 5, 40, 2)
+    out = stepper.new_outputs(5)
+    tokens, into, into_state = stepper.draw(logits, uniforms, 1.0, state, out)
+    fresh_tokens, fresh, fresh_state = stepper.draw(logits, uniforms, 1.0, state)
+    assert into is out[0] and into_state[1][1] is out[4]
+    assert torch.equal(tokens, fresh_tokens) and torch.equal(into, fresh) and torch.equal(into_state[1][1], fresh_state[1][1])
+    with pytest.raises(RuntimeError, match="an output is also an input"):
+        stepper.draw(into, uniforms, 1.0, into_state, out)
+
+
+def test_sampling_through_the_whole_step_op_draws_what_the_op_by_op_steps_draw(monkeypatch):
+    from lmtrain.generate import sample
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=16, hidden_size=24), 40).eval()
+    for precision in available_precisions(torch.device("cpu")):
+        whole = torch.stack(list(sample(model, [3, 4], 50, 3, 0.9, seed=7, precision=precision)))
+        monkeypatch.setattr(Stepper, "unfused", True)
+        parts = torch.stack(list(sample(model, [3, 4], 50, 3, 0.9, seed=7, precision=precision)))
+        monkeypatch.setattr(Stepper, "unfused", False)
+        assert torch.equal(whole, parts), precision
+        assert len(set(whole.flatten().tolist())) > 10

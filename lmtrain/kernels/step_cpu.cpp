@@ -24,10 +24,11 @@
 //     pre-activations gates (B, 4H) in the order i, f, g, o, without keeping what a backward needs
 //   sample_rows(logits, uniforms, temperature) -> (B,) int64: per row, the first token whose
 //     cumulative probability under softmax(logits / temperature) exceeds uniforms[b]
-//   lstm_stack_step(tokens, table, panels[], scales[], sums[], biases[], h[], c[]) -> (logits, h', c'):
-//     a whole step of an LSTM stack as the ops above would take it, in one parallel region
-//   lstm_stack_draw(logits, uniforms, temperature, table, ...) -> (tokens, logits', h', c'): the
-//     draw of sample_rows, then that step
+//   lstm_stack_step(tokens, table, panels[], scales[], sums[], biases[], h[], c[], out[], scratch):
+//     a whole step of an LSTM stack as the ops above would take it, in one parallel region,
+//     writing out = [logits, h'..., c'...]
+//   lstm_stack_draw(logits, uniforms, temperature, table, ..., out[], scratch) -> tokens: the draw
+//     of sample_rows, then that step
 //
 // Every row of x is computed on its own, in the same order whatever M is, so a stream's logits
 // do not depend on how many streams run beside it (batched sampling equals one-by-one).
@@ -266,45 +267,48 @@ StepProduct step_product(const at::Tensor& panels, const at::Tensor& scales, con
   return p;
 }
 
-// x as a product reads it, for M rows: float32 as it is, bfloat16 pairs (rounded to nearest
-// even, padding 0), or the bytes p + 128 of int8 quads with one scale per row (quantise_rows)
-struct StepOperand {
-  int64_t width;  // elements per row: k, 2 ceil(k/2) or 4 ceil(k/4)
-  std::vector<float> f;
-  std::vector<uint16_t> b;
-  std::vector<uint8_t> q;
-  std::vector<float> scales;
+constexpr int64_t round_up_64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-  StepOperand(const StepProduct& p, int64_t m) {
-    if (p.kind == at::kFloat) {
-      width = p.k;
-      f.resize(m * width);
-    } else if (p.kind == at::kBFloat16) {
-      width = 2 * ((p.k + 1) / 2);
-      b.assign(m * width, 0);
-    } else {
-      width = 4 * ((p.k + 3) / 4);
-      q.resize(m * width);
-      scales.resize(m);
-    }
+// x as a product reads it, for M rows: float32 as it is, bfloat16 pairs (rounded to nearest
+// even, padding 0), or the bytes p + 128 of int8 quads with one scale per row (quantise_rows),
+// in memory the caller gives (`bytes(p, m)` of it)
+struct StepOperand {
+  int64_t width;   // elements per row: k, 2 ceil(k/2) or 4 ceil(k/4)
+  uint8_t* data;   // M rows of width elements (float32, bfloat16 bits or bytes)
+  float* scales;   // int8: one scale per row
+
+  static int64_t width_of(const StepProduct& p) {
+    return p.kind == at::kFloat ? p.k : p.kind == at::kBFloat16 ? 2 * ((p.k + 1) / 2) : 4 * ((p.k + 3) / 4);
   }
+  static int64_t element_bytes(const StepProduct& p) { return p.kind == at::kFloat ? 4 : p.kind == at::kBFloat16 ? 2 : 1; }
+  static int64_t bytes(const StepProduct& p, int64_t m) {
+    return round_up_64(m * width_of(p) * element_bytes(p)) + (p.kind == at::kChar ? round_up_64(m * 4) : 0);
+  }
+
+  StepOperand(const StepProduct& p, int64_t m, uint8_t* memory)
+      : width(width_of(p)), data(memory), scales(reinterpret_cast<float*>(memory + round_up_64(m * width * element_bytes(p)))) {}
+
+  const float* f() const { return reinterpret_cast<const float*>(data); }
+  const uint16_t* b() const { return reinterpret_cast<const uint16_t*>(data); }
 
   // rows [r0, r1) of x (rows of k float32, ldx apart)
   void fill(const StepProduct& p, const float* x, int64_t ldx, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = x + r * ldx;
       if (p.kind == at::kFloat) {
-        std::copy(row, row + p.k, f.data() + r * width);
+        std::copy(row, row + p.k, reinterpret_cast<float*>(data) + r * width);
       } else if (p.kind == at::kBFloat16) {
+        uint16_t* out = reinterpret_cast<uint16_t*>(data) + r * width;
         for (int64_t kk = 0; kk < p.k; ++kk) {
           if (std::isnan(row[kk]))
-            b[r * width + kk] = 0x7FC0;
+            out[kk] = 0x7FC0;
           else
-            store(reinterpret_cast<at::BFloat16*>(b.data() + r * width), kk, row[kk]);
+            store(reinterpret_cast<at::BFloat16*>(out), kk, row[kk]);
         }
+        std::fill(out + p.k, out + width, uint16_t{0});
       } else {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        quantise_rows(row, 1, p.k, width, q.data() + r * width, scales.data() + r);
+        quantise_rows(row, 1, p.k, width, data + r * width, scales + r);
 #endif
       }
     }
@@ -319,7 +323,7 @@ void product_blocks(const StepProduct& p, const StepOperand& x, int64_t m, float
     const float* wp = static_cast<const float*>(p.panels);
     blocks_in(m, n, begin, end, [&](int64_t panel, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
       float* out = y + r0 * n + panel * kPanel;
-      panel_rows<kMaxRows>(rows, x.f.data() + r0 * x.width, x.width, wp + panel * p.k * kPanel, p.k, out, n, m0, m1, false);
+      panel_rows<kMaxRows>(rows, x.f() + r0 * x.width, x.width, wp + panel * p.k * kPanel, p.k, out, n, m0, m1, false);
       int64_t cols = std::min<int64_t>(kPanel, n - panel * kPanel);
       for (int r = 0; r < rows; ++r)
         for (int64_t j = 0; j < cols; ++j) out[r * n + j] += p.bias[panel * kPanel + j];
@@ -332,7 +336,7 @@ void product_blocks(const StepProduct& p, const StepOperand& x, int64_t m, float
     int64_t pairs = x.width / 2;
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(p.panels);
     blocks_in(m, n, begin, end, [&](int64_t panel, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
-      rows_bf16<kMaxRows>(rows, x.b.data() + r0 * x.width, x.width, wp + panel * pairs * kPanel * 2, pairs,
+      rows_bf16<kMaxRows>(rows, x.b() + r0 * x.width, x.width, wp + panel * pairs * kPanel * 2, pairs,
                           y + r0 * n + panel * kPanel, n, p.bias + panel * kPanel, m0, m1);
     });
 #endif
@@ -352,8 +356,8 @@ void product_blocks(const StepProduct& p, const StepOperand& x, int64_t m, float
   int64_t ahead = row_blocks > 1 ? 1 : 0;
   blocks_in(m, n, begin, end, [&](int64_t panel, int64_t r0, int rows, uint32_t m0, uint32_t m1) {
     const int8_t* next = wp + std::min(panel + ahead, p.num_panels - 1) * panel_bytes + (r0 / rows_per_block) * share;
-    rows_int8<kMaxRows>(rows, x.q.data() + r0 * x.width, x.width, wp + panel * panel_bytes, quads, y + r0 * n + panel * kPanel,
-                        n, x.scales.data() + r0, p.scales + panel * kPanel, p.sums + panel * kPanel, p.bias + panel * kPanel, m0,
+    rows_int8<kMaxRows>(rows, x.data + r0 * x.width, x.width, wp + panel * panel_bytes, quads, y + r0 * n + panel * kPanel,
+                        n, x.scales + r0, p.scales + panel * kPanel, p.sums + panel * kPanel, p.bias + panel * kPanel, m0,
                         m1, next, share);
   });
 #endif
@@ -368,7 +372,8 @@ at::Tensor step_linear(at::Tensor x, at::Tensor panels, at::Tensor scales, at::T
   sums = sums.contiguous();
   bias = bias.contiguous();
   StepProduct p = step_product(panels, scales, sums, bias, n, k);
-  StepOperand operand(p, m);
+  at::Tensor memory = at::empty({StepOperand::bytes(p, m)}, x.options().dtype(at::kByte));
+  StepOperand operand(p, m, memory.data_ptr<uint8_t>());
   operand.fill(p, x.const_data_ptr<float>(), k, 0, m);
   at::Tensor out = at::empty({m, n}, x.options());
   float* y = out.data_ptr<float>();
@@ -526,8 +531,8 @@ std::pair<int64_t, int64_t> share_of(int64_t count, int tid, int team) {
 
 // A whole step of an LSTM stack, with the products, the pointwise steps and the hand-overs between
 // layers in one parallel region: the same computation, bit for bit, as the stepper's ops one by
-// one (step_linear, lstm_cell_step, index_select, cat), without their dispatches and thread
-// start-ups (at one stream, about a sixth of the step).
+// one (step_linear, lstm_cell_step, index_select, cat), without their dispatches, thread
+// start-ups and fresh buffers (at one stream, about a sixth of the step).
 //
 //   tokens (B,) int64, or drawn first from draw = (logits (B, V), uniforms (B,), temperature) as
 //     sample_rows draws them, each thread its own rows
@@ -535,7 +540,9 @@ std::pair<int64_t, int64_t> share_of(int64_t count, int tid, int team) {
 //   products: L + 1 of them, as (panels, scales, sums, bias) lists: layer 0's W_hh (K = H_0),
 //     layer l's [W_ih, W_hh] side by side (K = H_{l-1} + H_l), then the decoder (K = H_{L-1})
 //   h, c: L tensors (B, H_l)
-//   -> tokens (B,), logits (B, V), h' and c' (L tensors each)
+//   out: logits (B, V), h'_0 .. h'_{L-1}, c'_0 .. c'_{L-1}, written; none of them an input
+//   scratch: bytes for the gates and the products' operands, grown when too small
+//   -> the tokens (B,)
 //
 // Threads split the rows for the pointwise work and the (panel, row block) items for the products,
 // with a barrier wherever one needs what another wrote.
@@ -544,13 +551,15 @@ struct Draw {
   double temperature;
 };
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stack_step(
-    at::Tensor tokens, const Draw* draw, at::Tensor table, std::vector<at::Tensor> panels, std::vector<at::Tensor> scales,
-    std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h, std::vector<at::Tensor> c) {
+at::Tensor stack_step(at::Tensor tokens, const Draw* draw, at::Tensor table, std::vector<at::Tensor> panels,
+                      std::vector<at::Tensor> scales, std::vector<at::Tensor> sums, std::vector<at::Tensor> biases,
+                      std::vector<at::Tensor> h, std::vector<at::Tensor> c, const std::vector<at::Tensor>& out,
+                      at::Tensor& scratch) {
   int64_t layers = static_cast<int64_t>(h.size());
   TORCH_CHECK(layers >= 1 && c.size() == h.size() && panels.size() == h.size() + 1 && scales.size() == panels.size() &&
-                  sums.size() == panels.size() && biases.size() == panels.size(),
-              "lstm_stack_step: L states and L + 1 products");
+                  sums.size() == panels.size() && biases.size() == panels.size() &&
+                  static_cast<int64_t>(out.size()) == 2 * layers + 1,
+              "lstm_stack_step: L states, L + 1 products and 2 L + 1 outputs");
   table = table.contiguous();
   int64_t vocab_rows = table.size(0);
   at::Tensor draw_logits, uniforms;
@@ -566,6 +575,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   int64_t batch = tokens.size(0);
   tokens = tokens.contiguous();
   std::vector<int64_t> hidden(layers);
+  std::vector<const void*> inputs{draw_logits.defined() ? draw_logits.data_ptr() : nullptr};
   for (int64_t l = 0; l < layers; ++l) {
     h[l] = h[l].contiguous();
     c[l] = c[l].contiguous();
@@ -573,6 +583,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     TORCH_CHECK(h[l].scalar_type() == at::kFloat && c[l].scalar_type() == at::kFloat && h[l].dim() == 2 &&
                     h[l].sizes() == c[l].sizes() && h[l].size(0) == batch,
                 "lstm_stack_step: float32 states (B, H_l)");
+    inputs.push_back(h[l].data_ptr());
+    inputs.push_back(c[l].data_ptr());
   }
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(1) == 4 * hidden[0],
               "lstm_stack_step: a float32 table (V, 4 H_0)");
@@ -580,26 +592,38 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   for (int64_t b = 0; b < batch && draw == nullptr; ++b)
     TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab_rows, "lstm_stack_step: token ", tok[b], " outside the table");
   std::vector<StepProduct> products;
-  std::vector<StepOperand> operands;
   std::vector<at::Tensor> contiguous;  // keeps the contiguous copies alive
+  int64_t scratch_bytes = 0;
   for (int64_t l = 0; l <= layers; ++l) {
     int64_t k = l == 0 ? hidden[0] : l < layers ? hidden[l - 1] + hidden[l] : hidden[layers - 1];
     int64_t n = l < layers ? 4 * hidden[l] : biases[l].numel();
     for (auto* t : {&panels[l], &scales[l], &sums[l], &biases[l]}) contiguous.push_back(t->contiguous());
     auto* kept = &contiguous[contiguous.size() - 4];
     products.push_back(step_product(kept[0], kept[1], kept[2], kept[3], n, k));
-    operands.emplace_back(products.back(), batch);
-  }
-  std::vector<at::Tensor> gates, h_out, c_out;
-  std::vector<std::vector<float>> joint(layers);  // [h'_{l-1}, h_l] rows, the input of layer l
-  for (int64_t l = 0; l < layers; ++l) {
-    gates.push_back(at::empty({batch, 4 * hidden[l]}, h[l].options()));
-    h_out.push_back(at::empty_like(h[l]));
-    c_out.push_back(at::empty_like(c[l]));
-    if (l > 0) joint[l].resize(batch * (hidden[l - 1] + hidden[l]));
+    scratch_bytes += StepOperand::bytes(products.back(), batch);
+    if (l < layers) scratch_bytes += round_up_64(batch * n * 4);            // the gates
+    if (0 < l && l < layers) scratch_bytes += round_up_64(batch * k * 4);   // [h'_{l-1}, h_l]
   }
   int64_t vocab = products[layers].n;
-  at::Tensor logits = at::empty({batch, vocab}, h[0].options());
+  for (int64_t i = 0; i < 2 * layers + 1; ++i) {
+    int64_t width = i == 0 ? vocab : hidden[(i - 1) % layers];
+    TORCH_CHECK(out[i].scalar_type() == at::kFloat && out[i].is_contiguous() && out[i].dim() == 2 && out[i].size(0) == batch &&
+                    out[i].size(1) == width,
+                "lstm_stack_step: outputs must be contiguous float32 (B, V), (B, H_l) x 2 L");
+    TORCH_CHECK(std::find(inputs.begin(), inputs.end(), out[i].data_ptr()) == inputs.end(),
+                "lstm_stack_step: an output is also an input");
+  }
+  TORCH_CHECK(scratch.scalar_type() == at::kByte && scratch.is_contiguous(), "lstm_stack_step: scratch must be uint8");
+  if (scratch.numel() < scratch_bytes) scratch.resize_({scratch_bytes});
+  uint8_t* cursor = scratch.data_ptr<uint8_t>();
+  auto take = [&](int64_t bytes) { uint8_t* p = cursor; cursor += round_up_64(bytes); return p; };
+  std::vector<StepOperand> operands;
+  std::vector<float*> gates(layers), joint(layers, nullptr);
+  for (int64_t l = 0; l <= layers; ++l) {
+    operands.emplace_back(products[l], batch, take(StepOperand::bytes(products[l], batch)));
+    if (l < layers) gates[l] = reinterpret_cast<float*>(take(batch * products[l].n * 4));
+    if (0 < l && l < layers) joint[l] = reinterpret_cast<float*>(take(batch * products[l].k * 4));
+  }
   const float* table_p = table.const_data_ptr<float>();
   int team_size = at::in_parallel_region() ? 1 : at::get_num_threads();
 
@@ -621,20 +645,21 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     }
     for (int64_t l = 0; l < layers; ++l) {
       int64_t width = 4 * hidden[l];
+      float* h_next = out[1 + l].data_ptr<float>();
       if (l == 0) {
         operands[0].fill(products[0], h[0].const_data_ptr<float>(), hidden[0], r0, r1);
       } else {
         int64_t k = hidden[l - 1] + hidden[l];
-        const float* below = h_out[l - 1].const_data_ptr<float>();
+        const float* below = out[l].const_data_ptr<float>();
         const float* mine = h[l].const_data_ptr<float>();
         for (int64_t b = r0; b < r1; ++b) {
-          std::copy(below + b * hidden[l - 1], below + (b + 1) * hidden[l - 1], joint[l].data() + b * k);
-          std::copy(mine + b * hidden[l], mine + (b + 1) * hidden[l], joint[l].data() + b * k + hidden[l - 1]);
+          std::copy(below + b * hidden[l - 1], below + (b + 1) * hidden[l - 1], joint[l] + b * k);
+          std::copy(mine + b * hidden[l], mine + (b + 1) * hidden[l], joint[l] + b * k + hidden[l - 1]);
         }
-        operands[l].fill(products[l], joint[l].data(), k, r0, r1);
+        operands[l].fill(products[l], joint[l], k, r0, r1);
       }
 #pragma omp barrier
-      float* g = gates[l].data_ptr<float>();
+      float* g = gates[l];
       auto [i0, i1] = share_of(block_count(batch, width), tid, team);
       product_blocks(products[l], operands[l], batch, g, i0, i1);
 #pragma omp barrier
@@ -643,31 +668,29 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
           const float* row = table_p + tok[b] * width;
           for (int64_t j = 0; j < width; ++j) g[b * width + j] += row[j];
         }
-      lstm_rows(g, c[l].const_data_ptr<float>(), h_out[l].data_ptr<float>(), c_out[l].data_ptr<float>(), r0, r1, hidden[l]);
+      lstm_rows(g, c[l].const_data_ptr<float>(), h_next, out[1 + layers + l].data_ptr<float>(), r0, r1, hidden[l]);
     }
-    operands[layers].fill(products[layers], h_out[layers - 1].const_data_ptr<float>(), hidden[layers - 1], r0, r1);
+    operands[layers].fill(products[layers], out[layers].const_data_ptr<float>(), hidden[layers - 1], r0, r1);
 #pragma omp barrier
     auto [i0, i1] = share_of(block_count(batch, vocab), tid, team);
-    product_blocks(products[layers], operands[layers], batch, logits.data_ptr<float>(), i0, i1);
+    product_blocks(products[layers], operands[layers], batch, out[0].data_ptr<float>(), i0, i1);
   }
-  return {tokens, logits, h_out, c_out};
+  return tokens;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_stack_step(
-    at::Tensor tokens, at::Tensor table, std::vector<at::Tensor> panels, std::vector<at::Tensor> scales,
-    std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h, std::vector<at::Tensor> c) {
-  auto [drawn, logits, h_out, c_out] = stack_step(tokens, nullptr, table, panels, scales, sums, biases, h, c);
-  return {logits, h_out, c_out};
+void lstm_stack_step(at::Tensor tokens, at::Tensor table, std::vector<at::Tensor> panels, std::vector<at::Tensor> scales,
+                     std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h,
+                     std::vector<at::Tensor> c, std::vector<at::Tensor> out, at::Tensor scratch) {
+  stack_step(tokens, nullptr, table, panels, scales, sums, biases, h, c, out, scratch);
 }
 
-// tokens drawn from logits (B, V) as sample_rows draws them, then the stack's step on them:
-// -> (tokens, logits', h', c')
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_stack_draw(
-    at::Tensor logits, at::Tensor uniforms, double temperature, at::Tensor table, std::vector<at::Tensor> panels,
-    std::vector<at::Tensor> scales, std::vector<at::Tensor> sums, std::vector<at::Tensor> biases, std::vector<at::Tensor> h,
-    std::vector<at::Tensor> c) {
+// tokens drawn from logits (B, V) as sample_rows draws them, then the stack's step on them
+at::Tensor lstm_stack_draw(at::Tensor logits, at::Tensor uniforms, double temperature, at::Tensor table,
+                           std::vector<at::Tensor> panels, std::vector<at::Tensor> scales, std::vector<at::Tensor> sums,
+                           std::vector<at::Tensor> biases, std::vector<at::Tensor> h, std::vector<at::Tensor> c,
+                           std::vector<at::Tensor> out, at::Tensor scratch) {
   Draw draw{logits, uniforms, temperature};
-  return stack_step(at::Tensor(), &draw, table, panels, scales, sums, biases, h, c);
+  return stack_step(at::Tensor(), &draw, table, panels, scales, sums, biases, h, c, out, scratch);
 }
 
 }  // namespace
@@ -679,9 +702,9 @@ TORCH_LIBRARY_FRAGMENT(lmtrain, m) {
   m.def("step_linear(Tensor x, Tensor panels, Tensor scales, Tensor sums, Tensor bias, int n) -> Tensor", &step_linear);
   m.def("step_available(int kind) -> bool", &step_available);
   m.def("lstm_stack_step(Tensor tokens, Tensor table, Tensor[] panels, Tensor[] scales, Tensor[] sums, Tensor[] biases, "
-        "Tensor[] h, Tensor[] c) -> (Tensor, Tensor[], Tensor[])",
+        "Tensor[] h, Tensor[] c, Tensor(a!)[] out, Tensor(b!) scratch) -> ()",
         &lstm_stack_step);
   m.def("lstm_stack_draw(Tensor logits, Tensor uniforms, float temperature, Tensor table, Tensor[] panels, Tensor[] scales, "
-        "Tensor[] sums, Tensor[] biases, Tensor[] h, Tensor[] c) -> (Tensor, Tensor, Tensor[], Tensor[])",
+        "Tensor[] sums, Tensor[] biases, Tensor[] h, Tensor[] c, Tensor(a!)[] out, Tensor(b!) scratch) -> Tensor",
         &lstm_stack_draw);
 }
