@@ -14,6 +14,12 @@ from lmtrain.stepper import Stepper, available_precisions
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "int8": 5e-2}
 
 
+def need(precision: str) -> None:
+    """Skip the test where this machine's compiled products do not offer `precision`."""
+    if precision not in available_precisions(torch.device("cpu")):
+        pytest.skip(f"{precision} products need CPU features this machine lacks")
+
+
 def run_both(model: LanguageModel, precision: str, steps: int = 6, batch: int = 3):
     """The model's sequence forward and the stepper over the same tokens -> (reference, stepped) logits (T, B, V)."""
     tokens = torch.randint(0, model.vocab_size, (steps, batch), generator=torch.Generator().manual_seed(0))
@@ -31,8 +37,7 @@ def run_both(model: LanguageModel, precision: str, steps: int = 6, batch: int = 
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_stepper_matches_the_forward_pass(cell, precision):
-    if precision not in available_precisions(torch.device("cpu")):
-        pytest.skip(f"{precision} products need CPU features this machine lacks")
+    need(precision)
     torch.manual_seed(0)
     config = ModelConfig(cell=cell, layers=2, embedding_size=24, hidden_size=40, init_range=0.3)
     model = LanguageModel(config, 50).eval()
@@ -53,8 +58,7 @@ def test_stepper_without_the_embedding_table(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_a_stream_does_not_depend_on_the_streams_beside_it(precision):
-    if precision not in available_precisions(torch.device("cpu")):
-        pytest.skip(f"{precision} products need CPU features this machine lacks")
+    need(precision)
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=32, hidden_size=48), 70).eval()
     stepper = Stepper(model, precision)
@@ -74,8 +78,7 @@ def random_state(layers: int, batch: int, hidden: int, seed: int):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("layers", [1, 3])
 def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
-    if precision not in available_precisions(torch.device("cpu")):
-        pytest.skip(f"{precision} products need CPU features this machine lacks")
+    need(precision)
     torch.manual_seed(0)
     # odd sizes: partial panels, a K that is not a multiple of 4, and 1 or 2 blocks of rows
     model = LanguageModel(ModelConfig(layers=layers, embedding_size=40, hidden_size=37), 101).eval()
@@ -96,8 +99,7 @@ def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_the_whole_step_op_draws_what_pick_draws(precision):
-    if precision not in available_precisions(torch.device("cpu")):
-        pytest.skip(f"{precision} products need CPU features this machine lacks")
+    need(precision)
     from lmtrain.generate import pick
 
     torch.manual_seed(0)

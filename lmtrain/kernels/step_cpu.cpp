@@ -532,7 +532,7 @@ std::pair<int64_t, int64_t> share_of(int64_t count, int tid, int team) {
 // A whole step of an LSTM stack, with the products, the pointwise steps and the hand-overs between
 // layers in one parallel region: the same computation, bit for bit, as the stepper's ops one by
 // one (step_linear, lstm_cell_step, index_select, cat), without their dispatches, thread
-// start-ups and fresh buffers (at one stream, about a sixth of the step).
+// start-ups and fresh buffers (at one stream, a fifth to a quarter of the op-by-op step's time).
 //
 //   tokens (B,) int64, or drawn first from draw = (logits (B, V), uniforms (B,), temperature) as
 //     sample_rows draws them, each thread its own rows
