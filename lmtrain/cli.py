@@ -569,7 +569,15 @@ def results(
 
 
 def main() -> None:
-    app()
+    if not distributed.launched():
+        app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    distributed.leave(code)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ def stage_worker(rank: int, port: int, local_ranks: list[int], log: Path) -> Non
         with open(log, "a") as f:
             f.write(f"{rank}\n")
     distributed.teardown()
+    distributed.leave(0)  # as lmtrain's own ranks end (distributed.leave: gloo at interpreter shutdown)
 
 
 def test_preparation_runs_on_the_main_rank_then_once_per_machine_first(tmp_path):
@@ -219,6 +220,7 @@ def rank_worker(rank: int, port: int, out: Path) -> None:
         distributed.training_forward = plain
     torch.save(result, out / f"rank{rank}.pt")
     distributed.teardown()
+    distributed.leave(0)  # as lmtrain's own ranks end (distributed.leave: gloo at interpreter shutdown)
 
 
 def test_ranks_stay_in_sync_and_match_one_process(one_thread):
