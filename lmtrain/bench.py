@@ -339,11 +339,9 @@ class GenerationRecord:
     ratio: float | None = None  # evaluate: its time per token / the training forward's
 
 
-def draw_tokens(model: LanguageModel, precision: str, streams: int, tokens: int, unfused: bool = False) -> Callable[[], None]:
-    """A run that samples `tokens` steps for `streams` streams (each call goes on from the last);
-    `unfused`: an LSTM stack's step op by op instead of as one op (lmtrain.stepper)."""
-    sampler = Sampler(model, precision)
-    sampler.stepper.unfused = unfused
+def draw_tokens(sampler: Sampler, streams: int, tokens: int) -> Callable[[], None]:
+    """A run that samples `tokens` steps for `streams` streams from a fresh `sampler` (each call
+    goes on from the last)."""
     sampler.feed([EOS_ID])
     sampler.expand(streams)
     random = StreamRandom(0, streams)
@@ -361,11 +359,13 @@ def bench_generation(model: LanguageModel, precisions: list[str], stream_counts:
     the model's step is one compiled op (an LSTM stack), the last precision is also timed op by
     op ("generate, op by op"), as the reference for that op."""
     records = []
-    fused = Stepper(model, precisions[-1]).stack is not None
     for streams in stream_counts:
-        runs = {("generate", p): draw_tokens(model, p, streams, tokens) for p in precisions}
-        if fused:
-            runs["generate, op by op", precisions[-1]] = draw_tokens(model, precisions[-1], streams, tokens, unfused=True)
+        samplers = {("generate", p): Sampler(model, p) for p in precisions}
+        if samplers["generate", precisions[-1]].stepper.stack is not None:
+            op_by_op = Sampler(model, precisions[-1])
+            op_by_op.stepper.unfused = True
+            samplers["generate, op by op", precisions[-1]] = op_by_op
+        runs = {key: draw_tokens(sampler, streams, tokens) for key, sampler in samplers.items()}
         medians = time_round_robin(runs, repeats, warmup, torch.device("cpu"))
         records += [GenerationRecord(what, p, streams, streams * tokens / medians[what, p]) for what, p in runs]
     return records

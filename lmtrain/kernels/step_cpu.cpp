@@ -592,14 +592,12 @@ at::Tensor stack_step(at::Tensor tokens, const Draw* draw, at::Tensor table, std
   for (int64_t b = 0; b < batch && draw == nullptr; ++b)
     TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab_rows, "lstm_stack_step: token ", tok[b], " outside the table");
   std::vector<StepProduct> products;
-  std::vector<at::Tensor> contiguous;  // keeps the contiguous copies alive
   int64_t scratch_bytes = 0;
   for (int64_t l = 0; l <= layers; ++l) {
     int64_t k = l == 0 ? hidden[0] : l < layers ? hidden[l - 1] + hidden[l] : hidden[layers - 1];
     int64_t n = l < layers ? 4 * hidden[l] : biases[l].numel();
-    for (auto* t : {&panels[l], &scales[l], &sums[l], &biases[l]}) contiguous.push_back(t->contiguous());
-    auto* kept = &contiguous[contiguous.size() - 4];
-    products.push_back(step_product(kept[0], kept[1], kept[2], kept[3], n, k));
+    for (auto* t : {&panels[l], &scales[l], &sums[l], &biases[l]}) *t = t->contiguous();  // our copies of the lists
+    products.push_back(step_product(panels[l], scales[l], sums[l], biases[l], n, k));
     scratch_bytes += StepOperand::bytes(products.back(), batch);
     if (l < layers) scratch_bytes += round_up_64(batch * n * 4);            // the gates
     if (0 < l && l < layers) scratch_bytes += round_up_64(batch * k * 4);   // [h'_{l-1}, h_l]
