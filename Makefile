@@ -54,7 +54,7 @@ results: install
 bench-distributed: install
 	$(BIN)/python benchmarks/distributed.py --repeats 3 --steps 30
 
-# issue 7's settings (lmtrain.bench.PRESETS) on the GPU: the markdown table of README's "GPU" section
+# issue 7's settings (lmtrain.bench.PRESETS) on the GPU: the markdown table of docs/gpu.md
 bench-gpu: install
 	$(BIN)/lmtrain bench --preset issue7 --device cuda --dtypes fp32,bf16
 
@@ -65,6 +65,6 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache
 
 # encoding speed (1 vs 2 workers) and peak memory on generated 0.25/0.5/1 GB corpora under /tmp (deleted after):
-# tens of minutes on 2 CPU cores; see README "Large corpora"
+# tens of minutes on 2 CPU cores; see docs/speed.md, "Encoding large corpora"
 bench-encode: install
 	$(BIN)/python -m lmtrain.bench_encode --dir /tmp/lmtrain-bench-encode --sizes 0.25,0.5,1 --workers 1,2 --clean
