@@ -8,11 +8,12 @@ DATA_MIRROR ?=
 RUN ?= runs/demo
 DATA ?= data
 
-.PHONY: help install demo test data clean compare-cells results bench-distributed bench-gpu bench-encode
+.PHONY: help install demo test docs data clean compare-cells results bench-distributed bench-gpu bench-encode
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
 	@echo "make test   run the test suite (creates $(VENV) with the test extras)"
+	@echo "make docs   regenerate docs/configuration.md from lmtrain/config.py (a test checks it is current)"
 	@echo "make data   fetch PTB and WikiText-2 into data/ (DATA_MIRROR=DIR copies from a mirror)"
 	@echo "make compare-cells   train every cell on a copy task with a known optimum, print a table"
 	@echo "make reproduce-NAME DATA=DIR   train configs/NAME.toml on DIR/ptb or DIR/wikitext-2, write results/NAME.json (FORCE=1 replaces an earlier run)"
@@ -57,6 +58,10 @@ bench-distributed: install
 # issue 7's settings (lmtrain.bench.PRESETS) on the GPU: the markdown table of docs/gpu.md
 bench-gpu: install
 	$(BIN)/lmtrain bench --preset issue7 --device cuda --dtypes fp32,bf16
+
+# the config reference is generated: its meanings are the comments of lmtrain/config.py
+docs: install
+	$(BIN)/python -m lmtrain.config_docs > docs/configuration.md.part && mv docs/configuration.md.part docs/configuration.md
 
 data:
 	$(PYTHON) data/fetch.py --dest data $(if $(DATA_MIRROR),--mirror $(DATA_MIRROR))

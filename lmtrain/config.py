@@ -42,17 +42,17 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # one of CELLS for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
+    # lstm | peephole | coupled | gru | rnn | slstm for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
     # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
     cell: str = "lstm"
-    layers: int = 2
-    embedding_size: int = 200
-    hidden_size: int = 200
+    layers: int = 2  # stacked recurrent layers
+    embedding_size: int = 200  # width of the word embedding (the first layer's input)
+    hidden_size: int = 200  # units of each recurrent layer (of the last one too, unless tie_weights)
     dropout: float = 0.0  # on the embedding output, between layers and before the decoder
-    # the same three places one by one; negative: model.dropout (AWD-LSTM's dropouti, dropouth, dropout)
-    dropout_input: float = -1.0
-    dropout_hidden: float = -1.0
-    dropout_output: float = -1.0
+    # the three places of model.dropout one by one (AWD-LSTM's dropouti, dropouth, dropout)
+    dropout_input: float = -1.0  # dropout on the embedding output; negative: model.dropout
+    dropout_hidden: float = -1.0  # dropout between layers; negative: model.dropout
+    dropout_output: float = -1.0  # dropout before the decoder; negative: model.dropout
     # false: a fresh mask for every element (Zaremba et al. 2014); true: one mask per window and
     # stream, the same at every time step (variational / locked dropout, Gal & Ghahramani 2016)
     locked_dropout: bool = False
@@ -87,26 +87,26 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps in all (0: no limit)
     # wall-clock budget of the training (0: none): no epoch starts that the last one's duration
     # says would end past it, so training stops at an epoch's end, validated and checkpointed
     max_minutes: float = 0.0
     batch_size: int = 20  # parallel token streams
-    eval_batch_size: int = 10
+    eval_batch_size: int = 10  # parallel streams of validation
     bptt: int = 35  # tokens per truncated-BPTT window
     # sgd | ntasgd | adamw. ntasgd (Merity et al. 2017): SGD until validation has not improved on
     # the best of all but the last `nonmono` checks, then also average the weights from that step
     # on; validation and checkpoints then use the average
     optimizer: str = "sgd"
-    nonmono: int = 5
-    lr: float = 1.0
+    nonmono: int = 5  # ntasgd's patience, in validation checks (epochs)
+    lr: float = 1.0  # learning rate (the peak, after warm-up)
     # plateau: divide lr by lr_decay whenever validation does not improve;
     # epoch: lr = lr / lr_decay ** max(0, epoch - lr_decay_start) for epoch = 1, 2, ...;
     # cosine: from lr down to 0 over all steps, by step; constant: lr throughout
     lr_schedule: str = "plateau"
-    lr_decay: float = 4.0
-    lr_decay_start: int = 0
+    lr_decay: float = 4.0  # the divisor of the plateau and epoch schedules
+    lr_decay_start: int = 0  # the epoch schedule's first epoch without decay
     warmup_steps: int = 0  # lr rises linearly from 0 over these first steps, under any schedule
     weight_decay: float = 0.0  # L2 for sgd and ntasgd, decoupled for adamw
     # AWD-LSTM's variable-length BPTT: each window is bptt long with p 0.95 (else bptt / 2), then
@@ -125,7 +125,7 @@ class TrainConfig:
     # i.e. bptt times larger, so their lr and clip values apply unchanged
     loss_reduction: str = "token_mean"
     clip: float = 0.25  # max global gradient norm (0: no clipping)
-    seed: int = 1111
+    seed: int = 1111  # every random generator of the run (python, numpy, torch, the window draws)
     device: str = "auto"  # auto | cpu | cuda
     # on CUDA, capture each window length's forward + backward as a CUDA graph and replay it
     # (lmtrain/graphs.py); falls back to eager if capture fails. Ignored on the CPU
