@@ -109,7 +109,24 @@ def lock(run: Path, hold: ExitStack | None) -> None:
     """Take RUN/.lock until `hold` closes (None: only check that no other process holds it);
     another process holding it is an LmtrainError with its pid."""
     with ExitStack() as now:
-        (now if hold is None else hold).enter_context(exclusive(run / LOCK, f"run directory {run}"))
+        stack = now if hold is None else hold
+        stack.enter_context(exclusive(run / LOCK, f"run directory {run}"))
+        stack.callback(forget_holder, run / LOCK)  # runs first, while the lock is still held
+
+
+def forget_holder(path: Path) -> None:
+    """Empty the lock file as its holder lets go, so that a run left alone reads the same after a
+    refused or finished command as before it (only a killed holder leaves its pid there)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # another descriptor: closing it keeps the flock, which belongs to exclusive's
 
 
 def protected_reason(path: Path, keep: list[Path]) -> str | None:

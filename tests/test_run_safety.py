@@ -125,6 +125,7 @@ def test_force_replaces_only_the_runs_own_files(trained, run):
     assert (run / "last.pt").read_bytes() != old_last and load_checkpoint(run / "last.pt")["progress"]["step"] == 4
     assert not (run / "last.prev.pt").exists() or load_checkpoint(run / "last.prev.pt")["progress"]["step"] <= 4
     assert json.loads((run / MARKER).read_text()) == {"format": "lmtrain-run", "version": 1}
+    assert (run / LOCK).read_bytes() == b""  # the holder's pid goes with the lock
     assert {p.name for p in run.iterdir()} - set(RUN_FILES) == {"notes.txt", "plots", ".draft.part"}
 
 
