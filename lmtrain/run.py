@@ -120,7 +120,7 @@ def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source
             try:
                 write_run_files(run_dir, config, tokenizer)
             except OSError as e:
-                raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror} (once there is room, "
+                raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror} (once it can be written, "
                                    f"start again with --force)") from None
     return model, {"corpus": corpus_source, **tokenizer_info(tokenizer)}
 
