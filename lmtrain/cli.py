@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -84,7 +84,7 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where its last checkpoint left it, on its own corpus and config; --set may change only train.max_steps, train.epochs and train.max_minutes.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run: remove the files lmtrain wrote in it (anything else stays). Refused for the current or home directory, one holding the corpus or the cache, and a directory that is not an lmtrain run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", hidden=True, help="The old name of --force.")] = False,
     encoding_errors: Annotated[str, typer.Option(help="Bytes that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; train.batch_size is shared out).", show_default=False)] = None,
@@ -94,7 +94,7 @@ def train(
     SIGINT (Ctrl-C) or SIGTERM: the current step ends, last.pt is written, and the command exits
     with 130 or 143; a second one stops at once, the last checkpoint intact.
     """
-    with user_errors(), distributed.session():
+    with user_errors(), distributed.session(), ExitStack() as hold:  # `hold`: the run directory's lock
         require(
             (resume is None or (corpus is None and config is None), "--resume continues RUN on its own corpus and config: drop CORPUS and --config"),
             (resume is None or run_dir is None, "--resume RUN is the run directory: drop --run-dir"),
@@ -111,12 +111,13 @@ def train(
         progress = TerminalProgress() if distributed.is_main() else QuietProgress()
         try:
             if resume is not None:
-                model, cfg, data, info, payload = resume_run(resume, overrides or [], say, encoding_errors)
+                model, cfg, data, info, payload = resume_run(resume, overrides or [], say, encoding_errors, hold)
                 run_dir = resume
             else:
                 with distributed.main_first():  # caches and run dir: rank 0, then one rank per other machine, then the rest
                     model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir,
-                                                    say if distributed.is_main() else quiet, encoding_errors, progress)
+                                                    say if distributed.is_main() else quiet, encoding_errors, progress,
+                                                    hold)
                 counts = str([len(split.tokens) for split in data.values()]).encode()
                 distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None
@@ -493,6 +494,7 @@ def synth(
     alphabet: Annotated[int, typer.Option(help="Distinct symbols (s0, s1, ...).")] = DEFAULT_ALPHABET,
     lines: Annotated[int, typer.Option(help="Training lines; valid and test get 5 % as many each.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite train.txt, valid.txt and test.txt already in OUT_DIR.")] = False,
 ) -> None:
     """Write the copy task: a synthetic corpus whose best possible perplexity is known (lmtrain/synth.py)."""
     with user_errors():
@@ -503,7 +505,7 @@ def synth(
         )
         held_out = max(1, lines // 20)
         try:
-            write_copy_corpus(out_dir, k, alphabet, lines, held_out, held_out, seed)
+            write_copy_corpus(out_dir, k, alphabet, lines, held_out, held_out, seed, force=force)
         except OSError as e:
             raise LmtrainError(f"cannot write the corpus to {out_dir}: {e.strerror}") from None
         typer.echo(

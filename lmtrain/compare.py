@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def compare_cells(
 ) -> list[Row]:
     """Write the copy corpus, train each cell for `steps` steps, return a Row per cell."""
     data_dir = out_dir / "data"
-    write_copy_corpus(data_dir, k, alphabet_size, n_train, n_valid, n_valid, seed)
+    write_copy_corpus(data_dir, k, alphabet_size, n_train, n_valid, n_valid, seed, force=True)  # the comparison's own
     texts = load_corpus(data_dir)
     configs = {
         cell: load_config(None, [f"model.cell={cell}", f"train.seed={seed}", f"train.max_steps={steps}", *settings(k, overrides)])
@@ -90,11 +91,12 @@ def compare_cells(
     for cell, cfg in configs.items():
         run_dir = out_dir / cell
         device = resolve_device(cfg.train.device)
-        model, info = start_run(run_dir, cfg, tokenizer, texts.source, True, device)
-        say(f"{cell}: {count_parameters(model):,} parameters, {cfg.train.max_steps:,} steps -> {run_dir}")
-        started = time.perf_counter()
-        train_model(model, cfg, data, run_dir, info, TerminalProgress())
-        elapsed = time.perf_counter() - started
+        with ExitStack() as hold:  # the run directory stays locked while it trains
+            model, info = start_run(run_dir, cfg, tokenizer, texts.source, True, device, hold)
+            say(f"{cell}: {count_parameters(model):,} parameters, {cfg.train.max_steps:,} steps -> {run_dir}")
+            started = time.perf_counter()
+            train_model(model, cfg, data, run_dir, info, TerminalProgress())
+            elapsed = time.perf_counter() - started
         best = load_run(run_dir, device)
         valid = evaluate(best.model, data["valid"], 1, cfg.train.bptt)  # one stream: see lmtrain.synth
         rows.append(Row(cell, count_parameters(model), valid["ppl"], cfg.train.max_steps, elapsed / 60))

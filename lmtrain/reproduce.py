@@ -17,12 +17,14 @@ import math
 import os
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmtrain import rundir
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import load_config, to_dict
@@ -78,16 +80,18 @@ def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, resul
         raise LmtrainError(f"{corpus} not found: DATA must hold ptb/ and wikitext-2/ (make data fills data/)")
     config = load_config(path, list(overrides))
     run_dir = runs_dir / f"reproduce-{name}"
-    if not force and run_dir.is_dir() and any(run_dir.iterdir()):
+    if not force and run_dir.is_dir() and not rundir.is_empty(run_dir):
         raise LmtrainError(f"{run_dir} holds an earlier reproduction of {name}: pass --force to replace it "
                            f"(make reproduce-{name} FORCE=1), or move it away first")
-    model, data, info = prepare_run(corpus, config, run_dir, True, None, say)
-    info.pop("run_dir")
-    started = time.perf_counter()
-    last = train(model, config, data, run_dir, info, progress or QuietProgress())
-    train_minutes = (time.perf_counter() - started) / 60
-    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-    scores = {split: evaluate(model, data[split], EVAL_BATCH_SIZE, config.train.bptt) for split in ("valid", "test")}
+    with ExitStack() as hold:  # the run directory stays locked until it is trained and scored
+        # --force as `lmtrain train --force`: only lmtrain's files go, and only from a run (lmtrain.rundir)
+        model, data, info = prepare_run(corpus, config, run_dir, force, None, say, hold=hold)
+        info.pop("run_dir")
+        started = time.perf_counter()
+        last = train(model, config, data, run_dir, info, progress or QuietProgress())
+        train_minutes = (time.perf_counter() - started) / 60
+        model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+        scores = {split: evaluate(model, data[split], EVAL_BATCH_SIZE, config.train.bptt) for split in ("valid", "test")}
     result = {
         "name": name,
         "config": to_dict(config),

@@ -33,9 +33,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lmtrain.atomic import open_regular
 from lmtrain.checkpoint import CheckpointDamaged, load_checkpoint, previous_path
 from lmtrain.config import RESUMABLE_KEYS, Config, to_dict
 from lmtrain.errors import LmtrainError
+from lmtrain.rundir import is_temporary, run_files
 
 
 @dataclass
@@ -176,9 +178,11 @@ def set_aside_damaged(run_dir: Path, used: Path, say: Callable[[str], None]) -> 
 
 
 def remove_partial_files(run_dir: Path) -> None:
-    """Temporary files of writes that a killed process left (lmtrain.atomic names them .NAME.*.part)."""
-    for path in run_dir.glob(".*.part"):
-        path.unlink(missing_ok=True)
+    """Temporary files of writes that a killed process left (lmtrain.atomic names them .NAME.*.part);
+    a user's own .*.part files stay (lmtrain.rundir.is_temporary)."""
+    for path in run_files(run_dir):
+        if is_temporary(path.name):
+            path.unlink(missing_ok=True)
 
 
 def cut_log(path: Path, size: int) -> None:
@@ -188,7 +192,7 @@ def cut_log(path: Path, size: int) -> None:
         raise LmtrainError(f"{path} is shorter ({have:,} bytes) than when the checkpoint was written ({size:,} bytes): "
                            "it was edited or replaced, so the run cannot be resumed exactly")
     if have > size:
-        with open(path, "r+b") as f:
+        with open_regular(path, "r+b") as f:  # never through a link (lmtrain.rundir.check_run_files came first)
             f.truncate(size)
             f.flush()
             os.fsync(f.fileno())

@@ -1,6 +1,8 @@
 """Run directories: what `train` writes and what `evaluate`, `generate` and `train --resume` read back.
 
     RUN/
+      .lmtrain-run      the marker that makes RUN an lmtrain run, written first (lmtrain.rundir)
+      .lock             held by the process training the run: one writer at a time (lmtrain.rundir)
       config.toml       the resolved config (defaults < file < --set)
       tokenizer.model   the sentencepiece model trained on the training split
       metrics.jsonl     one JSON record per log interval and per epoch (losses, lr)
@@ -10,6 +12,9 @@
                         everything `lmtrain train --resume RUN` needs to continue exactly
       best.prev.pt      the checkpoints each of those replaced, kept in case the newer one is
       last.prev.pt      damaged (lmtrain.checkpoint)
+      report.md         `lmtrain report RUN` (lmtrain.report), with curves.png
+
+`--force` removes only these files (lmtrain.rundir.clear): anything else in RUN is kept.
 
 Checkpoints are self-contained: each also holds the tokenizer, so a single .pt file can be
 evaluated or sampled from on its own.
@@ -17,22 +22,22 @@ evaluated or sampled from on its own.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmtrain import distributed
+from lmtrain import distributed, rundir
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_first_good, previous_path
 from lmtrain.config import Config, from_dict, load_config, to_toml
 from lmtrain.corpus import BUILTIN, load_corpus
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, count_parameters
-from lmtrain.prepare import encode_corpus, get_tokenizer
+from lmtrain.prepare import cache_dir, encode_corpus, get_tokenizer
 from lmtrain.resume import (
     check_logs,
     check_resume_overrides,
@@ -49,12 +54,12 @@ from lmtrain.tokenizer import Tokenizer
 from lmtrain.tokens import TokenFile
 from lmtrain.train import finished, min_train_tokens, plan, resolve_device, seed_everything
 
-RUN_MARKER = "config.toml"
+CONFIG = "config.toml"
 
 
 def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force: bool,
                 default_run_dir, say, encoding_errors: str = "strict",
-                progress=None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
+                progress=None, hold: ExitStack | None = None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
     enough, make the run directory and the seeded model on the configured device.
 
@@ -62,7 +67,8 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
     line of news for the user. Returns the model, the encoded splits and what every checkpoint
     stores besides the model, with "run_dir" added (pop it before training: it is not stored).
     `encoding_errors` (lmtrain.corpus.ENCODING_ERRORS) applies to reading the corpus; `progress`
-    (lmtrain.progress) shows the passes over it.
+    (lmtrain.progress) shows the passes over it. The run directory is locked until `hold` closes
+    (see start_run).
     """
     texts = load_corpus(corpus, encoding_errors)
     device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
@@ -82,7 +88,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
             "(use a larger corpus or lower train.batch_size / train.bptt)"
         )
     run_dir = run_dir or default_run_dir(texts.source)
-    model, info = start_run(run_dir, config, tokenizer, texts.source, force, device)
+    model, info = start_run(run_dir, config, tokenizer, texts.source, force, device, hold)
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
         f"vocab {tokenizer.vocab_size:,} ({tc.kind}{vocab_note(tokenizer.vocab_size, tc.vocab_size)}) | "
@@ -98,19 +104,24 @@ def vocab_note(got: int, asked: int) -> str:
 
 
 def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, force: bool,
-              device: torch.device) -> tuple[LanguageModel, dict[str, Any]]:
+              device: torch.device, hold: ExitStack | None = None) -> tuple[LanguageModel, dict[str, Any]]:
     """Make the run directory with its config and tokenizer, and build the seeded model on `device`.
 
-    Returns the model and what every checkpoint of the run stores besides it (corpus, tokenizer).
+    The run directory stays locked until `hold` closes (pass the ExitStack that outlives
+    training; without one the lock is held only while the directory is made). Returns the model
+    and what every checkpoint of the run stores besides it (corpus, tokenizer).
     """
     seed_everything(config.train.seed)
     model = build_model(config, tokenizer.vocab_size).to(device)  # before the run directory: it may not fit
     if distributed.is_main():  # under torchrun the other ranks write nothing
-        create_run_dir(run_dir, force)
-        try:
-            write_run_files(run_dir, config, tokenizer)
-        except OSError as e:
-            raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+        with ExitStack() as local:
+            keep = [cache_dir()] + ([] if corpus_source == BUILTIN else [Path(corpus_source)])
+            rundir.create(run_dir, force, keep, local if hold is None else hold)
+            try:
+                write_run_files(run_dir, config, tokenizer)
+            except OSError as e:
+                raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror} (once it can be written, "
+                                   f"start again with --force)") from None
     return model, {"corpus": corpus_source, **tokenizer_info(tokenizer)}
 
 
@@ -123,33 +134,10 @@ def build_model(config: Config, vocab_size: int) -> LanguageModel:
                            "model.layers or tokenizer.vocab_size") from None
 
 
-def create_run_dir(path: Path, force: bool) -> None:
-    """Make an empty run directory; an existing run is replaced only with `force`."""
-    try:
-        make_empty_dir(path, force)
-    except OSError as e:
-        raise LmtrainError(f"cannot create run directory {path}: {e.strerror}") from None
-
-
-def make_empty_dir(path: Path, force: bool) -> None:
-    if path.exists():
-        if not path.is_dir():
-            raise LmtrainError(f"run directory {path} exists and is not a directory")
-        if any(path.iterdir()):
-            if not (path / RUN_MARKER).is_file():
-                raise LmtrainError(f"run directory {path} already exists and is not empty, and it is not an lmtrain "
-                                   "run directory (no config.toml): choose another --run-dir")
-            if not force:
-                raise LmtrainError(f"run directory {path} already holds a run: continue it with "
-                                   f"`lmtrain train --resume {path}`, or pass --force to replace it")
-            shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-
 def write_run_files(run_dir: Path, config: Config, tokenizer: Tokenizer) -> None:
     with atomic_open(run_dir / "tokenizer.model") as f:
         f.write(tokenizer.model_proto)
-    with atomic_open(run_dir / RUN_MARKER) as f:
+    with atomic_open(run_dir / CONFIG) as f:
         f.write(to_toml(config).encode("utf-8"))
 
 
@@ -197,7 +185,8 @@ def load_run(run: Path, device: torch.device, warn=None) -> LoadedRun:
     return LoadedRun(model, tokenizer, config, payload["corpus"], payload["progress"])
 
 
-def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = "strict") -> tuple[LanguageModel, Config, dict[str, TokenFile],
+def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = "strict",
+               hold: ExitStack | None = None) -> tuple[LanguageModel, Config, dict[str, TokenFile],
                                                                     dict[str, Any], dict[str, Any]]:
     """Everything before `train(..., resume=payload)` continues RUN where its last.pt left it.
 
@@ -207,17 +196,22 @@ def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = 
     files go, the logs are cut back to the checkpoint (lmtrain.resume), best.pt is made what it
     was at that step, and config.toml is rewritten with the overrides. Returns the model (the
     trained weights, on the configured device), the config, the encoded splits, what every
-    checkpoint stores besides the model, and last.pt's payload for `train`.
+    checkpoint stores besides the model, and last.pt's payload for `train`. RUN is locked, from
+    before the first check until `hold` closes (pass the ExitStack that outlives training; None:
+    only checked to be free).
     """
     if not run_dir.is_dir():
         raise LmtrainError(f"run directory not found: {run_dir}")
-    if not (run_dir / RUN_MARKER).is_file():
-        raise LmtrainError(f"{run_dir} is not an lmtrain run directory (no {RUN_MARKER})")
+    if not rundir.is_run_dir(run_dir):
+        raise LmtrainError(f"{run_dir} is not an lmtrain run directory (no {rundir.MARKER}, nor a {CONFIG} "
+                           "with metrics.jsonl or a checkpoint)")
     check_resume_overrides(overrides)
     check_writable(run_dir)
+    rundir.lock(run_dir, hold)
+    rundir.check_run_files(run_dir)
     path, payload = load_resume_checkpoint(run_dir, say)
-    config = load_config(run_dir / RUN_MARKER, overrides)
-    check_same_config(config, payload["config"], run_dir / RUN_MARKER, path)
+    config = load_config(run_dir / CONFIG, overrides)
+    check_same_config(config, payload["config"], run_dir / CONFIG, path)
     processes = payload["resume"].get("processes", 1)
     if processes != 1:  # its carried state is rank 0's share of the streams only
         raise LmtrainError(f"{path} was written by a run of {processes} processes (--nproc); --resume continues "
@@ -248,11 +242,13 @@ def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = 
                            f"({str(e).strip().splitlines()[0][:160]})") from None
     model.to(device)
     try:  # the checks passed: now the run directory goes back to the checkpoint's moment
+        if not rundir.is_marked(run_dir):  # a run from before the marker
+            rundir.write_marker(run_dir)
         set_aside_damaged(run_dir, path, say)
         remove_partial_files(run_dir)
         restore_best(run_dir, loop.step, say)
         cut_logs(run_dir, loop)
-        with atomic_open(run_dir / RUN_MARKER) as f:
+        with atomic_open(run_dir / CONFIG) as f:
             f.write(to_toml(config).encode("utf-8"))
     except OSError as e:
         raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None

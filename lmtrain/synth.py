@@ -26,10 +26,12 @@ raise the measured perplexity above what the model does on the running text.
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
 from lmtrain.atomic import atomic_open
+from lmtrain.errors import LmtrainError
 
 SEPARATOR = "="
 # The defaults of `lmtrain synth` and `python -m lmtrain.compare`: a lag of K + 1 = 13 steps, which
@@ -38,6 +40,7 @@ SEPARATOR = "="
 # LSTM itself stayed near the no-memory perplexity, as the RNN does.
 DEFAULT_K = 12
 DEFAULT_ALPHABET = 4
+SPLIT_FILES = ("train.txt", "valid.txt", "test.txt")
 
 
 def symbols(alphabet_size: int) -> list[str]:
@@ -80,13 +83,20 @@ def memoryless_perplexity(k: int, alphabet_size: int) -> float:
 
 
 def write_copy_corpus(
-    out_dir: Path, k: int, alphabet_size: int, n_train: int, n_valid: int, n_test: int, seed: int
+    out_dir: Path, k: int, alphabet_size: int, n_train: int, n_valid: int, n_test: int, seed: int,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Write train.txt, valid.txt and test.txt of the copy task to `out_dir`, each atomically.
 
     The three splits are drawn in that order from one generator seeded with `seed`, so the same
-    arguments give the same files. Returns the path of each split.
+    arguments give the same files. A split already in `out_dir` (a corpus someone may be using)
+    is overwritten only with `force`; without it, LmtrainError before anything is written.
+    Returns the path of each split.
     """
+    existing = [name for name in SPLIT_FILES if os.path.lexists(out_dir / name)]
+    if existing and not force:
+        raise LmtrainError(f"{out_dir} already holds {', '.join(existing)}: pass --force to overwrite "
+                           f"{', '.join(SPLIT_FILES)}, or choose another directory")
     for name, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         if n < 1:
             raise ValueError(f"the {name} split needs at least 1 line, got {n}")

@@ -15,6 +15,7 @@ of times (tests/test_resume.py): last.pt holds the whole state of the loop (lmtr
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lmtrain import distributed
+from lmtrain.atomic import open_regular
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Config, TrainConfig, to_dict
 from lmtrain.errors import LmtrainError
@@ -254,8 +256,7 @@ def train(
     model.train()
     clock = Clock(s.elapsed_s)
     record: dict[str, Any] = {}
-    with open(distributed.on_main(run_dir / "metrics.jsonl"), "a", encoding="utf-8") as log, \
-            open(distributed.on_main(run_dir / "timing.jsonl"), "a", encoding="utf-8") as timing, closing(progress):
+    with open_log(run_dir / "metrics.jsonl") as log, open_log(run_dir / "timing.jsonl") as timing, closing(progress):
         saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model, optimizer, window_rng, log, timing)
         saved = resume is not None  # whether last.pt holds the state as it is now
         interval_start = time.perf_counter()
@@ -530,6 +531,14 @@ class Saver:
                 "data": self.digest,
                 "processes": distributed.world_size(),
             }})
+
+
+def open_log(path: Path):
+    """A log to append text records to: never through a link, only a regular file
+    (lmtrain.atomic.open_regular); on the ranks other than the main one, os.devnull."""
+    if not distributed.is_main():
+        return open(os.devnull, "a", encoding="utf-8")
+    return io.TextIOWrapper(open_regular(path, "ab"), encoding="utf-8")
 
 
 def restore_loop(payload: dict[str, Any], model: LanguageModel, optimizer: torch.optim.Optimizer,

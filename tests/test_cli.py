@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.cli import app
-from lmtrain.config import ModelConfig, TokenizerConfig, TrainConfig
+from lmtrain.config import Config, ModelConfig, TokenizerConfig, TrainConfig, to_toml
 from lmtrain.generate import Sampler, StreamRandom
 from lmtrain.run import load_run
 from lmtrain.tokenizer import EOS_ID
@@ -126,7 +126,9 @@ def trained(tmp_path_factory):
 
 def test_run_directory_contents(trained, isolated_env):
     _, run, _ = trained
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.toml", "last.pt", "metrics.jsonl", "timing.jsonl", "tokenizer.model"]
+    assert sorted(p.name for p in run.iterdir()) == [".lmtrain-run", ".lock", "best.pt", "config.toml", "last.pt",
+                                                     "metrics.jsonl", "timing.jsonl", "tokenizer.model"]
+    assert json.loads((run / ".lmtrain-run").read_text()) == {"format": "lmtrain-run", "version": 1}
     config = tomllib.loads((run / "config.toml").read_text())
     assert config["model"]["hidden_size"] == 16 and config["train"]["bptt"] == 8
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -389,14 +391,18 @@ def test_train_rejects_bad_input(make_corpus, extra, fragments, tmp_path):
     assert not Path("runs").exists()
 
 
+OLD_RUN_CONFIG = to_toml(Config())  # a run from before the marker: lmtrain's config.toml and a checkpoint
+
+
 @pytest.mark.parametrize(
     "existing, flags, fragment",
     [
         ({"notes.txt": "keep me"}, [], "already exists and is not empty"),
         ({"notes.txt": "keep me"}, ["--overwrite"], "not an lmtrain run directory"),
-        ({"config.toml": "# an old run\n", "best.pt": "weights"}, [], "pass --force"),
+        ({"config.toml": "# the user's own\n", "best.pt": "weights"}, ["--force"], "not an lmtrain run directory"),
+        ({"config.toml": OLD_RUN_CONFIG, "best.pt": "weights"}, [], "pass --force"),
     ],
-    ids=["non-empty", "overwrite-non-run", "existing-run"],
+    ids=["non-empty", "overwrite-non-run", "force-foreign-config", "existing-run"],
 )
 def test_train_keeps_existing_run_dir(existing, flags, fragment, tmp_path):
     run = tmp_path / "run"
@@ -409,12 +415,15 @@ def test_train_keeps_existing_run_dir(existing, flags, fragment, tmp_path):
 
 
 def test_train_overwrite_replaces_run(tmp_path):
+    """--overwrite (the old --force) replaces a run from before the marker: its files, not the user's."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.toml").write_text("# an old run\n")
+    (run / "config.toml").write_text(OLD_RUN_CONFIG)
+    (run / "best.pt").write_text("old weights")
     (run / "stale.txt").write_text("old")
     train(good_corpus(tmp_path), run, "--overwrite")
-    assert not (run / "stale.txt").exists()
+    assert (run / "stale.txt").read_text() == "old"
+    assert (run / "best.pt").read_bytes() != b"old weights"
     assert tomllib.loads((run / "config.toml").read_text())["model"]["hidden_size"] == 16
 
 
