@@ -158,10 +158,10 @@ def check_tensors(f: Fields, payload: dict[str, Any]) -> None:
         seen += 1
         if seen > MAX_VALUES or depth > MAX_DEPTH:
             f.fail("the checkpoint's values are nested too deeply or are too many to be an lmtrain checkpoint")
-        if isinstance(value, dict):
-            stack.extend((f"{where}[{show(k)}]", v, depth + 1) for k, v in value.items())
+        if isinstance(value, dict):  # reversed: the first bad value in the file's order is the one named
+            stack.extend(reversed([(f"{where}[{show(k)}]", v, depth + 1) for k, v in value.items()]))
         elif isinstance(value, (list, tuple)):
-            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+            stack.extend(reversed([(f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value)]))
         elif isinstance(value, torch.Tensor):
             if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
                 f.field(field_name(where), f"is a {value.layout} tensor on {value.device}: only dense CPU tensors are read")
