@@ -9,7 +9,7 @@ returns through `check_payload` before it builds a module, allocates or changes 
                corpus      str: an absolute path or "builtin"
                tokenizer   {"kind": one of lmtrain.config.TOKENIZER_KINDS (the config's),
                             "model": sentencepiece bytes with exactly vocab_size pieces}
-               vocab_size  int: the model's vocabulary
+               vocab_size  int >= 3: the model's vocabulary
                model       str -> float32 tensors, finite: exactly the state_dict the config describes
                optimizer   {"state": dict, "param_groups": list of dicts}
                progress    dict: epoch (int >= 1), step (int >= 0)
@@ -132,7 +132,7 @@ def check_payload(path: Path, payload: dict[str, Any]) -> Checked:
                 f.field(f"corpus_digests[{show(split)}]", f"must be a hex digest, got {show(digest)}")
     weights = check_weight_dict(f, "model", payload["model"])
     held = stored_values(weights)
-    vocab_size = f.int("vocab_size", payload["vocab_size"], 1, held)
+    vocab_size = f.int("vocab_size", payload["vocab_size"], 3, held)  # <unk>, <eos> and a piece at least
     config = check_config(f, payload["config"], vocab_size, len(weights), held)
     shapes = model_shapes(config.model, vocab_size)
     check_state_dict(f, "model", weights, shapes)
@@ -223,7 +223,7 @@ def check_config(f: Fields, values: Any, vocab_size: int, tensors: int, held: in
     try:
         config = from_dict(values)
     except LmtrainError as e:
-        f.field("config", f"is not a valid config: {e}")
+        f.field("config", f"is not a valid config: {str(e)[:300]}")
     sizes = config.model.layer_sizes  # at most `tensors // 3` of them
     at_least = vocab_size * config.model.embedding_size + sum(h * h for h in sizes)  # embedding + each w_hh
     if at_least > held:
@@ -259,7 +259,7 @@ def check_parameter_count(f: Fields, config: Config, shapes: dict[str, tuple[int
     if parameters > held:
         f.fail(f"the config describes a model of {parameters:,} parameters, but the checkpoint's weights hold "
                f"{held:,} values: they do not fit the model its config describes")
-    check_memory(f, parameters)
+    check_memory(f, config, parameters, shapes["decoder.bias"][0])
 
 
 def check_state_dict(f: Fields, name: str, weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -298,13 +298,21 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(f: Fields, parameters: int) -> None:
-    """Building the model takes its parameters again beside the loaded weights (4 bytes each); the
-    activations depend on the command's batch and are the command's to bound."""
-    needed = 4 * parameters
+def check_memory(f: Fields, config: Config, parameters: int, vocab_size: int) -> None:
+    """The model's parameters (built beside the loaded weights) and one evaluation window at the
+    config's train.eval_batch_size (its logits, T x B x V, and the carried state, B x the layers'
+    state units), 4 bytes a value, must fit in the memory this machine has free: a config whose
+    batch could never be evaluated is refused here rather than after gigabytes. A batch given on
+    the command line is the command's to bound."""
+    tc, m = config.train, config.model
+    state_units = sum(units * len(get_cell(name).STATE) for name, units in zip(m.cells, m.layer_sizes))
+    window = tc.eval_batch_size * (tc.bptt * vocab_size + state_units)
+    needed = 4 * (parameters + window)
     free = available_memory()
     if free is not None and needed > free:
-        f.fail(f"its model needs {needed / 2**30:,.1f} GiB to build and this machine has {free / 2**30:,.1f} GiB free")
+        f.fail(f"its model ({parameters:,} parameters) and one evaluation window of train.eval_batch_size "
+               f"{tc.eval_batch_size:,} x train.bptt {tc.bptt:,} need {needed / 2**30:,.1f} GiB, and this machine has "
+               f"{free / 2**30:,.1f} GiB free")
 
 
 def check_tokenizer(f: Fields, value: Any, vocab_size: int, config: Config) -> Tokenizer:
