@@ -140,7 +140,8 @@ def verify(path: Path) -> bool:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Verify the checksum, then load on the CPU with `weights_only=True`, so that a crafted file
-    cannot run code: only tensors and plain values come back."""
+    cannot run code: only tensors and plain values come back. What they are is not checked here:
+    readers pass the payload through lmtrain.payload.check_payload before using it."""
     try:
         checked = verify(path)
         with open(path, "rb") as f:

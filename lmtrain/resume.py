@@ -233,7 +233,10 @@ def restore_best(run_dir: Path, step: int, say: Callable[[str], None]) -> None:
 
 def epoch_best_until(path: Path, step: int) -> bool:
     try:
-        progress = load_checkpoint(path).get("progress", {})
+        progress = load_checkpoint(path).get("progress")
     except LmtrainError:
         return False
-    return progress.get("at", "epoch") == "epoch" and progress.get("step", math.inf) <= step
+    if not isinstance(progress, dict):  # not a checkpoint lmtrain wrote: it does not qualify
+        return False
+    at_step = progress.get("step")
+    return progress.get("at", "epoch") == "epoch" and isinstance(at_step, int) and at_step <= step

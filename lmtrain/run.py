@@ -33,10 +33,12 @@ import torch
 from lmtrain import distributed, rundir
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_first_good, previous_path
-from lmtrain.config import Config, from_dict, load_config, to_toml
+from lmtrain.config import Config, load_config, to_toml
 from lmtrain.corpus import BUILTIN, load_corpus
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, count_parameters
+from lmtrain.payload import check_payload
+from lmtrain.payload_resume import check_resume_data, check_resume_payload
 from lmtrain.prepare import cache_dir, encode_corpus, get_tokenizer
 from lmtrain.resume import (
     check_logs,
@@ -45,7 +47,6 @@ from lmtrain.resume import (
     cut_logs,
     data_digest,
     load_resume_checkpoint,
-    loop_from_dict,
     remove_partial_files,
     restore_best,
     set_aside_damaged,
@@ -173,16 +174,15 @@ def load_run(run: Path, device: torch.device, warn=None) -> LoadedRun:
     """Load a run directory or checkpoint file, the model on `device` in eval mode. A damaged
     checkpoint in a run directory is reported through `warn` and the next candidate used."""
     path, payload = load_first_good(checkpoint_candidates(run), warn or (lambda line: None))
+    checked = check_payload(path, payload)  # every field, and the shapes, before anything is built
+    config = checked.config
     try:
-        config = from_dict(payload["config"])
-        tokenizer = Tokenizer(payload["tokenizer"]["model"], payload["tokenizer"]["kind"])
         model = LanguageModel(config.model, payload["vocab_size"])
         model.load_state_dict(payload["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise LmtrainError(f"{path}: the checkpoint's weights do not fit the model its config describes, or it was "
-                           f"written by another version of lmtrain ({str(e).strip().splitlines()[0][:160]})") from None
-    model.to(device).eval()
-    return LoadedRun(model, tokenizer, config, payload["corpus"], payload["progress"])
+        model.to(device).eval()
+    except (RuntimeError, MemoryError) as e:  # a failed allocation, here or on `device`
+        raise LmtrainError(f"{path}: cannot build its model on {device} ({str(e).strip().splitlines()[0][:160]})") from None
+    return LoadedRun(model, checked.tokenizer, config, payload["corpus"], payload["progress"])
 
 
 def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = "strict",
@@ -210,22 +210,19 @@ def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = 
     rundir.lock(run_dir, hold)
     rundir.check_run_files(run_dir)
     path, payload = load_resume_checkpoint(run_dir, say)
+    checked, loop = check_resume_payload(path, payload)  # every part of last.pt, before anything changes
     config = load_config(run_dir / CONFIG, overrides)
     check_same_config(config, payload["config"], run_dir / CONFIG, path)
-    processes = payload["resume"].get("processes", 1)
-    if processes != 1:  # its carried state is rank 0's share of the streams only
-        raise LmtrainError(f"{path} was written by a run of {processes} processes (--nproc); --resume continues "
-                           "single-process runs only: start it again, or train it in one process")
-    loop = loop_from_dict(payload["resume"]["loop"])
     check_logs(run_dir, loop)
     source = payload["corpus"]
     if source != BUILTIN and not Path(source).exists():
         raise LmtrainError(f"the run's corpus {source} is no longer there: put it back to resume")
     texts = load_corpus(None if source == BUILTIN else Path(source), encoding_errors)
-    tokenizer = Tokenizer(payload["tokenizer"]["model"], payload["tokenizer"]["kind"])
+    tokenizer = checked.tokenizer
     data = encode_corpus(tokenizer, texts.splits)
     if data_digest(data) != payload["resume"]["data"]:
         raise LmtrainError(f"the corpus {source} has changed since {path} was written: a run resumes on the same text")
+    check_resume_data(path, loop, config, len(data["train"].tokens))
     tc = config.train
     epochs, _ = plan(tc, len(data["train"].tokens) // tc.batch_size)
     reason = finished(tc, loop, epochs, loop.elapsed_s)
