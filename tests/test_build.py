@@ -3,7 +3,6 @@ is waited for with one line, and a killed build's leftover lock never hangs a la
 
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
