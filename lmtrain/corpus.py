@@ -228,13 +228,34 @@ def split_file(path: Path, scan: FileScan, errors: str) -> dict[str, Text]:
     offsets = [0, line_offset(path, scan, first[1]), line_offset(path, scan, first[2]), scan.size]
     splits = {}
     for i, split in enumerate(SPLITS):
-        digest = hashlib.sha256(f"{scan.digest} bytes {offsets[i]}-{offsets[i + 1]}".encode()).hexdigest()
+        digest = part_digest(scan.digest, offsets[i], offsets[i + 1])
         text = Text(f"{path} (lines {first[i] + 1}-{first[i + 1]}, its {split} part)", digest,
                     first[i + 1] - first[i], path, offsets[i], offsets[i + 1], errors)
         if not has_text(text):
             raise LmtrainError(f"{name}: its {split} part (by the 90/5/5 line split) holds only whitespace")
         splits[split] = text
     return splits
+
+
+def part_digest(file_digest: str, start: int, stop: int) -> str:
+    """The digest of bytes [start, stop) of a file, from the digest of the whole file."""
+    return hashlib.sha256(f"{file_digest} bytes {start}-{stop}".encode()).hexdigest()
+
+
+def still_the_same(text: Text) -> bool:
+    """Whether `text`'s file still holds what it held when checked: its bytes hashed again (a
+    text in memory cannot change). For a split part the whole file is hashed, as its digest was."""
+    if text.path is None:
+        return True
+    h = hashlib.sha256()
+    try:
+        with open(text.path, "rb") as f:
+            while block := f.read(BLOCK_BYTES):
+                h.update(block)
+    except OSError:
+        return False
+    whole = h.hexdigest()
+    return text.digest in (whole, part_digest(whole, text.start, text.stop))
 
 
 def line_offset(path: Path, scan: FileScan, line: int) -> int:

@@ -4,7 +4,7 @@ Token file, little-endian:
 
     offset  size  field
     0       8     magic b"LMTRTOK\\0"
-    8       4     format version (2; version 1 files, without the character count, are still read)
+    8       4     format version (3; versions 1 and 2, without the two digests, are still read)
     12      4     bytes per token (2: uint16, 4: uint32)
     16      8     vocabulary size
     24      8     token count
@@ -12,11 +12,20 @@ Token file, little-endian:
     40      8     whitespace-separated words of the text (for word-level perplexity)
     48      8     lines of the text
     56      8     characters of the text (for bits per character; 0 in version 1)
-    64      ...   token ids
+    64      32    sha256 of the text the ids encode (its lmtrain.corpus digest; version 3)
+    96      32    sha256 of the tokenizer's model bytes (version 3)
+    128     32    sha256 of the ids' bytes (version 3)
+    160     ...   token ids (from offset 64 in versions 1 and 2)
+
+The first two digests say what the file was made from, so that a cache entry can be checked
+against the text and tokenizer it is meant for, and the third what it holds, so that a file cut
+short under a header rewritten to match is caught too (lmtrain.prepare); the first two are all
+zeros where that is not known.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -29,9 +38,11 @@ from lmtrain.atomic import atomic_open
 from lmtrain.errors import LmtrainError
 
 MAGIC = b"LMTRTOK\0"
-VERSION = 2
-HEADER = struct.Struct("<8sIIQQQQQQ")
-assert HEADER.size == 64
+VERSION = 3
+HEADER = struct.Struct("<8sIIQQQQQQ")  # versions 1 and 2: the whole header
+IDENTITY = struct.Struct("<32s32s32s")  # version 3: the text's, the tokenizer's and the ids' sha256 follow
+assert HEADER.size == 64 and IDENTITY.size == 96
+SCAN_CHUNK = 1 << 22  # ids per slice when reading a whole file's ids
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,19 @@ class TokenFile:
     text_words: int
     text_lines: int
     text_chars: int = 0  # 0: not known (a version 1 file)
+    text_digest: str = ""  # hex sha256 of the text; "": not known (before version 3)
+    tokenizer_digest: str = ""  # hex sha256 of the tokenizer's model bytes; "": not known
+    ids_digest: str = ""  # hex sha256 of the ids' bytes, as the header records it; "": not known
+    version: int = VERSION
+
+    def scan_ids(self) -> tuple[int, str]:
+        """(largest id or -1 when empty, hex sha256 of the ids' bytes), in one pass over the ids."""
+        h, largest = hashlib.sha256(), -1
+        for start in range(0, len(self.tokens), SCAN_CHUNK):
+            chunk = np.ascontiguousarray(self.tokens[start : start + SCAN_CHUNK])
+            h.update(chunk)
+            largest = max(largest, int(chunk.max()))
+        return largest, h.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -57,62 +81,81 @@ class TokenWriter:
     Use it inside `atomic_open`, so that a reader never sees a file without its header.
     """
 
-    def __init__(self, f, vocab_size: int):
+    def __init__(self, f, vocab_size: int, text_digest: str = "", tokenizer_digest: str = ""):
         self.f = f
         self.vocab_size = vocab_size
+        self.inputs = digest_bytes(text_digest) + digest_bytes(tokenizer_digest)
+        self.ids = hashlib.sha256()
         self.dtype = token_dtype(vocab_size)
         self.count = 0
-        f.write(bytes(HEADER.size))
+        f.write(bytes(HEADER.size + IDENTITY.size))
 
     def write(self, ids: np.ndarray) -> None:
         """Append ids (any integer dtype), shape (n,)."""
         if len(ids) and int(ids.max()) >= self.vocab_size:
             raise ValueError("token id out of vocabulary range")
-        self.f.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        data = np.ascontiguousarray(ids, dtype=self.dtype).tobytes()
+        self.ids.update(data)
+        self.f.write(data)
         self.count += len(ids)
 
     def finish(self, text_bytes: int, text_words: int, text_lines: int, text_chars: int = 0) -> None:
         header = HEADER.pack(MAGIC, VERSION, np.dtype(self.dtype).itemsize, self.vocab_size, self.count,
                              text_bytes, text_words, text_lines, text_chars)
         self.f.seek(0)
-        self.f.write(header)
+        self.f.write(header + self.inputs + self.ids.digest())
         self.f.seek(0, os.SEEK_END)
 
 
+def digest_bytes(hex_digest: str) -> bytes:
+    """A hex sha256 as its 32 bytes; zeros for "" (not known)."""
+    return bytes.fromhex(hex_digest) if hex_digest else bytes(32)
+
+
 def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, text_bytes: int, text_words: int, text_lines: int,
-                 text_chars: int = 0) -> None:
+                 text_chars: int = 0, text_digest: str = "", tokenizer_digest: str = "") -> None:
     """Write a token file atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
-        writer = TokenWriter(f, vocab_size)
+        writer = TokenWriter(f, vocab_size, text_digest, tokenizer_digest)
         writer.write(tokens)
         writer.finish(text_bytes, text_words, text_lines, text_chars)
 
 
 def read_tokens(path) -> TokenFile:
-    """Open a token file, checking its header, with the ids as a read-only memmap. `path` may
-    also be an open binary file (an unnamed temporary one: see lmtrain.prepare)."""
+    """Open a token file, checking its header against its size, with the ids as a read-only
+    memmap. `path` may also be an open binary file (an unnamed temporary one: see lmtrain.prepare).
+    What the ids are (their range, the text and tokenizer they came from) is for the caller to
+    check: see lmtrain.prepare.entry_problem."""
     try:
         if isinstance(path, (str, os.PathLike)):
             size = os.path.getsize(path)
             with open(path, "rb") as f:
-                raw = f.read(HEADER.size)
+                raw = f.read(HEADER.size + IDENTITY.size)
         else:
             size = os.fstat(path.fileno()).st_size
             path.seek(0)
-            raw = path.read(HEADER.size)
+            raw = path.read(HEADER.size + IDENTITY.size)
     except OSError as e:
         raise LmtrainError(f"cannot read token file {path}: {e.strerror}") from None
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise LmtrainError(f"{path} is not an lmtrain token file")
-    magic, version, width, vocab_size, count, text_bytes, words, lines, chars = HEADER.unpack(raw)
-    if version not in (1, VERSION) or width not in (2, 4):
+    magic, version, width, vocab_size, count, text_bytes, words, lines, chars = HEADER.unpack_from(raw)
+    if version not in (1, 2, VERSION) or width not in (2, 4):
         raise LmtrainError(f"{path}: unsupported token file version {version} or token width {width}")
+    if vocab_size < 2 or width != np.dtype(token_dtype(vocab_size)).itemsize:
+        raise LmtrainError(f"{path}: a vocabulary of {vocab_size} does not take {width}-byte ids")
+    offset = HEADER.size + (IDENTITY.size if version >= 3 else 0)
+    if len(raw) < offset:
+        raise LmtrainError(f"{path} is truncated (its header is cut short)")
+    digests = ["", "", ""]  # the text's, the tokenizer's, the ids'
+    if version >= 3:
+        digests = [d.hex() if any(d) else "" for d in IDENTITY.unpack_from(raw, HEADER.size)]
     dtype = np.uint16 if width == 2 else np.uint32
-    if size != HEADER.size + count * width:
+    if size != offset + count * width:
         raise LmtrainError(f"{path} is truncated or has trailing bytes (header says {count} tokens)")
-    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
-    return TokenFile(tokens, vocab_size, text_bytes, words, lines, chars if version >= 2 else 0)
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)) if count else np.zeros(0, dtype)
+    return TokenFile(tokens, vocab_size, text_bytes, words, lines, chars if version >= 2 else 0, *digests, version)
 
 
 def batchify(tokens: np.ndarray, batch_size: int, start_id: int, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,30 +55,39 @@ def test_tokenizer_and_tokens_are_cached_by_content(tmp_path):
     first = get_tokenizer(LINES, "bpe", 100)
     second = get_tokenizer(LINES, "bpe", 100)
     assert first.model_proto == second.model_proto
-    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.model"))) == 1
     a = encode_split(first, LINES[:10])
     b = encode_split(first, LINES[:10])
     assert np.array_equal(a.tokens, b.tokens)
-    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.tok"))) == 1
     encode_split(first, LINES[:11])
-    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.tok"))) == 2
 
 
 @pytest.mark.parametrize("vocab_size,width", [(1000, 2), (70_000, 4)])
 def test_token_file_round_trip(tmp_path, vocab_size, width):
     tokens = np.array([0, 1, 5, vocab_size - 1], dtype=np.int64)
     path = tmp_path / "x.tok"
-    write_tokens(path, tokens, vocab_size, text_bytes=10, text_words=3, text_lines=1, text_chars=9)
-    assert path.stat().st_size == 64 + 4 * width
+    text_digest, tokenizer_digest = "ab" * 32, "cd" * 32
+    write_tokens(path, tokens, vocab_size, text_bytes=10, text_words=3, text_lines=1, text_chars=9,
+                 text_digest=text_digest, tokenizer_digest=tokenizer_digest)
+    assert path.stat().st_size == 160 + 4 * width
     loaded = read_tokens(path)
     assert isinstance(loaded.tokens, np.memmap)
     assert loaded.tokens.tolist() == tokens.tolist()
     assert (loaded.vocab_size, loaded.text_bytes, loaded.text_words, loaded.text_lines, loaded.text_chars) == (
         vocab_size, 10, 3, 1, 9)
-    old = bytearray(path.read_bytes())  # a version 1 file: no character count
-    old[8:12] = (1).to_bytes(4, "little")
-    path.write_bytes(bytes(old))
-    assert read_tokens(path).text_chars == 0
+    assert (loaded.version, loaded.text_digest, loaded.tokenizer_digest) == (3, text_digest, tokenizer_digest)
+    assert loaded.scan_ids() == (vocab_size - 1, loaded.ids_digest)
+    current = path.read_bytes()
+    for version in (2, 1):  # older files: the 64-byte header, the ids right after it, no digests
+        old = bytearray(current[:64] + current[160:])
+        old[8:12] = version.to_bytes(4, "little")
+        path.write_bytes(bytes(old))
+        loaded = read_tokens(path)
+        assert loaded.tokens.tolist() == tokens.tolist()
+        assert (loaded.version, loaded.text_digest, loaded.ids_digest) == (version, "", "")
+        assert loaded.text_chars == (9 if version == 2 else 0)
 
 
 def test_foreign_or_truncated_token_file_is_refused(tmp_path):
