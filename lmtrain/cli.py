@@ -32,7 +32,7 @@ from lmtrain.generate import Sampler, StreamRandom, first_stop, sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import QuietProgress, TerminalProgress
 from lmtrain.run import load_run, prepare_run, resume_run
-from lmtrain.signals import StopSignals
+from lmtrain.signals import InterruptSignals, StopSignals
 from lmtrain.stepper import resolve_precision
 from lmtrain.synth import (
     DEFAULT_ALPHABET,
@@ -109,6 +109,7 @@ def train(
         if resume is None:
             distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
         progress = TerminalProgress() if distributed.is_main() else QuietProgress()
+        early = InterruptSignals().install()  # until training starts, SIGTERM interrupts as SIGINT does
         try:
             if resume is not None:
                 model, cfg, data, info, payload = resume_run(resume, overrides or [], say, encoding_errors)
@@ -121,8 +122,10 @@ def train(
                 distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None
         except KeyboardInterrupt:
-            say("\ninterrupted before training started")
-            raise typer.Exit(130) from None
+            say(f"\n{early.name()}: interrupted before training started")
+            raise typer.Exit(early.exit_code()) from None
+        finally:
+            early.restore()
         tell = say if distributed.is_main() else quiet
         with StopSignals() as signals:
             try:
