@@ -219,24 +219,26 @@ def evaluate(
         if files:
             texts = {str(f): load_text_file(f, encoding_errors) for f in files}
         else:
-            texts = {split: corpus_split(loaded.corpus, split, encoding_errors)}
+            texts = {split: corpus_split(loaded.corpus, split, encoding_errors, loaded.corpus_digests)}
         settings = {}
         adapt = None
         if dynamic:
             dyn = DynamicSettings(dynamic_lr, dynamic_decay, bptt=dynamic_bptt, stats_batches=stats_batches)
-            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train", encoding_errors)).tokens
+            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train", encoding_errors, loaded.corpus_digests)).tokens
             adapt = DynamicEval(loaded.model, gradient_stats(loaded.model, train_tokens, dyn), dyn)
             bptt = dynamic_bptt
             settings["dynamic"] = dataclasses.asdict(dyn)
         cache_settings = CacheSettings(cache_window, cache_theta, cache_lambda) if cache else None
         if tune_cache:
-            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid", encoding_errors))
+            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid", encoding_errors, loaded.corpus_digests))
             cache_settings = tune_cache_settings(loaded.model, valid, bptt, cache_window)
         if cache_settings is not None:
             settings["cache"] = dataclasses.asdict(cache_settings)
         results = {}
         for name, text in texts.items():
             tokens = encode_split(loaded.tokenizer, text)
+            if len(tokens.tokens) == 0:  # the corpus checks refuse an empty text; this is the last guard
+                raise LmtrainError(f"{name} holds no text to score")
             if stream:
                 results[name] = evaluate_stream(loaded.model, tokens, bptt, adapt, cache_settings)
             else:
@@ -264,10 +266,16 @@ def load_text_file(path: Path, encoding_errors: str) -> Text:
     return load_text(path, encoding_errors)
 
 
-def corpus_split(source: str, split: str, encoding_errors: str = "strict") -> Text:
+def corpus_split(source: str, split: str, encoding_errors: str = "strict", recorded: dict[str, str] | None = None) -> Text:
+    """A split of the run's training corpus; with `recorded` (the checkpoint's corpus_digests), a
+    warning when its text is not the one the model was trained with (still scored)."""
     if source != BUILTIN and not Path(source).exists():
         raise LmtrainError(f"the run's training corpus {source} is no longer there; pass text files to score instead")
-    return load_corpus(None if source == BUILTIN else Path(source), encoding_errors).splits[split]
+    text = load_corpus(None if source == BUILTIN else Path(source), encoding_errors).splits[split]
+    if recorded is not None and recorded.get(split, text.digest) != text.digest:
+        say(f"warning: the {split} split of {source} is not the text this model was trained with: the corpus has "
+            "changed since (a one-file corpus that grew moves its splits onto other lines); scoring it anyway")
+    return text
 
 
 def format_metrics(name: str, m: dict) -> str:
