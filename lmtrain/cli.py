@@ -24,7 +24,7 @@ from lmtrain.checkpoint import CheckpointWriteError
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, ENCODING_ERRORS, Text, load_corpus, load_text
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
-from lmtrain.errors import LmtrainError, require
+from lmtrain.errors import LmtrainError, one_line, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
@@ -60,11 +60,11 @@ def user_errors():
         yield
     except LmtrainError as e:
         if not isinstance(e, distributed.ReportedByMainRank):  # under torchrun: the main rank says it once
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(2) from None
     except OSError as e:  # an environment problem no check foresaw (a full disk, permissions): still one line
         where = f" ({e.filename})" if e.filename else ""
-        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        typer.echo(f"error: {one_line(f'{e.strerror or e}{where}')}", err=True)
         raise typer.Exit(2) from None
 
 

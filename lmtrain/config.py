@@ -279,7 +279,18 @@ def check_value(section: str, key: str, value: Any) -> Any:
     )
     if not ok:
         raise LmtrainError(f"config key '{section}.{key}' must be {want.__name__}, got {value!r}")
+    check_bounds(section, key, value)
     return float(value) if want is float else value
+
+
+def check_bounds(section: str, key: str, value: Any) -> None:
+    """A float must be finite (TOML reads nan and inf) and an integer within the key's upper bound;
+    checked per value, so that an error can name the file the value came from."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LmtrainError(f"config key '{section}.{key}' must be a finite number, got {value}")
+    limit = UPPER_BOUNDS.get(f"{section}.{key}", MAX_INT)
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise LmtrainError(f"config key '{section}.{key}' must be at most {limit:,}, got {value:,}")
 
 
 def join_cell_names(value: Any) -> Any:
@@ -294,13 +305,9 @@ def join_cell_names(value: Any) -> Any:
 def validate(config: Config) -> None:
     """Range and choice checks that the types alone do not express."""
     t, m, tr = config.tokenizer, config.model, config.train
-    for section, table in to_dict(config).items():  # TOML reads nan and inf as floats
+    for section, table in to_dict(config).items():  # a Config built in code, not through check_value
         for key, value in table.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise LmtrainError(f"config key '{section}.{key}' must be a finite number, got {value}")
-            limit = UPPER_BOUNDS.get(f"{section}.{key}", MAX_INT)
-            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-                raise LmtrainError(f"config key '{section}.{key}' must be at most {limit:,}, got {value:,}")
+            check_bounds(section, key, value)
     choices = [
         ("tokenizer.kind", t.kind, TOKENIZER_KINDS),
         *(("model.cell", name, CELLS) for name in m.cell.split(",")),
