@@ -24,7 +24,7 @@ from lmtrain.checkpoint import CheckpointWriteError
 from lmtrain.config import load_config
 from lmtrain.corpus import BUILTIN, ENCODING_ERRORS, Text, load_corpus, load_text
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
-from lmtrain.errors import LmtrainError, require
+from lmtrain.errors import LmtrainError, one_line, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
@@ -32,7 +32,7 @@ from lmtrain.generate import Sampler, StreamRandom, first_stop, sample
 from lmtrain.prepare import encode_split
 from lmtrain.progress import QuietProgress, TerminalProgress
 from lmtrain.run import load_run, prepare_run, resume_run
-from lmtrain.signals import StopSignals
+from lmtrain.signals import InterruptSignals, StopSignals
 from lmtrain.stepper import resolve_precision
 from lmtrain.synth import (
     DEFAULT_ALPHABET,
@@ -60,11 +60,11 @@ def user_errors():
         yield
     except LmtrainError as e:
         if not isinstance(e, distributed.ReportedByMainRank):  # under torchrun: the main rank says it once
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(2) from None
     except OSError as e:  # an environment problem no check foresaw (a full disk, permissions): still one line
         where = f" ({e.filename})" if e.filename else ""
-        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        typer.echo(f"error: {one_line(f'{e.strerror or e}{where}')}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -109,6 +109,7 @@ def train(
         if resume is None:
             distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
         progress = TerminalProgress() if distributed.is_main() else QuietProgress()
+        early = InterruptSignals().install()  # until training starts, SIGTERM interrupts as SIGINT does
         try:
             if resume is not None:
                 model, cfg, data, info, payload = resume_run(resume, overrides or [], say, encoding_errors, hold)
@@ -122,8 +123,10 @@ def train(
                 distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None
         except KeyboardInterrupt:
-            say("\ninterrupted before training started")
-            raise typer.Exit(130) from None
+            say(f"\n{early.name()}: interrupted before training started")
+            raise typer.Exit(early.exit_code()) from None
+        finally:
+            early.restore()
         tell = say if distributed.is_main() else quiet
         with StopSignals() as signals:
             try:
@@ -217,24 +220,26 @@ def evaluate(
         if files:
             texts = {str(f): load_text_file(f, encoding_errors) for f in files}
         else:
-            texts = {split: corpus_split(loaded.corpus, split, encoding_errors)}
+            texts = {split: corpus_split(loaded.corpus, split, encoding_errors, loaded.corpus_digests)}
         settings = {}
         adapt = None
         if dynamic:
             dyn = DynamicSettings(dynamic_lr, dynamic_decay, bptt=dynamic_bptt, stats_batches=stats_batches)
-            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train", encoding_errors)).tokens
+            train_tokens = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "train", encoding_errors, loaded.corpus_digests)).tokens
             adapt = DynamicEval(loaded.model, gradient_stats(loaded.model, train_tokens, dyn), dyn)
             bptt = dynamic_bptt
             settings["dynamic"] = dataclasses.asdict(dyn)
         cache_settings = CacheSettings(cache_window, cache_theta, cache_lambda) if cache else None
         if tune_cache:
-            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid", encoding_errors))
+            valid = encode_split(loaded.tokenizer, corpus_split(loaded.corpus, "valid", encoding_errors, loaded.corpus_digests))
             cache_settings = tune_cache_settings(loaded.model, valid, bptt, cache_window)
         if cache_settings is not None:
             settings["cache"] = dataclasses.asdict(cache_settings)
         results = {}
         for name, text in texts.items():
             tokens = encode_split(loaded.tokenizer, text)
+            if len(tokens.tokens) == 0:  # the corpus checks refuse an empty text; this is the last guard
+                raise LmtrainError(f"{name} holds no text to score")
             if stream:
                 results[name] = evaluate_stream(loaded.model, tokens, bptt, adapt, cache_settings)
             else:
@@ -262,10 +267,16 @@ def load_text_file(path: Path, encoding_errors: str) -> Text:
     return load_text(path, encoding_errors)
 
 
-def corpus_split(source: str, split: str, encoding_errors: str = "strict") -> Text:
+def corpus_split(source: str, split: str, encoding_errors: str = "strict", recorded: dict[str, str] | None = None) -> Text:
+    """A split of the run's training corpus; with `recorded` (the checkpoint's corpus_digests), a
+    warning when its text is not the one the model was trained with (still scored)."""
     if source != BUILTIN and not Path(source).exists():
         raise LmtrainError(f"the run's training corpus {source} is no longer there; pass text files to score instead")
-    return load_corpus(None if source == BUILTIN else Path(source), encoding_errors).splits[split]
+    text = load_corpus(None if source == BUILTIN else Path(source), encoding_errors).splits[split]
+    if recorded is not None and recorded.get(split, text.digest) != text.digest:
+        say(f"warning: the {split} split of {source} is not the text this model was trained with: the corpus has "
+            "changed since (a one-file corpus that grew moves its splits onto other lines); scoring it anyway")
+    return text
 
 
 def format_metrics(name: str, m: dict) -> str:

@@ -154,6 +154,22 @@ SECTIONS: dict[str, type] = {"tokenizer": TokenizerConfig, "model": ModelConfig,
 # how it trains, so that the resumed run is the run its config describes
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.max_minutes")
 
+# every integer key fits TOML's own range, a signed 64-bit integer, which is also what torch and
+# numpy take (a larger seed or size was a traceback from deep inside them)
+MAX_INT = 2**63 - 1
+# sizes beyond these are typing mistakes, not models: no machine holds a layer of 2^20 units or a
+# vocabulary of 2^24 pieces. Sizes below them can still ask for more memory than there is; the
+# estimate in lmtrain.preflight refuses those before anything is built
+UPPER_BOUNDS = {
+    "tokenizer.vocab_size": 1 << 24,
+    "model.layers": 1024,
+    "model.embedding_size": 1 << 20,
+    "model.hidden_size": 1 << 20,
+    "train.batch_size": 1 << 20,
+    "train.eval_batch_size": 1 << 20,
+    "train.bptt": 1 << 20,
+}
+
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
     """Resolve a Config from the defaults, an optional TOML file and `section.key=value` overrides."""
@@ -214,6 +230,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise LmtrainError(f"config path is a directory, not a TOML file: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise LmtrainError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise LmtrainError(f"{path}: not valid TOML for lmtrain: its arrays or tables are nested too deeply") from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -233,6 +251,8 @@ def parse_override(item: str) -> tuple[str, str, Any]:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
+        except RecursionError:
+            raise LmtrainError(f"--set {section}.{key}: the value is nested too deeply") from None
     return section, key, check_value(section, key, value)
 
 
@@ -259,7 +279,18 @@ def check_value(section: str, key: str, value: Any) -> Any:
     )
     if not ok:
         raise LmtrainError(f"config key '{section}.{key}' must be {want.__name__}, got {value!r}")
+    check_bounds(section, key, value)
     return float(value) if want is float else value
+
+
+def check_bounds(section: str, key: str, value: Any) -> None:
+    """A float must be finite (TOML reads nan and inf) and an integer within the key's upper bound;
+    checked per value, so that an error can name the file the value came from."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LmtrainError(f"config key '{section}.{key}' must be a finite number, got {value}")
+    limit = UPPER_BOUNDS.get(f"{section}.{key}", MAX_INT)
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise LmtrainError(f"config key '{section}.{key}' must be at most {limit:,}, got {value:,}")
 
 
 def join_cell_names(value: Any) -> Any:
@@ -274,10 +305,9 @@ def join_cell_names(value: Any) -> Any:
 def validate(config: Config) -> None:
     """Range and choice checks that the types alone do not express."""
     t, m, tr = config.tokenizer, config.model, config.train
-    for section, table in to_dict(config).items():  # TOML reads nan and inf as floats
+    for section, table in to_dict(config).items():  # a Config built in code, not through check_value
         for key, value in table.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise LmtrainError(f"config key '{section}.{key}' must be a finite number, got {value}")
+            check_bounds(section, key, value)
     choices = [
         ("tokenizer.kind", t.kind, TOKENIZER_KINDS),
         *(("model.cell", name, CELLS) for name in m.cell.split(",")),

@@ -158,7 +158,7 @@ def scan_file(path: Path, errors: str = "strict") -> FileScan:
             if nul >= 0:
                 raise LmtrainError(f"{path} looks binary (NUL byte at offset {offset + nul}); expected UTF-8 text")
             text, pending = decode(pending + block, offset - len(pending), errors, str(path), final=False)
-            has_text = has_text or bool(text.strip())
+            has_text = has_text or bool(without_bom(text, offset - len(pending)).strip())
             newlines += block.count(b"\n")
             offset += len(block)
             last = block[-1:]
@@ -166,9 +166,20 @@ def scan_file(path: Path, errors: str = "strict") -> FileScan:
     if offset == 0:
         raise LmtrainError(f"{path} is empty")
     if not has_text:
-        raise LmtrainError(f"{path} holds only whitespace")
+        with open_text_file(path) as f:
+            bom = read_or_fail(f, len(BOM), path) == BOM
+        if not bom:
+            raise LmtrainError(f"{path} holds only whitespace")
+        raise LmtrainError(f"{path} holds no text, only a UTF-8 byte order mark"
+                           + ("" if offset == len(BOM) else " and whitespace"))
     lines = newlines + (last != b"\n")  # a last line without a newline still counts
     return FileScan(offset, h.hexdigest(), lines, starts, before)
+
+
+def without_bom(text: str, offset: int) -> str:
+    """`text`, decoded from file offset `offset`, without the byte order mark that starts a file:
+    reading drops it (`read_blocks`), so a file of a BOM and nothing else holds no text."""
+    return text[1:] if offset == 0 and text.startswith("\ufeff") else text
 
 
 def open_text_file(path: Path):
@@ -278,7 +289,7 @@ def has_text(text: Text) -> bool:
             if not block:
                 break
             decoded, pending = decode(pending + block, offset - len(pending), text.errors, text.name, final=False)
-            if decoded.strip():
+            if without_bom(decoded, offset - len(pending)).strip():
                 return True
             offset += len(block)
     return False

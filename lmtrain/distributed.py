@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +38,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmtrain.errors import LmtrainError, require
+from lmtrain.rendezvous import env_int, group_environment, join_group
 
 MAIN_RANK = 0
-# the other ranks wait in a collective while the main rank trains the tokenizer and encodes the
-# corpus, which takes minutes on a large one; torch's default would be 10 minutes with NCCL
-TIMEOUT = timedelta(hours=1)
 USER_ERROR_EXIT = 2  # what lmtrain.cli exits with after printing `error: ...`
 
 
@@ -53,8 +50,15 @@ class ReportedByMainRank(LmtrainError):
 
 
 def launched() -> bool:
-    """Whether torchrun started this process (it sets WORLD_SIZE, RANK, LOCAL_RANK, ...)."""
-    return "WORLD_SIZE" in os.environ
+    """Whether torchrun started this process (it sets WORLD_SIZE, RANK, LOCAL_RANK, ...).
+
+    WORLD_SIZE=1 alone, without torchrun's other variables (left in the environment by another
+    tool), is one process, as without it; any other WORLD_SIZE asks for a process group, and
+    `setup` says what is missing for one."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return False
+    return world.strip() != "1" or "LOCAL_RANK" in os.environ
 
 
 def rank() -> int:
@@ -99,16 +103,16 @@ def setup(device: torch.device, batch_size: int) -> None:
     """
     if not launched():
         return
-    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    torch.set_num_threads(threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    world, _, local_rank = group_environment()
+    torch.set_num_threads(threads_per_rank(env_int("LOCAL_WORLD_SIZE", world, 1)))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise LmtrainError(f"rank {os.environ.get('RANK')}: LOCAL_RANK {local_rank} needs GPU {local_rank}, but this machine "
                                f"shows {torch.cuda.device_count()} (start at most that many processes per machine)")
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device("cuda", local_rank))
+        join_group("nccl", device_id=torch.device("cuda", local_rank))
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        join_group("gloo")
     problem = batch_split_problem(batch_size, world)
     if problem:
         raise every_rank_error(problem)

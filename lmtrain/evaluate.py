@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lmtrain.cache import cache_probs, mix, tune
 from lmtrain.dynamic import DynamicEval
+from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
 from lmtrain.stream import score_stream
 from lmtrain.tokenizer import EOS_ID
@@ -59,6 +60,8 @@ def metrics(nll_sum: float, n_tokens: int, n_words: int, n_bytes: int, n_chars: 
     word_ppl compares subword models with them; in word mode it equals ppl. Bytes and characters
     count one newline per line; bits_per_char is None when the character count is not known.
     """
+    if n_tokens == 0 or n_words == 0 or n_bytes == 0:  # the corpus checks refuse such texts before they get here
+        raise LmtrainError("nothing to score: the text encodes to no tokens")
     return {
         "tokens": n_tokens,
         "nll": nll_sum / n_tokens,

@@ -34,11 +34,12 @@ from lmtrain import distributed, rundir
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_first_good, previous_path
 from lmtrain.config import Config, load_config, to_toml
-from lmtrain.corpus import BUILTIN, load_corpus
+from lmtrain.corpus import BUILTIN, Corpus, load_corpus
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, count_parameters
 from lmtrain.payload import check_payload
 from lmtrain.payload_resume import check_resume_data, check_resume_payload
+from lmtrain.preflight import check_encoded, check_model_fits
 from lmtrain.prepare import cache_dir, encode_corpus, get_tokenizer
 from lmtrain.resume import (
     check_logs,
@@ -53,7 +54,7 @@ from lmtrain.resume import (
 )
 from lmtrain.tokenizer import Tokenizer
 from lmtrain.tokens import TokenFile
-from lmtrain.train import finished, min_train_tokens, plan, resolve_device, seed_everything
+from lmtrain.train import finished, plan, resolve_device, seed_everything
 
 CONFIG = "config.toml"
 
@@ -71,25 +72,24 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
     (lmtrain.progress) shows the passes over it. The run directory is locked until `hold` closes
     (see start_run).
     """
-    texts = load_corpus(corpus, encoding_errors)
     device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
-    say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
     tc = config.tokenizer
+    # before reading the corpus; word and char vocabularies are at most tokenizer.vocab_size
+    exact = tc.kind in ("bpe", "unigram")
+    check_model_fits(config, tc.vocab_size if exact else 3, device, exact)
+    texts = load_corpus(corpus, encoding_errors)
+    say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
     tokenizer = get_tokenizer(texts.splits["train"], tc.kind, tc.vocab_size, tc.sample_lines, progress)
     if tc.kind in ("bpe", "unigram") and tokenizer.vocab_size < tc.vocab_size:  # word and char: a cap (config.py)
         raise LmtrainError(f"config key 'tokenizer.vocab_size' = {tc.vocab_size:,} is more than this corpus allows: its "
                            f"training text gives a {tc.kind} vocabulary of {tokenizer.vocab_size:,} pieces at most "
                            f"(set tokenizer.vocab_size to {tokenizer.vocab_size:,} or less, or use a larger corpus)")
     data = encode_corpus(tokenizer, texts.splits, progress)
-    n_train, needed = len(data["train"].tokens), min_train_tokens(config.train)
-    if n_train < needed:
-        raise LmtrainError(
-            f"the training split has {n_train:,} tokens, too few for one batch of "
-            f"train.batch_size {config.train.batch_size} x train.bptt {config.train.bptt} = {needed:,} tokens "
-            "(use a larger corpus or lower train.batch_size / train.bptt)"
-        )
+    check_model_fits(config, tokenizer.vocab_size, device)
+    check_encoded(data, config, tokenizer.vocab_size, device)  # it can train and validate
     run_dir = run_dir or default_run_dir(texts.source)
     model, info = start_run(run_dir, config, tokenizer, texts.source, force, device, hold)
+    info["corpus_digests"] = corpus_digests(texts)
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
         f"vocab {tokenizer.vocab_size:,} ({tc.kind}{vocab_note(tokenizer.vocab_size, tc.vocab_size)}) | "
@@ -97,6 +97,12 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
         f"device {device} | run {run_dir}"
     )
     return model, data, {**info, "run_dir": str(run_dir)}
+
+
+def corpus_digests(texts: Corpus) -> dict[str, str]:
+    """What a checkpoint stores of the text of each split (lmtrain.corpus' digests), so that
+    `evaluate` can tell when the corpus changed since training."""
+    return {split: text.digest for split, text in texts.splits.items()}
 
 
 def vocab_note(got: int, asked: int) -> str:
@@ -154,6 +160,7 @@ class LoadedRun:
     config: Config
     corpus: str  # the training corpus' source: an absolute path or "builtin"
     progress: dict[str, Any]
+    corpus_digests: dict[str, str] | None = None  # each split's text digest at training (None: not recorded)
 
 
 def checkpoint_candidates(run: Path) -> list[Path]:
@@ -182,7 +189,7 @@ def load_run(run: Path, device: torch.device, warn=None) -> LoadedRun:
         model.to(device).eval()
     except (RuntimeError, MemoryError) as e:  # a failed allocation, here or on `device`
         raise LmtrainError(f"{path}: cannot build its model on {device} ({str(e).strip().splitlines()[0][:160]})") from None
-    return LoadedRun(model, checked.tokenizer, config, payload["corpus"], payload["progress"])
+    return LoadedRun(model, checked.tokenizer, config, payload["corpus"], payload["progress"], payload.get("corpus_digests"))
 
 
 def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = "strict",
@@ -230,6 +237,8 @@ def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = 
         raise LmtrainError(f"{run_dir} has finished: {reason} (step {loop.step:,}); to train further, raise "
                            "train.epochs, train.max_steps or train.max_minutes with --set")
     device = resolve_device(tc.device)
+    check_model_fits(config, payload["vocab_size"], device)
+    check_encoded(data, config, payload["vocab_size"], device)  # a run started before these checks may fail them
     seed_everything(tc.seed)  # deterministic algorithms; the generators' states come from the checkpoint
     model = build_model(config, payload["vocab_size"])
     try:
@@ -251,7 +260,7 @@ def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = 
         raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
     where = f"epoch {loop.epoch}, step {loop.step:,}" + ("" if loop.lengths is None else f" (window {loop.window} of {len(loop.lengths)})")
     say(f"resuming {run_dir} from {path.name}: {where} | device {device}")
-    return model, config, data, {"corpus": source, **tokenizer_info(tokenizer)}, payload
+    return model, config, data, {"corpus": source, **tokenizer_info(tokenizer), "corpus_digests": corpus_digests(texts)}, payload
 
 
 def check_writable(run_dir: Path) -> None:

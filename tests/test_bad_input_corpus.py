@@ -97,7 +97,7 @@ BAD_CORPORA = {
                                ["too few for one batch", "train.batch_size"]),
     "fewer-than-three-lines": (lambda tmp: one_file(tmp, b"a single line of text"), [], ["1 line(s)", "at least 3"]),
     "vocabulary-beyond-sentencepiece": (lambda tmp: corpus_dir(tmp), ["--set", "tokenizer.vocab_size=3000000000"],
-                                        ["tokenizer.vocab_size 3,000,000,000", "set a smaller tokenizer.vocab_size"]),
+                                        ["tokenizer.vocab_size' must be at most 16,777,216", "got 3,000,000,000"]),
     "vocabulary-too-small-for-chars": (lambda tmp: corpus_dir(tmp), ["--set", "tokenizer.vocab_size=10"],
                                        ["tokenizer.vocab_size 10 is too small", "at least"]),
     "bad-encoding-errors-option": (lambda tmp: corpus_dir(tmp), ["--encoding-errors", "ignore"], ["--encoding-errors", "ignore"]),
