@@ -67,7 +67,7 @@ def check_seed(seed: int, streams: int) -> None:
 
 class StopCut:
     """`first_stop` of a text given piece by piece, in memory bounded by the longest stop text:
-    `feed` returns what can be printed (nothing that might still begin a stop text), `ended`
+    `feed` returns what can be printed (all but the longest tail that begins a stop text), `ended`
     turns true at the first stop (which is never returned), `flush` gives back what was held."""
 
     def __init__(self, stops: Iterable[str]):
@@ -83,8 +83,9 @@ class StopCut:
         if len(shown) < len(text):
             self.ended, self.held = True, ""
             return shown
-        cut = max(0, len(text) - self.keep)
-        out, self.held = text[:cut], text[cut:]
+        hold = next((k for k in range(min(self.keep, len(text)), 0, -1)
+                     if any(stop.startswith(text[-k:]) for stop in self.stops)), 0)
+        out, self.held = text[:len(text) - hold], text[len(text) - hold:]
         return out
 
     def flush(self) -> str:
