@@ -8,9 +8,12 @@ Precedence of settings: the dataclass defaults (lmtrain/config.py) < the TOML fi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -19,19 +22,26 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+try:
+    from click import get_current_context
+except ImportError:  # typer from 0.2x on carries its own copy of click
+    from typer._click.globals import get_current_context
+
 from lmtrain import distributed
 from lmtrain.checkpoint import CheckpointWriteError
 from lmtrain.config import load_config
-from lmtrain.corpus import BUILTIN, ENCODING_ERRORS, Text, load_corpus, load_text
+from lmtrain.corpus import BUILTIN, ENCODING_ERRORS, Text, copy_stream, load_corpus, load_text
 from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
 from lmtrain.errors import LmtrainError, one_line, require
 from lmtrain.evaluate import CacheSettings, combine, evaluate_stream
 from lmtrain.evaluate import evaluate as evaluate_tokens
 from lmtrain.evaluate import tune_cache as tune_cache_settings
-from lmtrain.generate import Sampler, StreamRandom, first_stop, sample
+from lmtrain.generate import Sampler, StreamRandom
+from lmtrain.memory import require_fits
 from lmtrain.prepare import encode_split
 from lmtrain.progress import QuietProgress, TerminalProgress
 from lmtrain.run import load_run, prepare_run, resume_run
+from lmtrain.samples import SampleSettings, check_seed, draw_samples, draw_turn, utf8_text, write_jsonl, write_text
 from lmtrain.signals import InterruptSignals, StopSignals
 from lmtrain.stepper import resolve_precision
 from lmtrain.synth import (
@@ -55,8 +65,10 @@ app = typer.Typer(
 
 @contextmanager
 def user_errors():
-    """Turn LmtrainError into one line on stderr and exit code 2."""
+    """Turn LmtrainError into one line on stderr and exit code 2; refuse float options that are
+    not finite first (`finite_options`)."""
     try:
+        finite_options()
         yield
     except LmtrainError as e:
         if not isinstance(e, distributed.ReportedByMainRank):  # under torchrun: the main rank says it once
@@ -66,6 +78,19 @@ def user_errors():
         where = f" ({e.filename})" if e.filename else ""
         typer.echo(f"error: {one_line(f'{e.strerror or e}{where}')}", err=True)
         raise typer.Exit(2) from None
+
+
+def finite_options() -> None:
+    """Every float option of the command being run must be a finite number: `inf` and `nan` parse
+    as floats, and no option means either (checked here, so no command can forget it)."""
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise LmtrainError(f"{param.opts[0]} must be a finite number, got {item}")
 
 
 def say(message: str) -> None:
@@ -198,8 +223,11 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     encoding_errors: Annotated[str, typer.Option(help="Bytes of FILES (or of the run's corpus) that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
 ) -> None:
-    """Perplexity, word-level perplexity and bits per byte of a trained model."""
-    with user_errors():
+    """Perplexity, word-level perplexity and bits per byte of a trained model.
+
+    FILES may be pipes (`/dev/stdin`, `<(...)`, a FIFO): they are read once, into a temporary file.
+    """
+    with user_errors(), ExitStack() as copies:
         check_encoding_errors(encoding_errors)
         if split not in ("train", "valid", "test"):
             raise LmtrainError(f"--split must be train, valid or test, got '{split}'")
@@ -217,8 +245,11 @@ def evaluate(
         loaded = load_run(run, resolve_device("auto"), say)
         batch = batch_size or loaded.config.train.eval_batch_size
         bptt = loaded.config.train.bptt
+        if not stream:
+            require_fits(batch * evaluation_stream_bytes(loaded.model, bptt), f"scoring {batch:,} streams at once (--batch-size)",
+                         "give a smaller --batch-size", loaded.model.decoder.weight.device)
         if files:
-            texts = {str(f): load_text_file(f, encoding_errors) for f in files}
+            texts = {str(f): load_text_file(f, encoding_errors, copies) for f in files}
         else:
             texts = {split: corpus_split(loaded.corpus, split, encoding_errors, loaded.corpus_digests)}
         settings = {}
@@ -240,6 +271,9 @@ def evaluate(
             tokens = encode_split(loaded.tokenizer, text)
             if len(tokens.tokens) == 0:  # the corpus checks refuse an empty text; this is the last guard
                 raise LmtrainError(f"{name} holds no text to score")
+            if batch_size is not None and batch_size > len(tokens.tokens):
+                raise LmtrainError(f"--batch-size {batch_size:,} is more than the {len(tokens.tokens):,} tokens of {name}: "
+                                   f"streams would hold no text; give at most {len(tokens.tokens):,}")
             if stream:
                 results[name] = evaluate_stream(loaded.model, tokens, bptt, adapt, cache_settings)
             else:
@@ -261,10 +295,27 @@ def evaluate(
             typer.echo(format_metrics("all", report))
 
 
-def load_text_file(path: Path, encoding_errors: str) -> Text:
+def load_text_file(path: Path, encoding_errors: str, copies: ExitStack) -> Text:
+    """A file to evaluate, checked. One that can be read only once (a pipe, a FIFO, /dev/stdin,
+    `<(...)`) is first copied into a temporary file, which `copies` removes; messages name `path`."""
     if not path.exists():
         raise LmtrainError(f"file to evaluate not found: {path}")
-    return load_text(path, encoding_errors)
+    if path.is_file() or path.is_dir():
+        return load_text(path, encoding_errors)
+    copy = copies.enter_context(tempfile.NamedTemporaryFile(prefix="lmtrain-", suffix=".txt"))
+    copy_stream(path, copy)
+    try:
+        text = load_text(Path(copy.name), encoding_errors)
+    except LmtrainError as e:
+        raise LmtrainError(str(e).replace(copy.name, str(path))) from None
+    return dataclasses.replace(text, name=str(path))
+
+
+def evaluation_stream_bytes(model, bptt: int) -> int:
+    """A rough upper bound of one evaluation stream's memory: a window's logits and their
+    log-softmax, the layers' activations and gates, the state."""
+    hidden = sum(layer.hidden_size for layer in model.layers)
+    return 4 * bptt * (3 * model.vocab_size + 8 * hidden) + 4 * 4 * hidden
 
 
 def corpus_split(source: str, split: str, encoding_errors: str = "strict", recorded: dict[str, str] | None = None) -> Text:
@@ -296,16 +347,24 @@ def generate(
     greedy: Annotated[bool, typer.Option("--greedy", help="Always the likeliest token (temperature 0).")] = False,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens only (0: all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens whose probability reaches p.")] = 1.0,
-    num_samples: Annotated[int, typer.Option(help="Independent samples, drawn as one batch.")] = 1,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, printed one after another, each as it is drawn (drawn in batches that fit in memory).")] = 1,
     until_eos: Annotated[bool, typer.Option("--until-eos", help="End each sample at its first end of line (<eos>).")] = False,
     stop: Annotated[str, typer.Option(help="End each sample where this text first appears (not included).")] = "",
-    output_format: Annotated[str, typer.Option("--format", help="text, or jsonl: one JSON object per sample.")] = "text",
+    output_format: Annotated[str, typer.Option("--format", help="text, or jsonl: one JSON object per sample (a long sample in parts, see above).")] = "text",
     interactive: Annotated[bool, typer.Option("--interactive", help="Read lines from standard input; each continues the same story, the state kept between turns.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text. Sample i uses seed + i, so it equals a single sample drawn with that seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text. Sample i uses seed + i, so it equals a single sample drawn with that seed. Every seed used must lie in [-2**63, 2**64 - 1].")] = None,
     precision: Annotated[str, typer.Option(help="Weights of the per-token products: fp32 (exact), bf16 or int8 (faster; the README gives their perplexity), or auto: the fastest this CPU offers.")] = "auto",
+    encoding_errors: Annotated[str, typer.Option(help="Bytes of --prompt or of standard input (--interactive) that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
 ) -> None:
-    """Sample text from a trained model, printing it as it is drawn."""
-    with user_errors():
+    """Sample text from a trained model, printing it as it is drawn.
+
+    Samples come out in order, never interleaved, each printed token by token as it is drawn:
+    text under `--- sample K` (with --num-samples above 1); jsonl as one record per sample,
+    {"sample", "prompt", "text", "done": true}, where a sample longer than 65,536 characters
+    comes as several records in a row, all but the last with "done": false (join their "text").
+    Memory stays flat whatever --max-tokens and --num-samples (lmtrain/samples.py).
+    """
+    with user_errors(), quiet_broken_pipe():
         require(
             (max_tokens >= 1, f"--max-tokens must be at least 1, got {max_tokens}"),
             (temperature >= 0, f"--temperature must not be negative, got {temperature}"),
@@ -315,73 +374,59 @@ def generate(
             (output_format in ("text", "jsonl"), f"--format must be text or jsonl, got '{output_format}'"),
             (not (interactive and num_samples > 1), "--interactive draws one stream: leave --num-samples at 1"),
         )
+        check_encoding_errors(encoding_errors)
+        prompt = utf8_text(prompt, "--prompt", encoding_errors)
+        if seed is not None:
+            check_seed(seed, num_samples)
         device = resolve_device("auto")
         precision = resolve_precision(precision, device)
         loaded = load_run(run, device, say)
         seed = seed if seed is not None else int.from_bytes(os.urandom(6), "little")
-        temperature = 0.0 if greedy else temperature
-        stops = [s for s in (stop, "\n" if until_eos else "") if s]
+        stops = tuple(s for s in (stop, "\n" if until_eos else "") if s)
+        settings = SampleSettings(max_tokens, num_samples, 0.0 if greedy else temperature, top_k, top_p, seed, precision, stops)
         if interactive:
-            chat(Sampler(loaded.model, precision), loaded.tokenizer, max_tokens, temperature, top_k, top_p,
-                 StreamRandom(seed, 1), stops, output_format)
+            chat(Sampler(loaded.model, precision), loaded.tokenizer, settings, output_format, encoding_errors)
             return
-        steps = sample(loaded.model, loaded.tokenizer.encode_prompt(prompt) if prompt else [], max_tokens,
-                       num_samples, temperature, top_k, top_p, seed, precision)
-        if num_samples == 1 and output_format == "text":
-            sys.stdout.write(prompt)
-            stream_text(steps, loaded.tokenizer, stops)
-            sys.stdout.write("\n")
-            return
-        drawn = torch.stack(list(steps), dim=1)  # (samples, max_tokens)
-        for k, ids in enumerate(drawn.tolist(), 1):
-            text = first_stop(loaded.tokenizer.decode(ids), stops)
-            if output_format == "jsonl":
-                sys.stdout.write(json.dumps({"sample": k, "prompt": prompt, "text": text}) + "\n")
-            else:
-                sys.stdout.write(f"--- sample {k}\n{prompt}{text}\n")
+        events = draw_samples(loaded.model, loaded.tokenizer, loaded.tokenizer.encode_prompt(prompt) if prompt else [], settings)
+        if output_format == "jsonl":
+            write_jsonl(events, prompt, sys.stdout)
+        else:
+            write_text(events, prompt, sys.stdout, headers=num_samples > 1)
 
 
-def stream_text(steps, tokenizer, stops: list[str], echo: bool = True) -> str:
-    """Take tokens until a stop text appears (printing them as they come, with `echo`); return
-    the text, cut before the stop."""
-    text = printed = ""
-    for token in steps:
-        text += tokenizer.token_text(int(token))
-        shown = first_stop(text, stops)
-        ended = shown != text
-        safe = shown if ended else shown[: len(shown) - max((len(s) for s in stops), default=1) + 1]
-        if echo and len(safe) > len(printed):  # hold back what could still turn out to start a stop text
-            sys.stdout.write(safe[len(printed):])
-            sys.stdout.flush()
-            printed = safe
-        if ended:
-            return shown
-    if echo:
-        sys.stdout.write(text[len(printed):])
-    return text
-
-
-def chat(sampler: Sampler, tokenizer, max_tokens: int, temperature: float, top_k: int, top_p: float,
-         random: StreamRandom, stops: list[str], output_format: str) -> None:
+def chat(sampler: Sampler, tokenizer, settings: SampleSettings, output_format: str, encoding_errors: str) -> None:
     """The --interactive loop: each input line is fed, then a continuation drawn; one story."""
     sampler.feed([EOS_ID])
+    random = StreamRandom(settings.seed, 1)
     ask = sys.stdin.isatty()
-    while True:
+    for number in itertools.count(1):
         if ask:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             return
-        sampler.feed(tokenizer.encode_prompt(line.rstrip("\n")))
-        steps = sampler.draw(max_tokens, temperature, top_k, top_p, random)
+        line = utf8_text(raw, f"line {number} of standard input", encoding_errors).rstrip("\n")
+        sampler.feed(tokenizer.encode_prompt(line))
+        events = draw_turn(sampler, tokenizer, settings, random)
         if output_format == "jsonl":
-            text = stream_text(steps, tokenizer, stops, echo=False)
-            sys.stdout.write(json.dumps({"prompt": line.rstrip("\n"), "text": text}) + "\n")
+            write_jsonl(events, line, sys.stdout)
         else:
-            stream_text(steps, tokenizer, stops)
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+            write_text(events, "", sys.stdout, headers=False)
+
+
+@contextmanager
+def quiet_broken_pipe():
+    """A reader that stops early (`lmtrain generate ... | head`) ends the command quietly, with
+    the exit code of a process ended by SIGPIPE, as other tools in a pipe do."""
+    try:
+        yield
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        except (OSError, ValueError):
+            pass
+        raise typer.Exit(141) from None
 
 
 @app.command()

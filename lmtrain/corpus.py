@@ -102,6 +102,9 @@ def load_corpus(path: Path | None, errors: str = "strict") -> Corpus:
                 "(expected train.txt, valid.txt and test.txt, or give a single text file)"
             )
         return Corpus(str(path.resolve()), {s: load_text(path / f"{s}.txt", errors) for s in SPLITS})
+    if not path.is_file():
+        raise LmtrainError(f"corpus {path} is not a regular file (a pipe or a device?): a corpus is read more than once, "
+                           "so save it to a file first")
     return Corpus(str(path.resolve()), split_file(path, scan_file(path, errors), errors))
 
 
@@ -189,6 +192,23 @@ def open_text_file(path: Path):
         raise LmtrainError(f"expected a text file, got a directory: {path}") from None
     except OSError as e:
         raise LmtrainError(f"cannot read {path}: {e.strerror}") from None
+
+
+def copy_stream(path: Path, into) -> None:
+    """Copy a file that can be read only once (a pipe, a FIFO, /dev/stdin) into the open binary
+    file `into`, in blocks; binary input (a NUL byte: /dev/zero, say) stops it at once."""
+    offset = 0
+    try:
+        with open_text_file(path) as f:
+            while block := read_or_fail(f, BLOCK_BYTES, path):
+                nul = block.find(b"\0")
+                if nul >= 0:
+                    raise LmtrainError(f"{path} looks binary (NUL byte at offset {offset + nul}); expected UTF-8 text")
+                into.write(block)
+                offset += len(block)
+        into.flush()
+    except OSError as e:  # a full disk
+        raise LmtrainError(f"cannot copy {path} to the temporary file {into.name}: {e.strerror or e}") from None
 
 
 def read_or_fail(f, size: int, path: Path) -> bytes:

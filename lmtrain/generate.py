@@ -9,6 +9,7 @@ The generators are CPU ones, so a seed gives the same draws on any device.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -71,6 +72,13 @@ class Sampler:
         """Copy a one-stream state into `streams` independent ones."""
         self.state = [tuple(s.expand(streams, -1).contiguous() for s in layer) for layer in self.state]
         self.last = self.last.expand(streams, -1)
+
+    def branch(self, streams: int) -> Sampler:
+        """A sampler of `streams` streams, each starting from this one-stream sampler's state; it
+        shares the prepared stepper, so draw from one of them at a time. This one is unchanged."""
+        other = copy.copy(self)
+        other.expand(streams)
+        return other
 
     @torch.no_grad()
     def draw(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
