@@ -138,6 +138,27 @@ def verify(path: Path) -> bool:
     return True
 
 
+MAX_ENTRIES = 100_000  # records in one archive; a model's state holds a few hundred
+
+
+def check_archive(path: Path) -> None:
+    """Refuse an archive that would expand when read: torch.save stores every record as it is,
+    but torch.load also inflates compressed ones, so a small crafted file could ask for gigabytes.
+    Every record must be stored uncompressed and all of them together fit in the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load names what is wrong with it
+    size = path.stat().st_size
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise LmtrainError(f"{path} is not an lmtrain checkpoint: its record {packed[0][:80]!r} is compressed "
+                           "(torch.save stores records as they are)")
+    if len(records) > MAX_ENTRIES or sum(r.file_size for r in records) > size:
+        raise LmtrainError(f"{path} is not an lmtrain checkpoint: its records claim more bytes than the file holds")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Verify the checksum, then load on the CPU with `weights_only=True`, so that a crafted file
     cannot run code: only tensors and plain values come back. What they are is not checked here:
@@ -156,6 +177,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if head == b"PK\x03\x04":
             raise CheckpointDamaged(f"{path} is damaged or truncated: the zip archive has no end")
         raise LmtrainError(f"{path} is not an lmtrain checkpoint (not a torch zip archive)")
+    check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused something: nothing in the file ran

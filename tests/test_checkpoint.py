@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import shutil
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -217,3 +218,22 @@ def test_configs_are_read_as_toml_only(tmp_path):
     assert not marker.exists() and not (tmp_path / "run").exists()
     with pytest.raises(LmtrainError):
         load_checkpoint(python)
+
+
+# --- a small file that would expand when read ---------------------------------------------------
+
+
+def test_a_compressed_archive_is_refused_before_it_expands(tmp_path):
+    """torch.load inflates deflated records, so a few kilobytes could ask for gigabytes; lmtrain
+    refuses any record torch.save would not have written (it stores them as they are)."""
+    plain = tmp_path / "plain.pt"
+    torch.save({"format": "lmtrain-checkpoint", "version": 1, "weights": torch.zeros(10_000_000)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for record in src.infolist():
+            dst.writestr(record.filename, src.read(record))
+    assert bomb.stat().st_size < plain.stat().st_size // 100  # 40 MB of weights in under 400 kB
+    assert torch.load(bomb, weights_only=True)["weights"].numel() == 10_000_000  # what torch alone would do
+    for command in (("evaluate", bomb), ("generate", bomb)):
+        assert_one_error(cli(*command), str(bomb), "is compressed")
+    assert load_checkpoint(plain)["weights"].numel() == 10_000_000  # the stored original still loads
