@@ -77,6 +77,13 @@ def setting(section: str, key: str, value):
     return change
 
 
+def both(*changes):
+    def change(p):
+        for one in changes:
+            one(p)
+    return change
+
+
 def put(*keys_and_value):
     """put("progress", "step", -1): p["progress"]["step"] = -1."""
     *keys, value = keys_and_value
@@ -160,9 +167,10 @@ COMMON = {
     "two-layers": (setting("model", "layers", 2), "do not fit the model", "has no 'layers.1.w_ih'"),
     "tied-weights": (setting("model", "tie_weights", True), "do not fit the model"),
     "seed-beyond-int64": (setting("train", "seed", 2**64), "config['train']['seed']", "out of range"),
-    "eval-batch-size-10**9": (setting("train", "eval_batch_size", 10**9), "one evaluation window of "
-                              "train.eval_batch_size 1,000,000,000 x train.bptt 12 need"),
-    "eval-batch-size-2**62": (setting("train", "eval_batch_size", 2**62), "train.eval_batch_size 4,611,686,018,427,387,904"),
+    "eval-batch-size-10**9": (setting("train", "eval_batch_size", 10**9), "train.eval_batch_size' must be at most"),
+    "eval-window-2**40-tokens": (both(setting("train", "eval_batch_size", 2**20), setting("train", "bptt", 2**20)),
+                                 "one evaluation window of train.eval_batch_size 1,048,576 x train.bptt 1,048,576 need"),
+    "eval-batch-size-2**62": (setting("train", "eval_batch_size", 2**62), "train.eval_batch_size' must be at most 1,048,576, got 4,611,686,018,427,387,904"),
     "no-corpus": (drop("corpus"), "no 'corpus' field"),
     "corpus-not-a-str": (put("corpus", 5), "field corpus must be a non-empty str"),
     "corpus-digests-not-hex": (put("corpus_digests", {"test": 5}), "field corpus_digests['test']"),
