@@ -353,7 +353,7 @@ def generate(
     output_format: Annotated[str, typer.Option("--format", help="text, or jsonl: one JSON object per sample (a long sample in parts, see above).")] = "text",
     interactive: Annotated[bool, typer.Option("--interactive", help="Read lines from standard input; each continues the same story, the state kept between turns.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text. Sample i uses seed + i, so it equals a single sample drawn with that seed. Every seed used must lie in [-2**63, 2**64 - 1].")] = None,
-    precision: Annotated[str, typer.Option(help="Weights of the per-token products: fp32 (exact), bf16 or int8 (faster; the README gives their perplexity), or auto: the fastest this CPU offers.")] = "auto",
+    precision: Annotated[str, typer.Option(help="Weights of the per-token products: fp32 (exact), bf16 or int8 (faster; docs/speed.md gives their perplexity), or auto: the fastest this CPU offers.")] = "auto",
     encoding_errors: Annotated[str, typer.Option(help="Bytes of --prompt or of standard input (--interactive) that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
 ) -> None:
     """Sample text from a trained model, printing it as it is drawn.

@@ -49,7 +49,7 @@ def available_precisions(device: torch.device) -> list[str]:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto` -> the fastest precision this machine offers: int8, else bf16, else fp32. On PTB
-    the three give the same test perplexity to 0.01 % (README, `lmtrain bench --generate --run`)."""
+    the three give the same test perplexity to within 0.07 (docs/speed.md, `lmtrain bench --generate --run`)."""
     have = available_precisions(device)
     if name == "auto":
         return have[-1]

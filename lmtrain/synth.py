@@ -35,7 +35,7 @@ from lmtrain.errors import LmtrainError
 
 SEPARATOR = "="
 # The defaults of `lmtrain synth` and `python -m lmtrain.compare`: a lag of K + 1 = 13 steps, which
-# most gated cells learn to bridge in 3,000 steps and the plain RNN does not (README, "Comparing
+# most gated cells learn to bridge in 3,000 steps and the plain RNN does not (docs/cells.md, "Comparing
 # cells"). With 8 symbols instead of 4 there are more bits to carry, and within that budget the
 # LSTM itself stayed near the no-memory perplexity, as the RNN does.
 DEFAULT_K = 12
