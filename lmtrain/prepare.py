@@ -304,10 +304,8 @@ def encoded_blocks(tokenizer: Tokenizer, text: Text, workers: int | None) -> Ite
         for pieces, continued, stats, n_bytes in text_pieces(text):
             yield tokenizer.encode_pieces(pieces, continued), stats, n_bytes
         return
-    # fork: the workers start at once and share the parent's pages; spawn would re-run the
-    # parent's __main__ (the CLI, torch) in each
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    init = (tokenizer.model_proto, tokenizer.kind, text.errors, text.name)
+    init = (tokenizer.model_proto, tokenizer.kind, text.errors, text.name, corpus.LONG_LINE_BYTES)
+    context = worker_context()
     with context.Pool(workers, initializer=start_worker, initargs=init) as pool:
         # not pool.imap: its feeder thread reads the whole input ahead into the task queue when
         # the workers are slower than the reader; a bounded queue of results keeps memory flat
@@ -320,6 +318,18 @@ def encoded_blocks(tokenizer: Tokenizer, text: Text, workers: int | None) -> Ite
             yield pending.popleft().get()
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where encoding workers come from: a fork server, itself started single-threaded, with this
+    module imported once. A plain fork copies whatever locks the parent's other threads (torch's,
+    a progress bar's) hold at that instant, and a worker could wait on one forever (one did, in a
+    CI run); spawn would re-run the parent's __main__ (the CLI, torch) in each."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def default_workers() -> int:
     """The CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -330,14 +340,14 @@ def default_workers() -> int:
 WORKER: dict = {}
 
 
-def start_worker(model_proto: bytes, kind: str, errors: str, name: str) -> None:
+def start_worker(model_proto: bytes, kind: str, errors: str, name: str, long_line: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
-    WORKER.update(tokenizer=Tokenizer(model_proto, kind), errors=errors, name=name)
+    WORKER.update(tokenizer=Tokenizer(model_proto, kind), errors=errors, name=name, long_line=long_line)
 
 
 def encode_in_worker(block: Block) -> tuple[np.ndarray, TextStats, int]:
     tokenizer = WORKER["tokenizer"]
-    pieces, continued, stats = block_pieces(block, WORKER["errors"], WORKER["name"])
+    pieces, continued, stats = block_pieces(block, WORKER["errors"], WORKER["name"], WORKER["long_line"])
     ids = tokenizer.encode_pieces(pieces, continued).astype(token_dtype(tokenizer.vocab_size))  # half the bytes back
     return ids, stats, len(block.data)
 
