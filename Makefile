@@ -40,9 +40,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# every cell on the copy task (lmtrain/synth.py) for the same number of steps: about 7 minutes on 2 CPU cores
+# every cell on the copy task (lmtrain/tools/synth.py) for the same number of steps: about 7 minutes on 2 CPU cores
 compare-cells: install
-	$(BIN)/python -m lmtrain.compare
+	$(BIN)/python -m lmtrain.tools.compare
 
 # a published setup (configs/NAME.toml): train, score valid and test, write results/NAME.json
 reproduce-%: install
@@ -55,13 +55,13 @@ results: install
 bench-distributed: install
 	$(BIN)/python benchmarks/distributed.py --repeats 3 --steps 30
 
-# issue 7's settings (lmtrain.bench.PRESETS) on the GPU: the markdown table of docs/gpu.md
+# issue 7's settings (lmtrain.tools.bench.PRESETS) on the GPU: the markdown table of docs/gpu.md
 bench-gpu: install
 	$(BIN)/lmtrain bench --preset issue7 --device cuda --dtypes fp32,bf16
 
 # the config reference is generated: its meanings are the comments of lmtrain/config.py
 docs: install
-	$(BIN)/python -m lmtrain.config_docs > docs/configuration.md.part && mv docs/configuration.md.part docs/configuration.md
+	$(BIN)/python -m lmtrain.tools.config_docs > docs/configuration.md.part && mv docs/configuration.md.part docs/configuration.md
 
 data:
 	$(PYTHON) data/fetch.py --dest data $(if $(DATA_MIRROR),--mirror $(DATA_MIRROR))
@@ -72,4 +72,4 @@ clean:
 # encoding speed (1 vs 2 workers) and peak memory on generated 0.25/0.5/1 GB corpora under /tmp (deleted after):
 # tens of minutes on 2 CPU cores; see docs/speed.md, "Encoding large corpora"
 bench-encode: install
-	$(BIN)/python -m lmtrain.bench_encode --dir /tmp/lmtrain-bench-encode --sizes 0.25,0.5,1 --workers 1,2 --clean
+	$(BIN)/python -m lmtrain.tools.bench_encode --dir /tmp/lmtrain-bench-encode --sizes 0.25,0.5,1 --workers 1,2 --clean

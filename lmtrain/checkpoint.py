@@ -10,7 +10,7 @@ A checkpoint is a dict:
     model       the model's state_dict: the weights to evaluate (NT-ASGD's average once averaging)
     optimizer   the optimizer's state_dict
     progress    epoch, step, lr, valid_nll, best_valid_nll, averaging; at: "epoch" or "stop"
-    resume      last.pt only: everything else the loop needs to continue exactly (lmtrain.resume)
+    resume      last.pt only: everything else the loop needs to continue exactly (lmtrain.training.resume)
 
 The file is torch.save's zip archive, whose end record carries a comment (zip's own field, which
 every zip reader and torch.load skip):
@@ -162,7 +162,7 @@ def check_archive(path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Verify the checksum, then load on the CPU with `weights_only=True`, so that a crafted file
     cannot run code: only tensors and plain values come back. What they are is not checked here:
-    readers pass the payload through lmtrain.payload.check_payload before using it."""
+    readers pass the payload through lmtrain.model.payload.check_payload before using it."""
     try:
         checked = verify(path)
         with open(path, "rb") as f:

@@ -128,7 +128,7 @@ class TrainConfig:
     seed: int = 1111  # every random generator of the run (python, numpy, torch, the window draws)
     device: str = "auto"  # auto | cpu | cuda
     # on CUDA, capture each window length's forward + backward as a CUDA graph and replay it
-    # (lmtrain/graphs.py); falls back to eager if capture fails. Ignored on the CPU
+    # (lmtrain/training/graphs.py); falls back to eager if capture fails. Ignored on the CPU
     cuda_graphs: bool = True
     log_interval: int = 100  # optimizer steps between progress records in metrics.jsonl
     # optimizer steps between checkpoints (last.pt) within an epoch, each one a point that
@@ -159,7 +159,7 @@ RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.max_minutes")
 MAX_INT = 2**63 - 1
 # sizes beyond these are typing mistakes, not models: no machine holds a layer of 2^20 units or a
 # vocabulary of 2^24 pieces. Sizes below them can still ask for more memory than there is; the
-# estimate in lmtrain.preflight refuses those before anything is built
+# estimate in lmtrain.training.preflight refuses those before anything is built
 UPPER_BOUNDS = {
     "tokenizer.vocab_size": 1 << 24,
     "model.layers": 1024,

@@ -11,14 +11,15 @@ import torch
 from helpers import write_corpus
 from typer.testing import CliRunner
 
-from lmtrain.cache import cache_probs, mix, tune
 from lmtrain.cli import app
 from lmtrain.config import load_config
-from lmtrain.dynamic import DynamicEval, DynamicSettings, gradient_stats
-from lmtrain.evaluate import evaluate_stream, total_nll
-from lmtrain.run import load_run, prepare_run
-from lmtrain.stream import score_stream
-from lmtrain.train import train
+from lmtrain.evaluation.cache import cache_probs, mix, tune
+from lmtrain.evaluation.dynamic import DynamicEval, DynamicSettings, gradient_stats
+from lmtrain.evaluation.evaluate import evaluate_stream, total_nll
+from lmtrain.evaluation.stream import score_stream
+from lmtrain.model.saved import load_run
+from lmtrain.training.loop import train
+from lmtrain.training.setup import prepare_run
 
 SETTINGS = ["tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=16",
             "model.hidden_size=16", "train.batch_size=4", "train.bptt=8", "train.epochs=2", "train.lr=5"]

@@ -131,7 +131,7 @@ def test_an_existing_run_is_kept_without_resume_or_force(trained, run):
 
 
 def test_force_replaces_an_existing_run(trained, run):
-    """--force replaces the run's own files and keeps the user's (lmtrain.rundir)."""
+    """--force replaces the run's own files and keeps the user's (lmtrain.runs)."""
     (run / "notes.txt").write_text("old")
     result = cli("train", trained[0], "--run-dir", run, "--force", *sets(*SETTINGS, "train.max_steps=4"))
     assert result.exit_code == 0, result.stderr

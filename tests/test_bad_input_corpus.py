@@ -19,11 +19,11 @@ import torch
 from helpers import make_lines, ok, write_corpus
 from typer.testing import CliRunner, Result
 
-from lmtrain import corpus as corpus_module
 from lmtrain.cli import app
-from lmtrain.corpus import BLOCK_BYTES, load_corpus, load_text, read_blocks
-from lmtrain.prepare import encode_split
-from lmtrain.tokenizer import EOS_ID, Tokenizer
+from lmtrain.text import corpus as corpus_module
+from lmtrain.text.corpus import BLOCK_BYTES, load_corpus, load_text, read_blocks
+from lmtrain.text.encode import encode_split
+from lmtrain.text.tokenizer import EOS_ID, Tokenizer
 
 TINY = ["--set", "model.layers=1", "--set", "model.hidden_size=16", "--set", "model.embedding_size=16",
         "--set", "train.batch_size=4", "--set", "train.bptt=8", "--set", "train.epochs=1",

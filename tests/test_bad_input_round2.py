@@ -29,8 +29,8 @@ from helpers import (
 
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import ModelConfig
-from lmtrain.model import LanguageModel, count_parameters
-from lmtrain.preflight import parameter_count
+from lmtrain.model.language_model import LanguageModel, count_parameters
+from lmtrain.training.preflight import parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
 BOM = b"\xef\xbb\xbf"
@@ -342,7 +342,7 @@ def test_sigterm_before_training_is_an_interrupt(tmp_path):
 
 def test_the_one_time_build_does_not_count_as_training_time(trained, tmp_path, monkeypatch):
     """A build of 3 s (faked) before a run of a second or so: timing.jsonl's elapsed_s leaves it out."""
-    from lmtrain.kernels import build
+    from lmtrain.model.kernels import build
 
     monkeypatch.setenv("LMTRAIN_COMPILE", "0")  # every other caller: the Python code, no real build
     ok(cli("train", trained[0], "--run-dir", tmp_path / "reference", *sets(*SETTINGS)))

@@ -5,8 +5,8 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from lmtrain.bench import peak_memory_mb, time_round_robin
 from lmtrain.cli import app
+from lmtrain.tools.bench import peak_memory_mb, time_round_robin
 
 FIELDS = {"cell", "impl", "layers", "hidden_size", "batch_size", "bptt", "dtype", "tokens_per_s", "peak_mem_mb", "ratio_vs_torch"}
 
@@ -55,7 +55,7 @@ def test_peak_memory_counts_tensors_alive_together():
 def test_bench_preset_runs_each_of_its_settings_for_the_lstm(monkeypatch):
     """--preset replaces --cells/--sizes/--layers/--batch-size/--bptt by the preset's settings
     (shrunk here: the real issue7 sizes take minutes on a CPU). No CUDA: no "ours+graphs" rows."""
-    from lmtrain import bench
+    from lmtrain.tools import bench
 
     monkeypatch.setitem(bench.PRESETS, "issue7", (bench.Setting(2, 8, 2, 3), bench.Setting(1, 6, 3, 4)))
     args = ["bench", "--preset", "issue7", "--json", "--dtypes", "fp32", "--cells", "gru", "--sizes", "99",
@@ -77,8 +77,8 @@ def test_bench_rejects_unknown_preset():
 
 def test_bench_generate_times_every_precision_and_the_step_op_by_op():
     from lmtrain.config import ModelConfig
-    from lmtrain.model import LanguageModel
-    from lmtrain.stepper import Stepper, available_precisions
+    from lmtrain.model.language_model import LanguageModel
+    from lmtrain.generation.stepper import Stepper, available_precisions
 
     args = ["bench", "--generate", "--json", "--sizes", "16", "--vocab-size", "50", "--streams", "1,3", "--tokens", "4",
             "--repeats", "1", "--warmup", "0", "--batch-size", "2", "--bptt", "3"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from lmtrain.bench_encode import VOCAB_WORDS, encode, generate, make_vocabulary, train_model
+from lmtrain.tools.bench_encode import VOCAB_WORDS, encode, generate, make_vocabulary, train_model
 
 
 def test_generated_corpus_is_deterministic_zipfian_whole_lines(tmp_path):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lmtrain.kernels import build
-from lmtrain.kernels.build import build_key, damage, holding_build_lock, load_rebuilding_once
 from lmtrain.locks import exclusive
+from lmtrain.model.kernels import build
+from lmtrain.model.kernels.build import build_key, damage, holding_build_lock, load_rebuilding_once
 
 FILES = {"a.cpp": b"int f() { return 1; }", "h.h": b"#define X 1"}
 FLAGS = ["-O3", "-march=native"]

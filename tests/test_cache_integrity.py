@@ -1,7 +1,7 @@
 """The tokenizer/token cache trusts nothing it finds: a damaged, stale or foreign entry is
 encoded again with one warning line, never used; a corpus that changes while it is encoded
 leaves no entry; one process writes an entry at a time; a killed writer's `.part` is cleaned
-up; a full cache disk falls back to a temporary file with one warning (see lmtrain.prepare)."""
+up; a full cache disk falls back to a temporary file with one warning (see lmtrain.text.encode)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import pytest
 import torch
 from helpers import cli, make_lines, ok, write_corpus, write_lines
 
-from lmtrain import prepare
-from lmtrain.corpus import load_text
 from lmtrain.locks import exclusive
-from lmtrain.prepare import encode_split, get_tokenizer
-from lmtrain.tokenizer import train_tokenizer
-from lmtrain.tokens import HEADER, read_tokens
+from lmtrain.text import encode as prepare
+from lmtrain.text.corpus import load_text
+from lmtrain.text.encode import encode_split, get_tokenizer
+from lmtrain.text.tokenizer import train_tokenizer
+from lmtrain.text.tokens import HEADER, read_tokens
 
 TINY = ["--set", "model.layers=1", "--set", "model.hidden_size=16", "--set", "model.embedding_size=16",
         "--set", "train.batch_size=4", "--set", "train.bptt=8", "--set", "train.max_steps=2",
@@ -203,9 +203,9 @@ def test_a_part_being_written_is_left_alone(split):
 ENCODE = """
 import sys, time
 from pathlib import Path
-from lmtrain import prepare
-from lmtrain.corpus import load_text
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.text import encode as prepare
+from lmtrain.text.corpus import load_text
+from lmtrain.text.tokenizer import Tokenizer
 tokenizer = Tokenizer(open(sys.argv[1], "rb").read(), "bpe")
 real = Tokenizer.encode_pieces
 def gated(self, pieces, continued=()):

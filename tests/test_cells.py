@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from lmtrain import config as config_module
-from lmtrain.cells import CELLS, coupled, lstm, peephole, slstm
 from lmtrain.config import ModelConfig, load_config
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
-from lmtrain.recurrence import Recurrence, run_layer
+from lmtrain.model.cells import CELLS, coupled, lstm, peephole, slstm
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.recurrence import Recurrence, run_layer
 
 F64 = torch.float64
 CELL_NAMES = list(CELLS)

@@ -25,8 +25,8 @@ from helpers import (
     write_corpus,
 )
 
-import lmtrain.checkpoint
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
+import lmtrain.checkpoint
 from lmtrain.errors import LmtrainError
 
 SETTINGS = [

@@ -20,9 +20,9 @@ from typer.testing import CliRunner, Result
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import Config, ModelConfig, TokenizerConfig, TrainConfig, to_toml
-from lmtrain.generate import Sampler, StreamRandom
-from lmtrain.run import load_run
-from lmtrain.tokenizer import EOS_ID
+from lmtrain.generation.sampler import Sampler, StreamRandom
+from lmtrain.model.saved import load_run
+from lmtrain.text.tokenizer import EOS_ID
 
 TINY = {
     "model.layers": 1,

@@ -1,4 +1,4 @@
-"""Crafted checkpoints with valid checksums (lmtrain/payload.py, lmtrain/payload_resume.py).
+"""Crafted checkpoints with valid checksums (lmtrain/model/payload.py, lmtrain/training/payload_resume.py).
 
 One real tiny run is trained once; every case below loads its best.pt or last.pt, breaks one field
 (its type, range, shape or its consistency with the others) and writes it back with a valid
@@ -22,9 +22,9 @@ from helpers import assert_one_error, cli, make_lines, ok, private_cache_one_thr
 
 from lmtrain.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from lmtrain.config import CELLS, ModelConfig
-from lmtrain.model import LanguageModel
-from lmtrain.payload import model_shapes, parameter_keys
-from lmtrain.tokenizer import train_tokenizer
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.payload import model_shapes, parameter_keys
+from lmtrain.text.tokenizer import train_tokenizer
 
 SETTINGS = [
     "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",

@@ -1,4 +1,4 @@
-"""The fused cross-entropy (lmtrain/kernels/cross_entropy_cpu.cpp) against F.cross_entropy."""
+"""The fused cross-entropy (lmtrain/model/kernels/cross_entropy_cpu.cpp) against F.cross_entropy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtrain.kernels.build import cpu_ops
-from lmtrain.kernels.cross_entropy import cross_entropy
+from lmtrain.model.kernels.build import cpu_ops
+from lmtrain.model.kernels.cross_entropy import cross_entropy
 
 compiled = pytest.mark.skipif(cpu_ops() is None, reason="the C++ ops could not be built here")
 

@@ -8,8 +8,8 @@ import torch
 from helpers import write_corpus
 
 from lmtrain.config import load_config
-from lmtrain.run import prepare_run
-from lmtrain.train import train
+from lmtrain.training.loop import train
+from lmtrain.training.setup import prepare_run
 
 # every source of randomness a run has: init, dropout (fresh and locked), embedding dropout,
 # weight drop, variable-length windows; and NT-ASGD's switch, which follows validation

@@ -1,4 +1,4 @@
-"""Training on several processes (lmtrain/distributed.py): two gloo ranks on the CPU against one process.
+"""Training on several processes (lmtrain/training/distributed.py): two gloo ranks on the CPU against one process.
 
 Dropout is 0 throughout: its masks are drawn per rank and cannot match one process' draws, so
 only dropout-free runs can be compared number for number. Each rank runs cores // 2 torch threads
@@ -20,14 +20,15 @@ import torch.multiprocessing as mp
 from helpers import tree_bytes, write_corpus
 from typer.testing import CliRunner
 
-from lmtrain import distributed
 from lmtrain.cli import app
 from lmtrain.config import load_config
-from lmtrain.kernels import kernels_enabled
-from lmtrain.kernels.build import cpu_ops
-from lmtrain.model import LanguageModel
-from lmtrain.tokens import TokenFile
-from lmtrain.train import seed_everything, train
+from lmtrain.model.kernels import kernels_enabled
+from lmtrain.model.kernels.build import cpu_ops
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.runtime import seed_everything
+from lmtrain.text.tokens import TokenFile
+from lmtrain.training import distributed
+from lmtrain.training.loop import train
 
 TINY = [
     "model.layers=1", "model.hidden_size=16", "model.embedding_size=16", "model.dropout=0",
@@ -199,7 +200,7 @@ CASES = {"fp32": [], "bf16": ["train.precision=bf16"]}
 
 
 def rank_worker(rank: int, port: int, out: Path) -> None:
-    """One of two ranks: train each case through lmtrain.train.train, each rank given its own run
+    """One of two ranks: train each case through lmtrain.training.loop.train, each rank given its own run
     directory, then once with DDP bypassed."""
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

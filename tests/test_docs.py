@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from lmtrain import config
-from lmtrain.config_docs import field_comments, render
+from lmtrain.tools.config_docs import field_comments, render
 
 ROOT = Path(__file__).resolve().parents[1]
 

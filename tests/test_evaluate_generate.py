@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lmtrain.config import ModelConfig, TrainConfig
-from lmtrain.evaluate import combine, metrics, total_nll
-from lmtrain.generate import Sampler, StreamRandom, pick, sample
-from lmtrain.model import LanguageModel
-from lmtrain.stepper import available_precisions
-from lmtrain.tokenizer import EOS_ID
-from lmtrain.train import epoch_lr
+from lmtrain.evaluation.evaluate import combine, metrics, total_nll
+from lmtrain.generation.sampler import Sampler, StreamRandom, pick, sample
+from lmtrain.generation.stepper import available_precisions
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.text.tokenizer import EOS_ID
+from lmtrain.training.loop import epoch_lr
 
 
 def uniform_model(vocab_size):
@@ -118,7 +118,7 @@ def test_generation_memory_stays_flat_in_the_generated_length():
 
 
 def test_the_compiled_draw_agrees_with_the_python_one():
-    from lmtrain.kernels.build import cpu_ops
+    from lmtrain.model.kernels.build import cpu_ops
 
     if cpu_ops() is None:
         pytest.skip("the compiled kernels are not built on this machine")

@@ -1,4 +1,4 @@
-"""The fused sequence path (lmtrain.kernels.fused), run on the CPU: every cell against the engine's
+"""The fused sequence path (lmtrain.model.kernels.fused), run on the CPU: every cell against the engine's
 per-step reference (Recurrence), in the traced mode (the functionalized graphs that torch.compile
 gets, run without the compiler: fast), in the eager mode, and once compiled by inductor's C++
 backend (the compiled step functions are cached for the whole session)."""
@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_cells import grads_of, layer_inputs, leaves
 
-from lmtrain.cells import CELLS, gru, lstm
 from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
-from lmtrain.kernels import fused
-from lmtrain.model import LanguageModel
-from lmtrain.recurrence import Recurrence, run_layer
+from lmtrain.model.cells import CELLS, gru, lstm
+from lmtrain.model.kernels import fused
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.recurrence import Recurrence, run_layer
 
 CELL_NAMES = list(CELLS)
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from helpers import assert_one_error, cli, ok, private_cache_one_thread, write_corpus, write_lines
 
-from lmtrain import memory, samples
-from lmtrain.generate import first_stop, sample
-from lmtrain.run import load_run
-from lmtrain.samples import SampleSettings, StopCut, draw_samples, group_size, jsonl_records
+from lmtrain import memory
+from lmtrain.generation import samples
+from lmtrain.generation.sampler import first_stop, sample
+from lmtrain.generation.samples import SampleSettings, StopCut, draw_samples, group_size, jsonl_records
+from lmtrain.model.saved import load_run
 
 SETTINGS = [
     "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",

@@ -1,4 +1,4 @@
-"""Training windows through lmtrain.graphs: the eager fallback on the CPU (what CI can run) and,
+"""Training windows through lmtrain.training.graphs: the eager fallback on the CPU (what CI can run) and,
 on a GPU, capture and replay against eager."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from test_determinism import run_once
 from helpers import write_corpus
 
 from lmtrain.config import ModelConfig, TrainConfig
-from lmtrain.graphs import Captured, WindowRunner
-from lmtrain.model import LanguageModel
-from lmtrain.distributed import WindowForward
-from lmtrain.train import train_window
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.training.distributed import WindowForward
+from lmtrain.training.graphs import Captured, WindowRunner
+from lmtrain.training.loop import train_window
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The persistent LSTM kernel (lmtrain.kernels.lstm_persistent) under Triton's interpreter on the
+"""The persistent LSTM kernel (lmtrain.model.kernels.lstm_persistent) under Triton's interpreter on the
 CPU: the whole window's forward and backward in one launch each, against the engine (Recurrence)
 in float32 and in mixed precision, directly and through run_layer's fused path."""
 
@@ -9,26 +9,26 @@ import pytest
 import torch
 from test_cells import grads_of, layer_inputs, leaves
 
-from lmtrain.cells import lstm
-from lmtrain.recurrence import Recurrence, run_layer
+from lmtrain.model.cells import lstm
+from lmtrain.model.recurrence import Recurrence, run_layer
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' brings it)")
 
 
 @pytest.fixture(scope="module")
 def persistent():
-    """lmtrain.kernels.lstm_persistent imported with TRITON_INTERPRET=1 (read when kernels are defined)."""
+    """lmtrain.model.kernels.lstm_persistent imported with TRITON_INTERPRET=1 (read when kernels are defined)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        import lmtrain.kernels.lstm_triton as pointwise
+        import lmtrain.model.kernels.lstm_triton as pointwise
 
         importlib.reload(pointwise)
-        import lmtrain.kernels.lstm_persistent as module
+        import lmtrain.model.kernels.lstm_persistent as module
 
         yield importlib.reload(module)
     for name in ("lstm_persistent", "lstm_triton"):  # a later import (on a GPU) compiles them afresh
-        sys.modules.pop(f"lmtrain.kernels.{name}", None)
-        delattr(sys.modules["lmtrain.kernels"], name)
+        sys.modules.pop(f"lmtrain.model.kernels.{name}", None)
+        delattr(sys.modules["lmtrain.model.kernels"], name)
 
 
 def inputs(steps, batch, input_size, hidden):

@@ -1,4 +1,4 @@
-"""The hand-written Triton LSTM step kernels (lmtrain.kernels.lstm_triton) under Triton's
+"""The hand-written Triton LSTM step kernels (lmtrain.model.kernels.lstm_triton) under Triton's
 interpreter on the CPU, against the LSTM cell's own step functions and, over a sequence, against
 the engine. Skipped where triton is not installed (it is in the test extras)."""
 
@@ -9,22 +9,22 @@ import pytest
 import torch
 from test_fused import fused_against_engine
 
-from lmtrain.cells import lstm
+from lmtrain.model.cells import lstm
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' brings it)")
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    """lmtrain.kernels.lstm_triton imported with TRITON_INTERPRET=1 (read when the kernels are defined)."""
+    """lmtrain.model.kernels.lstm_triton imported with TRITON_INTERPRET=1 (read when the kernels are defined)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        import lmtrain.kernels.lstm_triton as module
+        import lmtrain.model.kernels.lstm_triton as module
 
         yield importlib.reload(module)
     # forget the interpreted kernels, so that a later import (on a GPU) compiles them
-    sys.modules.pop("lmtrain.kernels.lstm_triton", None)
-    delattr(sys.modules["lmtrain.kernels"], "lstm_triton")
+    sys.modules.pop("lmtrain.model.kernels.lstm_triton", None)
+    delattr(sys.modules["lmtrain.model.kernels"], "lstm_triton")
 
 
 def step_inputs(batch, hidden, dtype, seed=0):
@@ -65,7 +65,7 @@ def test_sequence_through_the_triton_steps_matches_the_engine(kernels, monkeypat
     state and every gradient against Recurrence."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("LMTRAIN_CUDA_POINTWISE", "triton")
-    from lmtrain.kernels import fused
+    from lmtrain.model.kernels import fused
 
     assert fused.step_function(lstm, "forward", step_inputs(2, 3, torch.float64)[:2] + ((torch.zeros(2, 3),) * 2, ()),
                                mode="traced") is kernels.forward_step

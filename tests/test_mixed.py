@@ -11,13 +11,13 @@ from helpers import cli, ok, private_cache_one_thread, write_corpus
 from test_cells import grads_of, layer_inputs, leaves
 from test_fused import fused_against_engine
 
-from lmtrain.cells import CELLS, lstm
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import ModelConfig
-from lmtrain.kernels import mixed
-from lmtrain.kernels.lstm import MixedLSTMSequence, mixed_available
-from lmtrain.model import LanguageModel
-from lmtrain.recurrence import Recurrence, run_layer
+from lmtrain.model.cells import CELLS, lstm
+from lmtrain.model.kernels import mixed
+from lmtrain.model.kernels.lstm import MixedLSTMSequence, mixed_available
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.recurrence import Recurrence, run_layer
 
 BF16 = torch.bfloat16
 

@@ -1,4 +1,4 @@
-"""Numerical faults (lmtrain/train.py): a step whose loss or gradient norm is not finite is
+"""Numerical faults (lmtrain/training/loop.py): a step whose loss or gradient norm is not finite is
 skipped and counted, too many in a row stop the run, and non-finite weights never replace a
 good checkpoint. Faults are injected on chosen steps by wrapping the loop's own functions.
 """
@@ -14,14 +14,14 @@ import torch
 from helpers import assert_error_after_progress, private_cache_one_thread, write_corpus
 from typer.testing import CliRunner
 
-import lmtrain.train
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import load_config
-from lmtrain.distributed import WindowForward
-from lmtrain.graphs import WindowRunner
-from lmtrain.model import LanguageModel
-from lmtrain.train import make_optimizer, train_step, train_window
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.training.distributed import WindowForward
+from lmtrain.training.graphs import WindowRunner
+from lmtrain.training.loop import make_optimizer, train_step, train_window
+import lmtrain.training.loop
 
 SETTINGS = [
     "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
@@ -57,7 +57,7 @@ class Faults:
     def __init__(self, monkeypatch, loss=(), grad=(), weights=()):
         self.loss, self.grad, self.weights = set(loss), set(grad), set(weights)
         self.calls, self.optimizer_steps = 0, 0
-        real_ce, real_norm, real_make = lmtrain.train.cross_entropy, lmtrain.train.gradient_norm, lmtrain.train.make_optimizer
+        real_ce, real_norm, real_make = lmtrain.training.loop.cross_entropy, lmtrain.training.loop.gradient_norm, lmtrain.training.loop.make_optimizer
 
         def cross_entropy(logits, targets):
             self.calls += 1
@@ -83,9 +83,9 @@ class Faults:
             optimizer.step = step
             return optimizer
 
-        monkeypatch.setattr(lmtrain.train, "cross_entropy", cross_entropy)
-        monkeypatch.setattr(lmtrain.train, "gradient_norm", gradient_norm)
-        monkeypatch.setattr(lmtrain.train, "make_optimizer", make_optimizer)
+        monkeypatch.setattr(lmtrain.training.loop, "cross_entropy", cross_entropy)
+        monkeypatch.setattr(lmtrain.training.loop, "gradient_norm", gradient_norm)
+        monkeypatch.setattr(lmtrain.training.loop, "make_optimizer", make_optimizer)
 
 
 def test_non_finite_steps_are_skipped_and_counted(corpus, tmp_path, monkeypatch):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lmtrain.cells import lstm
 from lmtrain.config import ModelConfig
-from lmtrain.model import LanguageModel
-from lmtrain.recurrence import Recurrence, run_layer
+from lmtrain.model.cells import lstm
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.recurrence import Recurrence, run_layer
 
 F64 = torch.float64
 
@@ -119,7 +119,7 @@ def test_tied_weights_share_one_matrix():
 
 
 def test_lstm_kernel_gradcheck():
-    from lmtrain.kernels.lstm import LSTMSequence
+    from lmtrain.model.kernels.lstm import LSTMSequence
 
     inputs = random_layer_inputs(steps=4, batch=2, input_size=3, hidden=3)
     assert torch.autograd.gradcheck(LSTMSequence.apply, inputs)
@@ -143,7 +143,7 @@ def test_lstm_kernel_equals_generic_engine(monkeypatch):
 @pytest.fixture(params=["panels", "onednn"])
 def sequence_gemms(request, monkeypatch):
     """Run the backward's sequence-wide GEMMs (dX, dW) both ways, whatever the hidden size."""
-    import lmtrain.kernels.lstm as lstm_kernels
+    import lmtrain.model.kernels.lstm as lstm_kernels
 
     monkeypatch.setattr(lstm_kernels, "SEQUENCE_PANELS_MIN_HIDDEN", 0 if request.param == "panels" else 10**9)
     return request.param
@@ -185,7 +185,7 @@ def test_lstm_kernel_bfloat16_path_matches_float32(batch, hidden, sequence_gemms
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_loops_equal_python_loops(monkeypatch, dtype):
     """The C++ time loops (lstm_cpu.cpp) against the same loops in Python."""
-    from lmtrain.kernels.build import cpu_ops
+    from lmtrain.model.kernels.build import cpu_ops
 
     if cpu_ops() is None:
         pytest.skip("the C++ loops could not be built here (no compiler or ninja); the Python loops are in use")

@@ -1,4 +1,4 @@
-"""The regularisers of lmtrain.model and the engine: each does what its paper says, only in training."""
+"""The regularisers of lmtrain.model.language_model and the engine: each does what its paper says, only in training."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from lmtrain.cells import get_cell
 from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
-from lmtrain.recurrence import run_layer
+from lmtrain.model.cells import get_cell
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.recurrence import run_layer
 
 VOCAB = 50
 

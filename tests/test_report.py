@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmtrain.cli import app
-from lmtrain.report import read_records, summary, write_report
+from lmtrain.tools.report import read_records, summary, write_report
 
 
 def fake_run(root: Path) -> Path:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from lmtrain.cli import app
 from lmtrain.config import load_config
-from lmtrain.model import LanguageModel
-from lmtrain.reproduce import PUBLISHED, results_table
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.tools.reproduce import PUBLISHED, results_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -1,5 +1,5 @@
 """Exact resume: a run stopped and continued ends with the same weights, bit for bit, and the same
-metrics.jsonl, byte for byte, as a run that never stopped (lmtrain/resume.py, lmtrain/train.py).
+metrics.jsonl, byte for byte, as a run that never stopped (lmtrain/training/resume.py, lmtrain/training/loop.py).
 
 Everything runs in-process through the CLI with tiny models; SIGTERM and SIGKILL, which need
 real processes, are in tests/test_signals.py.
@@ -17,10 +17,10 @@ import pytest
 import torch
 from helpers import cli, ok, private_cache_one_thread, write_corpus
 
-import lmtrain.cli
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
+import lmtrain.cli.app
 from lmtrain.progress import QuietProgress
-from lmtrain.resume import restore_best
+from lmtrain.training.resume import restore_best
 
 # every source of randomness (init, dropout fresh and locked, embedding dropout, weight drop,
 # variable-length windows) and NT-ASGD's switch to averaging, which follows validation
@@ -141,7 +141,7 @@ class SignalAfter(QuietProgress):
 
 def test_sigint_stops_after_the_step_with_a_checkpoint(corpus, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(lmtrain.cli, "TerminalProgress", lambda: SignalAfter(at=61))
+    monkeypatch.setattr(lmtrain.cli.app, "TerminalProgress", lambda: SignalAfter(at=61))
     before = signal.getsignal(signal.SIGINT)
     result = cli("train", corpus, "--run-dir", run, *sets(SETTINGS, f"train.max_steps={TOTAL}"))
     assert result.exit_code == 130, result.stderr
@@ -157,7 +157,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(corpus, reference, tmp_pa
 
 def test_a_second_sigint_aborts_at_once_leaving_the_last_checkpoint(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(lmtrain.cli, "TerminalProgress", lambda: SignalAfter(at=40, times=2))
+    monkeypatch.setattr(lmtrain.cli.app, "TerminalProgress", lambda: SignalAfter(at=40, times=2))
     result = cli("train", corpus, "--run-dir", run, *sets(SETTINGS, f"train.max_steps={TOTAL}"))
     assert result.exit_code == 130 and "aborted" in result.stderr
     assert load_checkpoint(run / "last.pt")["progress"]["step"] == 35  # the last one before: every 7 steps

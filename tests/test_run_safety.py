@@ -1,4 +1,4 @@
-"""Run directories are lmtrain's own (lmtrain.rundir): `--force` removes only the files lmtrain
+"""Run directories are lmtrain's own (lmtrain.runs): `--force` removes only the files lmtrain
 wrote, and only from a run; nothing is written through a link; one process at a time writes a run.
 
 Each case: the exact command, exit code, the one `error:` line, and what is on disk afterwards.
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_error, cli, ok, private_cache_one_thread, tree_bytes, write_corpus
 
-import lmtrain.run
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import Config, to_toml
-from lmtrain.rundir import LOCK, MARKER, RUN_FILES, is_run_dir
+from lmtrain.runs import LOCK, MARKER, RUN_FILES, is_run_dir
+import lmtrain.training.setup
 
 SETTINGS = [
     "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
@@ -275,7 +275,7 @@ def test_a_killed_training_leaves_no_stale_lock(trained, run, fresh):
 
 
 def test_a_full_disk_writing_config_toml_leaves_a_run_force_can_clear(trained, tmp_path, monkeypatch):
-    real_open = lmtrain.run.atomic_open
+    real_open = lmtrain.training.setup.atomic_open
 
     @contextmanager
     def full_disk_for_config(path, *args, **kwargs):
@@ -285,7 +285,7 @@ def test_a_full_disk_writing_config_toml_leaves_a_run_force_can_clear(trained, t
             yield f
 
     run = tmp_path / "run"
-    monkeypatch.setattr(lmtrain.run, "atomic_open", full_disk_for_config)
+    monkeypatch.setattr(lmtrain.training.setup, "atomic_open", full_disk_for_config)
     assert_one_error(cli("train", trained[0], "--run-dir", run, *sets(*SETTINGS)),
                      f"cannot write to run directory {run}", "No space left on device", "--force")
     monkeypatch.undo()

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from lmtrain.config import ModelConfig, TrainConfig
-from lmtrain.model import LanguageModel
-from lmtrain.train import (
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.training.loop import (
     WeightAverage,
     nt_trigger,
     out_of_time,

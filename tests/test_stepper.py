@@ -1,14 +1,14 @@
-"""The generation stepper (lmtrain/stepper.py) against the model's own forward pass."""
+"""The generation stepper (lmtrain/generation/stepper.py) against the model's own forward pass."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmtrain.cells import CELLS
 from lmtrain.config import ModelConfig
-from lmtrain.model import LanguageModel
-from lmtrain.stepper import Stepper, available_precisions
+from lmtrain.generation.stepper import Stepper, available_precisions
+from lmtrain.model.cells import CELLS
+from lmtrain.model.language_model import LanguageModel
 
 # worst error of the logits relative to their largest magnitude, per precision
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "int8": 5e-2}
@@ -47,7 +47,7 @@ def test_stepper_matches_the_forward_pass(cell, precision):
 
 
 def test_stepper_without_the_embedding_table(monkeypatch):
-    monkeypatch.setattr("lmtrain.stepper.TABLE_BUDGET_BYTES", 0)  # layer 0 multiplies the embedding row instead
+    monkeypatch.setattr("lmtrain.generation.stepper.TABLE_BUDGET_BYTES", 0)  # layer 0 multiplies the embedding row instead
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=16, hidden_size=16, tie_weights=True), 30).eval()
     assert Stepper(model).table is None
@@ -100,7 +100,7 @@ def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_the_whole_step_op_draws_what_pick_draws(precision):
     need(precision)
-    from lmtrain.generate import pick
+    from lmtrain.generation.sampler import pick
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=24, hidden_size=40), 300).eval()
@@ -142,7 +142,7 @@ def test_the_whole_step_op_writes_the_buffers_it_is_given_and_never_its_inputs()
 
 
 def test_sampling_through_the_whole_step_op_draws_what_the_op_by_op_steps_draw(monkeypatch):
-    from lmtrain.generate import sample
+    from lmtrain.generation.sampler import sample
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=16, hidden_size=24), 40).eval()

@@ -1,7 +1,7 @@
 """Streaming corpora: sampling the tokenizer's training lines, encoding files block by block in a
 worker pool, and the lazy batch layout. Each streaming path is checked against the in-memory one.
 
-Block and long-line sizes are made small (monkeypatching lmtrain.corpus), so files of a few KB
+Block and long-line sizes are made small (monkeypatching lmtrain.text.corpus), so files of a few KB
 take the many-block paths that real corpora take at MB sizes.
 """
 
@@ -14,12 +14,11 @@ import pytest
 import torch
 from helpers import make_lines, write_lines
 
-from lmtrain import corpus as corpus_module
-from lmtrain import prepare
-from lmtrain.corpus import load_corpus, load_text, lines_text, split_lines, text_stats
-from lmtrain.prepare import encode_split, get_tokenizer
-from lmtrain.tokenizer import EOS_ID, reservoir_sample, train_tokenizer
-from lmtrain.tokens import batchify, lazy_batchify, windows
+from lmtrain.text import corpus as corpus_module, encode as prepare
+from lmtrain.text.corpus import load_corpus, load_text, lines_text, split_lines, text_stats
+from lmtrain.text.encode import encode_split, get_tokenizer
+from lmtrain.text.tokenizer import EOS_ID, reservoir_sample, train_tokenizer
+from lmtrain.text.tokens import batchify, lazy_batchify, windows
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +206,7 @@ def test_lazy_batchify_equals_batchify(n, batch_size, pad):
 
 
 def test_lazy_batchify_reads_a_memmap(tmp_path):
-    from lmtrain.tokens import read_tokens, write_tokens
+    from lmtrain.text.tokens import read_tokens, write_tokens
 
     ids = np.arange(2, 1002) % 300
     write_tokens(tmp_path / "t.tok", ids, 300, 0, 0, 0)
@@ -219,7 +218,7 @@ def test_lazy_batchify_reads_a_memmap(tmp_path):
 
 @pytest.mark.parametrize("share", [slice(0, 2), slice(2, 4), slice(1, 3), slice(3, 3)])
 def test_lazy_streams_cut_by_columns_equal_the_tensor_cut(share):
-    """A rank's share of the streams, as lmtrain.distributed cuts them: inputs[:, a:b].contiguous()."""
+    """A rank's share of the streams, as lmtrain.training.distributed cuts them: inputs[:, a:b].contiguous()."""
     tokens = np.random.default_rng(0).integers(2, 500, size=203)
     for pad in (False, True):
         inputs, targets = batchify(tokens, 4, EOS_ID, pad=pad)

@@ -1,4 +1,4 @@
-"""The copy task (lmtrain.synth), its `lmtrain synth` command and the cell comparison's table.
+"""The copy task (lmtrain.tools.synth), its `lmtrain synth` command and the cell comparison's table.
 
 The optimum is checked against a brute-force ideal model: every line of the language is
 enumerated, and each token's probability is the fraction of lines that continue the current
@@ -16,10 +16,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lmtrain import compare
 from lmtrain.cli import app
-from lmtrain.prepare import get_tokenizer
-from lmtrain.synth import (
+from lmtrain.text.encode import get_tokenizer
+from lmtrain.text.tokenizer import EOS_ID
+from lmtrain.text.tokens import batchify
+from lmtrain.tools import compare
+from lmtrain.tools.synth import (
     SEPARATOR,
     copy_task_lines,
     memoryless_perplexity,
@@ -28,8 +30,6 @@ from lmtrain.synth import (
     symbols,
     write_copy_corpus,
 )
-from lmtrain.tokenizer import EOS_ID
-from lmtrain.tokens import batchify
 
 
 @pytest.fixture(autouse=True)

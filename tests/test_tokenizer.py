@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmtrain.corpus import load_corpus, text_stats
 from lmtrain.errors import LmtrainError
-from lmtrain.prepare import encode_split, get_tokenizer
-from lmtrain.tokenizer import EOS_ID, UNK_ID, train_tokenizer
-from lmtrain.tokens import batchify, read_tokens, windows, write_tokens
+from lmtrain.text.corpus import load_corpus, text_stats
+from lmtrain.text.encode import encode_split, get_tokenizer
+from lmtrain.text.tokenizer import EOS_ID, UNK_ID, train_tokenizer
+from lmtrain.text.tokens import batchify, read_tokens, windows, write_tokens
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,0 +1,3 @@
+from lmtrain.cli.app import main
+
+main()

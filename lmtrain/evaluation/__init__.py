@@ -1,0 +1,19 @@
+"""A model and a text -> perplexities: batched evaluation (evaluate), one stream scored token by
+token (stream), dynamic evaluation (dynamic) and the continuous cache (cache).
+
+This is the stage's face: other stages import from `lmtrain.evaluation` only."""
+
+from lmtrain.evaluation.dynamic import DynamicEval, DynamicSettings, gradient_stats
+from lmtrain.evaluation.evaluate import (
+    CacheSettings,
+    combine,
+    evaluate,
+    evaluate_stream,
+    total_nll,
+    tune_cache,
+)
+
+__all__ = [
+    "CacheSettings", "DynamicEval", "DynamicSettings", "combine", "evaluate", "evaluate_stream",
+    "gradient_stats", "total_nll", "tune_cache"
+]

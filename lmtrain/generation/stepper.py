@@ -1,0 +1,206 @@
+"""One token per stream per call: a trained model's weights prepared for generation's small products.
+
+A training step multiplies T·B rows by each weight; a generation step multiplies B rows (one
+per stream, often 1), so each product reads the whole weight for very little arithmetic and its
+speed is that of the weights arriving from memory. The stepper prepares them once:
+
+    layer 0:   xg = TABLE[token]                       (B, G·H_0)   the embedding and W_ih folded:
+                                                                    TABLE = E W_ih^T + b_ih (V, G·H_0)
+               hg = h W_hh^T                           (B, G·H_0)
+    layer l:   gates = [x, h] [W_ih, W_hh]^T + b_ih    (B, G·H_l)   one product for both, for cells
+                                                                    without a recurrent bias (GRU: two)
+    decoder:   logits = h_L W_dec^T + b_dec            (B, V)
+
+then each layer's state follows from its cell's own pointwise step (lmtrain/cells; for the LSTM
+on the CPU, the same equations in one compiled pass, `lstm_cell_step`). For an LSTM stack in
+this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
+compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
+product (at one stream, a fifth to a quarter of the op-by-op step's time). The
+products' weights are held as float32, bfloat16 or int8 (`PRECISIONS`, lmtrain/model/kernels/step_cpu.cpp):
+smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
+computed on its own, so a stream's logits do not depend on the streams beside it.
+
+Without our compiled ops (no compiler, no AVX-512, or a CUDA model) the products are plain
+float32 addmm on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmtrain.errors import LmtrainError
+from lmtrain.model import LanguageModel, State, cpu_ops, lstm
+
+PRECISIONS = ("fp32", "bf16", "int8")
+KIND = {"fp32": 0, "bf16": 1, "int8": 2}
+TABLE_BUDGET_BYTES = 256 * 2**20  # above this, layer 0 multiplies the embedding row instead
+
+
+def available_precisions(device: torch.device) -> list[str]:
+    """The weight precisions this machine's compiled ops offer on `device` (fp32 always)."""
+    ops = cpu_ops() if device.type == "cpu" else None
+    return [p for p in PRECISIONS if p == "fp32" or (ops is not None and ops.step_available(KIND[p]))]
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` -> the fastest precision this machine offers: int8, else bf16, else fp32. On PTB
+    the three give the same test perplexity to within 0.07 (docs/speed.md, `lmtrain bench --generate --run`)."""
+    have = available_precisions(device)
+    if name == "auto":
+        return have[-1]
+    if name not in PRECISIONS:
+        raise LmtrainError(f"--precision must be auto, {', '.join(PRECISIONS)}; got '{name}'")
+    if name not in have:
+        need = {"bf16": "AVX512-BF16", "int8": "AVX512-VNNI"}[name]
+        raise LmtrainError(f"--precision {name} needs a CPU with {need} and the compiled kernels; this machine offers {', '.join(have)}")
+    return name
+
+
+@dataclass
+class Product:
+    """x (B, K) float32 -> x W^T + b (B, N) float32, W held in its prepared form."""
+
+    weight: Tensor  # panels (compiled) or the float32 (N, K) matrix (fallback)
+    scales: Tensor
+    sums: Tensor
+    bias: Tensor
+    compiled: bool
+
+    @classmethod
+    def prepare(cls, weight: Tensor, bias: Tensor | None, precision: str) -> Product:
+        weight = weight.detach().float().contiguous()
+        bias = torch.zeros(weight.size(0), device=weight.device) if bias is None else bias.detach().float().contiguous()
+        ops = cpu_ops() if weight.device.type == "cpu" else None
+        empty = weight.new_empty(0)
+        if ops is None or not ops.step_available(KIND[precision]):
+            return cls(weight, empty, empty, bias, False)
+        if precision == "int8":
+            return cls(*ops.step_pack_int8(weight), bias, True)
+        panels = ops.pack_panels(weight.bfloat16() if precision == "bf16" else weight)
+        return cls(panels, empty, empty, bias, True)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.compiled:
+            return torch.ops.lmtrain.step_linear(x, self.weight, self.scales, self.sums, self.bias, self.bias.numel())
+        # one product per row, as the compiled op does, so rows never depend on the batch
+        rows = x.shape[0]
+        return torch.baddbmm(self.bias.view(1, 1, -1).expand(rows, 1, -1), x.unsqueeze(1),
+                             self.weight.t().unsqueeze(0).expand(rows, -1, -1)).squeeze(1)
+
+
+class Stepper:
+    """model (eval) -> step(tokens, state): one token per stream, logits for the next.
+
+    The products hold copies of the weights: a stepper serves the model as it was when made. Its
+    working memory is reused from step to step, so a stepper serves one caller at a time.
+    `unfused` runs an LSTM stack's step op by op instead of as one op (the same bits; for tests
+    and benchmarks).
+    """
+
+    unfused = False
+
+    def __init__(self, model: LanguageModel, precision: str = "fp32"):
+        self.cells = [layer.cell for layer in model.layers]
+        self.extras = [tuple(p.detach() for p in layer.extra) for layer in model.layers]
+        first = model.layers[0]
+        embedding = model.embedding.weight.detach().float()
+        table_bytes = embedding.size(0) * first.w_ih.size(0) * 4
+        self.table = None
+        if table_bytes <= TABLE_BUDGET_BYTES:
+            with torch.no_grad():  # fp32 exact: the row a word always gives
+                self.table = torch.addmm(first.b_ih.detach().float(), embedding, first.w_ih.detach().float().t())
+        self.embedding = embedding
+        self.inputs: list[Product | None] = []  # W_ih alone, where it is not folded into the table or a joint product
+        self.recurrent: list[Product] = []  # W_hh, or [W_ih, W_hh] side by side (joint)
+        self.joint: list[bool] = []
+        for k, layer in enumerate(model.layers):
+            b_hh = layer.b_hh.detach() if layer.b_hh is not None else None
+            joint = k > 0 and b_hh is None
+            self.joint.append(joint)
+            if joint:
+                self.inputs.append(None)
+                self.recurrent.append(Product.prepare(torch.cat([layer.w_ih, layer.w_hh], 1), layer.b_ih, precision))
+            else:
+                folded = k == 0 and self.table is not None
+                self.inputs.append(None if folded else Product.prepare(layer.w_ih, layer.b_ih, precision))
+                self.recurrent.append(Product.prepare(layer.w_hh, b_hh, precision))
+        self.decoder = Product.prepare(model.decoder.weight, model.decoder.bias, precision)
+        ops = cpu_ops() if embedding.device.type == "cpu" else None
+        self.lstm_step = ops.lstm_cell_step if ops is not None else None
+        # an LSTM stack in the layout above, all of it compiled: the whole step as one op
+        products = self.recurrent + [self.decoder]
+        self.stack = None
+        if (self.lstm_step is not None and self.table is not None and all(cell is lstm for cell in self.cells)
+                and all(self.joint[1:]) and all(p.compiled for p in products)):
+            self.stack = tuple([getattr(p, name) for p in products] for name in ("weight", "scales", "sums", "bias"))
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # the whole-step op's working memory, grown by the op
+
+    def table_rows(self, tokens: Tensor) -> Tensor:
+        """TABLE[tokens] (B, G·H_0): index_select copies whole rows, where advanced indexing
+        (table[tokens]) goes element by element at twice the time (32 rows of 2600: 115 -> 59 µs)."""
+        return self.table.index_select(0, tokens)
+
+    def can_draw(self) -> bool:
+        """Whether `draw` is offered: an LSTM stack's whole step compiled as one op."""
+        return self.stack is not None and not self.unfused
+
+    def new_outputs(self, streams: int) -> list[Tensor]:
+        """Buffers for one whole-step op's results: [logits (B, V), h'_0 .. h'_{L-1}, c'_0 .. c'_{L-1}]."""
+        hidden = [w.size(0) // 4 for w in self.stack[3][:-1]]  # each layer's bias is (4 H_l,)
+        return [torch.empty(streams, self.stack[3][-1].numel())] + [torch.empty(streams, h) for h in hidden * 2]
+
+    def unpack(self, out: list[Tensor]) -> tuple[Tensor, State]:
+        """new_outputs' layout -> logits and the state (the model's layout)."""
+        layers = (len(out) - 1) // 2
+        return out[0], list(zip(out[1 : layers + 1], out[layers + 1 :]))
+
+    @torch.no_grad()
+    def draw(self, logits: Tensor, uniforms: Tensor, temperature: float, state: State,
+             out: list[Tensor] | None = None) -> tuple[Tensor, Tensor, State]:
+        """Draw a token per stream from logits (B, V) (as generate.pick does with neither top-k nor
+        top-p: the same tokens), then step on them, in one op -> tokens (B,), the next logits, state.
+        `out` (new_outputs, none of them an input) receives the logits and state; fresh ones by default."""
+        out = self.new_outputs(logits.size(0)) if out is None else out
+        tokens = torch.ops.lmtrain.lstm_stack_draw(logits.float(), uniforms.float(), temperature, self.table, *self.stack,
+                                                   [s[0].float() for s in state], [s[1].float() for s in state], out,
+                                                   self.scratch)
+        return (tokens, *self.unpack(out))
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """tokens (B,) int64 -> logits (B, V) float32 and the new state (the model's layout)."""
+        if self.stack is not None and not self.unfused:
+            out = self.new_outputs(tokens.size(0))
+            torch.ops.lmtrain.lstm_stack_step(tokens, self.table, *self.stack, [s[0].float() for s in state],
+                                              [s[1].float() for s in state], out, self.scratch)
+            return self.unpack(out)
+        x = None
+        new_state = []
+        for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):
+            layer_state = tuple(s.float() for s in state[k])
+            h = layer_state[0]
+            if cell is lstm and self.lstm_step is not None:
+                if self.joint[k]:
+                    gates = self.recurrent[k](torch.cat([x, h], 1))
+                else:
+                    xg = self.table_rows(tokens) if k == 0 and self.table is not None else self.inputs[k](self.embedding[tokens] if k == 0 else x)
+                    gates = self.recurrent[k](h).add_(xg)
+                x, c = self.lstm_step(gates, layer_state[1])
+                new_state.append((x, c))
+                continue
+            if self.joint[k]:
+                xg = self.recurrent[k](torch.cat([x, h], 1))
+                hg = torch.zeros_like(xg)
+            else:
+                if k == 0:
+                    xg = self.table_rows(tokens) if self.table is not None else self.inputs[0](self.embedding[tokens])
+                else:
+                    xg = self.inputs[k](x)
+                hg = self.recurrent[k](h)
+            layer_state, _ = cell.forward_step(xg, hg, layer_state, extra)
+            new_state.append(layer_state)
+            x = layer_state[0]
+        return self.decoder(x), new_state

@@ -1,0 +1,15 @@
+"""Fast paths for whole sequences, behind the small interface the engine expects of
+`cell.sequence_kernel`: `supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low) -> bool` and
+`run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low) -> (y, final state)`, where low is None or
+torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed).
+
+Each kernel computes exactly what the generic engine (lmtrain.model.recurrence.Recurrence) computes
+with the cell's per-step functions; the tests hold the two against each other. Setting the
+environment variable LMTRAIN_KERNELS=0 turns every kernel off, leaving the generic engine.
+"""
+
+import os
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("LMTRAIN_KERNELS", "1") != "0"

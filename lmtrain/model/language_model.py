@@ -1,0 +1,154 @@
+"""The language model: embedding -> stacked recurrent layers (ours) -> decoder, with explicit state.
+
+    tokens (T, B) ─ embedding (word dropout) ─▶ (T, B, E) ─ dropout_input ─▶ layer 1 ─ dropout_hidden ─▶
+    ... ─▶ layer L ─ dropout_output ─▶ (T, B, H_L) ─ decoder (tied to the embedding or not) ─▶ logits (T, B, V)
+
+Every regulariser is a config key (lmtrain.config.ModelConfig) and is active only in training mode:
+dropout with a fresh or a locked (per window and stream) mask, embedding dropout (whole words),
+and weight drop on W_hh, which the recurrence engine applies (lmtrain.model.recurrence.run_layer).
+
+The recurrent state is a list with one tuple per layer (the cell's state, h first: (h, c) for the
+LSTM), each tensor (B, H_l). It is passed in and returned, never kept on the module.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmtrain.config import ModelConfig
+from lmtrain.errors import LmtrainError
+from lmtrain.model.cells import get_cell
+from lmtrain.model.recurrence import run_layer
+
+State = list[tuple[Tensor, ...]]
+
+
+class RecurrentLayer(nn.Module):
+    """One layer's parameters; the recurrence itself is `lmtrain.model.recurrence.run_layer`.
+
+    w_ih: (GH, I), w_hh: (GH, H), b_ih: (GH,), and b_hh: (GH,) only for cells that keep the
+    recurrent bias apart (GRU); extra per-unit parameters as the cell declares (peepholes).
+    G is the cell's gate count; gate order is the cell module's.
+    """
+
+    def __init__(self, cell: ModuleType, input_size: int, hidden_size: int):
+        super().__init__()
+        self.cell = cell
+        self.hidden_size = hidden_size
+        width = cell.GATES * hidden_size
+        self.w_ih = nn.Parameter(torch.empty(width, input_size))
+        self.w_hh = nn.Parameter(torch.empty(width, hidden_size))
+        self.b_ih = nn.Parameter(torch.empty(width))
+        self.b_hh = nn.Parameter(torch.empty(width)) if cell.RECURRENT_BIAS else None
+        self.extra = nn.ParameterList(nn.Parameter(torch.empty(blocks * hidden_size)) for blocks in cell.EXTRA.values())
+
+    def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
+        return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0,
+                low: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra),
+                         weight_drop=weight_drop if self.training else 0.0, low=low)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, config.embedding_size)
+        sizes = (config.embedding_size, *config.layer_sizes)
+        self.layers = nn.ModuleList(
+            RecurrentLayer(get_cell(name), sizes[i], sizes[i + 1]) for i, name in enumerate(config.cells)
+        )
+        self.decoder = nn.Linear(sizes[-1], vocab_size)
+        if config.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform init (see ModelConfig.init_range, recurrent_init), then the forget-gate bias."""
+        c = self.config
+        for p in self.parameters():
+            nn.init.uniform_(p, -c.init_range, c.init_range)
+        for layer in self.layers:
+            if c.recurrent_init == "torch":
+                for p in layer.parameters():
+                    bound = 1 / math.sqrt(layer.hidden_size)
+                    nn.init.uniform_(p, -bound, bound)
+            if c.forget_bias:
+                gate = getattr(layer.cell, "FORGET_GATE", None)
+                if gate is None:
+                    raise LmtrainError(f"model.forget_bias: cell '{layer.cell.__name__.rsplit('.', 1)[-1]}' has no forget gate")
+                with torch.no_grad():
+                    layer.b_ih[gate * layer.hidden_size : (gate + 1) * layer.hidden_size] += c.forget_bias
+
+    def init_state(self, batch_size: int) -> State:
+        """Zero state for `batch_size` streams on the model's device and dtype."""
+        return [layer.init_state(batch_size, self.decoder.weight) for layer in self.layers]
+
+    def forward(self, tokens: Tensor, state: State, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, State]:
+        """tokens (T, B) int64 -> logits (T, B, V) and the new state.
+
+        compute_dtype: None, or torch.bfloat16 for mixed precision (train.precision = bf16): every
+        product takes bfloat16 operands, the weights staying float32 (see `hidden` and `decode`)."""
+        _, dropped, state = self.hidden(tokens, state, compute_dtype)
+        return self.decode(dropped, compute_dtype), state
+
+    def hidden(self, tokens: Tensor, state: State, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, State]:
+        """tokens (T, B) -> the last layer's output (T, B, H_L) before and after its dropout, new state.
+
+        compute_dtype torch.bfloat16: the layers' GEMMs take bfloat16 operands and keep float32
+        sums; their state, outputs and pointwise work stay float32 (lmtrain.model.kernels.mixed)."""
+        p_input, p_hidden, p_output = self.config.dropouts()
+        x = self.dropout(self.embed(tokens), p_input)
+        new_state = []
+        for k, (layer, layer_state) in enumerate(zip(self.layers, state)):
+            x, layer_state = layer(x, layer_state, self.config.weight_drop, compute_dtype)
+            new_state.append(layer_state)
+            if k < len(self.layers) - 1:
+                x = self.dropout(x, p_hidden)
+        return x, self.dropout(x, p_output), new_state
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens (T, B) -> (T, B, E); in training, each word of the vocabulary is dropped with
+        p = embedding_dropout (all its occurrences in the window) and the rest scaled by 1 / (1 - p)."""
+        p = self.config.embedding_dropout
+        x = self.embedding(tokens)
+        if not (self.training and p):
+            return x
+        keep = torch.empty(self.vocab_size, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p) / (1 - p)
+        return x * F.embedding(tokens, keep)
+
+    def dropout(self, x: Tensor, p: float) -> Tensor:
+        """x (T, B, D); with locked_dropout one mask (1, B, D) serves every step of the window."""
+        if not (self.training and p):
+            return x
+        if not self.config.locked_dropout:
+            return F.dropout(x, p, True)
+        mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
+        return x * mask
+
+    def decode(self, h: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """h (T, B, H_L) -> logits (T, B, V); with `dtype` (bfloat16) the product takes operands and
+        gives logits in that type (accumulating in float32; gradients reach the float32 weights
+        through the casts), for lmtrain.model.kernels.cross_entropy to take as they are."""
+        w, b = self.decoder.weight, self.decoder.bias
+        if dtype is None or dtype == w.dtype:
+            return F.linear(h, w, b)
+        return F.linear(h.to(dtype), w.to(dtype), b.to(dtype))
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between BPTT windows while keeping the values."""
+    return [tuple(s.detach() for s in layer_state) for layer_state in state]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, a tied matrix counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,421 @@
+"""Speed and memory of our recurrent stacks against torch.nn.LSTM, measured in one process.
+
+Every candidate of one setting (layers × hidden, batch, bptt, dtype) runs round-robin: one
+repeat of each in turn, after warm-up, so a slow moment of a shared machine hits all of them
+alike; the figure is the median over the repeats. Two things are timed:
+
+  stack: forward + backward of the recurrent layers alone on a random (T, B, H) input;
+  step:  a whole training step (embedding, stack, decoder, loss, backward, clipping, SGD) of a
+         language model, ours against the same model with torch.nn.LSTM as its stack.
+
+On CUDA the step is also timed with our window captured as a CUDA graph and replayed
+(lmtrain.training.graphs; impl "ours+graphs"), as training runs it there, and the LSTM stack with its
+window in one persistent kernel launch each way (lmtrain.model.kernels.lstm_persistent; impl
+"ours+persistent").
+
+dtype bf16 is mixed precision as training runs it (train.precision = bf16): float32 weights,
+bfloat16 GEMM operands, float32 state and gradients. Ours gets compute_dtype bfloat16; the
+reference runs under torch.autocast(bfloat16), PyTorch's own mixed precision for its LSTM.
+
+`bench --preset issue7` runs the settings issue 7 asks about (PRESETS below).
+
+Peak memory is the highest amount of tensor memory held during one forward + backward, above
+what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
+allocator's peak).
+
+`bench --generate` times sampling instead (lmtrain.generation.sampler, lmtrain.generation.stepper): tokens/s for each
+weight precision and number of streams, interleaved the same way; with a run, also the test
+perplexity each precision gives when it scores the run's test split. And evaluation's
+throughput (`total_nll`, as `lmtrain evaluate` runs it) against the forward half of a training
+step (embedding, stack, decoder, loss in training mode) on the same windows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmtrain.config import ModelConfig
+from lmtrain.evaluation import total_nll
+from lmtrain.generation import Sampler, Stepper, StreamRandom
+from lmtrain.model import LanguageModel, RecurrentLayer, cross_entropy
+from lmtrain.text import EOS_ID, batchify
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the compute dtype of each; weights stay float32
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark shape: layers × hidden, batch, bptt (input size = hidden)."""
+
+    layers: int
+    hidden_size: int
+    batch_size: int
+    bptt: int
+
+
+# named sets of settings for `bench --preset`; issue7: the LSTM against cuDNN at the sizes
+# issue 7 names (2 × 650 and 2 × 1500 at batch 20 bptt 35, 1 × 512 at batch 64 bptt 100)
+PRESETS = {
+    "issue7": (Setting(2, 650, 20, 35), Setting(2, 1500, 20, 35), Setting(1, 512, 64, 100)),
+}
+
+
+@dataclass
+class Record:
+    what: str  # "stack" or "step"
+    cell: str
+    impl: str  # "ours", "ours+graphs" (CUDA: the step replayed as a CUDA graph), "ours+persistent" (CUDA: the
+    # LSTM stack in one launch per window each way) or "torch"
+    layers: int
+    hidden_size: int
+    batch_size: int
+    bptt: int
+    dtype: str
+    device: str
+    tokens_per_s: float
+    peak_mem_mb: float
+    ratio_vs_torch: float | None = None  # ours / torch.nn.LSTM, same setting and dtype
+
+
+class TorchLSTMStack(nn.Module):
+    """The reference: torch.nn.LSTM (oneDNN on CPU, cuDNN on CUDA)."""
+
+    def __init__(self, layers: int, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+class OurStack(nn.Module):
+    def __init__(self, cell: str, layers: int, hidden: int):
+        super().__init__()
+        from lmtrain.model import get_cell
+
+        self.layers = nn.ModuleList(RecurrentLayer(get_cell(cell), hidden, hidden) for _ in range(layers))
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+
+    def forward(self, x, low=None):
+        for layer in self.layers:
+            x, _ = layer(x, layer.init_state(x.size(1), x), low=low)
+        return x
+
+
+class TorchLSTMLanguageModel(nn.Module):
+    """The PyTorch word-language-model example's shape, for the full-step comparison."""
+
+    def __init__(self, vocab: int, layers: int, hidden: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens, state=None):
+        y, state = self.lstm(self.embedding(tokens), state)
+        return self.decoder(y), state
+
+
+def forward_in(low: torch.dtype | None, ours: bool, device: torch.device, forward: Callable):
+    """forward(low) for ours; for torch's modules, forward(None) under autocast to `low`."""
+    if ours or low is None:
+        return forward(low)
+    with torch.autocast(device.type, dtype=low):
+        return forward(None)
+
+
+def stack_step(stack: nn.Module, x: torch.Tensor, low: torch.dtype | None, ours: bool) -> Callable[[], None]:
+    def run():
+        x.grad = None
+        for p in stack.parameters():
+            p.grad = None
+        y = forward_in(low, ours, x.device, lambda dtype: stack(x, dtype) if ours else stack(x))
+        y.float().sum().backward()
+
+    return run
+
+
+def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool,
+               low: torch.dtype | None = None) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def run():
+        state = model.init_state(tokens.size(1)) if ours else None
+        logits, _ = forward_in(low, ours, tokens.device, lambda dtype: model(tokens, state, dtype) if ours else model(tokens))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+
+    return run
+
+
+def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor, low: torch.dtype | None,
+                       note: Callable[[str], None]) -> Callable[[], None]:
+    """train_step for our model with its forward + backward captured as a CUDA graph on the first
+    call and replayed after (lmtrain.training.graphs.WindowRunner); eager where capture fails (noted)."""
+    from lmtrain.training import WindowRunner
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def window(x, y, state):
+        logits, state = model(x, state, low)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+        loss.backward()
+        return loss, state
+
+    runner = WindowRunner(window, list(model.parameters()), True, note)
+
+    def run():
+        runner(tokens, targets, model.init_state(tokens.size(1)))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+
+    return run
+
+
+def with_env(name: str, value: str, run: Callable[[], None]) -> Callable[[], None]:
+    """run with the environment variable set for its duration."""
+    def wrapped():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            run()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+    return wrapped
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each run, interleaved: one call of each per round."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
+    """Peak tensor memory (MB) allocated by one call of `run`, above what was held before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
+        run()
+    try:  # the profiler's allocation timeline: every tensor's creation and destruction, in order
+        from torch.profiler._memory_profiler import Action
+
+        changes = [(size if action == Action.CREATE else -size) for _, action, _, size in prof._memory_profile().timeline
+                   if action in (Action.CREATE, Action.DESTROY)]
+    except (ImportError, AttributeError, RuntimeError):  # a torch without it: per-operator accounting
+        changes = [e.self_cpu_memory_usage for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
+    held = peak = 0
+    for change in changes:
+        held += change
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int,
+                 repeats: int, warmup: int, device: torch.device) -> list[Record]:
+    records = []
+    for hidden in sizes:
+        for dtype_name in dtypes:
+            low = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            x = torch.randn(bptt, batch, hidden, device=device, requires_grad=True)
+            stacks = {"torch.nn.LSTM": TorchLSTMStack(layers, hidden)}
+            stacks.update({cell: OurStack(cell, layers, hidden) for cell in cells})
+            runs = {name: stack_step(stack.to(device), x, low, name != "torch.nn.LSTM") for name, stack in stacks.items()}
+            if device.type == "cuda" and "lstm" in cells:  # the LSTM's window in one launch each way
+                runs["lstm+persistent"] = with_env("LMTRAIN_PERSISTENT", "1", stack_step(stacks["lstm"], x, low, True))
+            medians = time_round_robin(runs, repeats, warmup, device)
+            base = medians["torch.nn.LSTM"]
+            for name, run in runs.items():
+                ours = name != "torch.nn.LSTM"
+                cell, _, variant = name.partition("+")
+                records.append(Record(
+                    "stack", cell if ours else "lstm", f"ours+{variant}" if variant else "ours" if ours else "torch",
+                    layers, hidden, batch, bptt,
+                    dtype_name, device.type, bptt * batch / medians[name], peak_memory_mb(run, device),
+                    base / medians[name],
+                ))
+    return records
+
+
+def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int, vocab: int,
+                      repeats: int, warmup: int, device: torch.device,
+                      note: Callable[[str], None] = lambda message: None) -> list[Record]:
+    """The whole training step, ours (and on CUDA ours through a CUDA graph) against
+    torch.nn.LSTM's; `note` hears of a CUDA graph capture that failed."""
+    records = []
+    for hidden in sizes:
+        for dtype_name in dtypes:
+            low = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            tokens = torch.randint(0, vocab, (bptt, batch), device=device)
+            targets = torch.randint(0, vocab, (bptt, batch), device=device)
+            ours = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
+            reference = TorchLSTMLanguageModel(vocab, layers, hidden)
+            runs = {
+                "ours": train_step(ours.to(device), tokens, targets, True, low),
+                "torch": train_step(reference.to(device), tokens, targets, False, low),
+            }
+            if device.type == "cuda":
+                graphed = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
+                graphed.load_state_dict(ours.state_dict())
+                runs["ours+graphs"] = graphed_train_step(graphed.to(device), tokens, targets, low, note)
+            medians = time_round_robin(runs, repeats, warmup, device)
+            for impl, run in runs.items():
+                records.append(Record(
+                    "step", "lstm", impl, layers, hidden, batch, bptt, dtype_name, device.type,
+                    bptt * batch / medians[impl], peak_memory_mb(run, device), medians["torch"] / medians[impl],
+                ))
+    return records
+
+
+def as_dicts(records: list[Record]) -> list[dict]:
+    return [asdict(r) for r in records]
+
+
+def format_table(records: list[Record]) -> str:
+    """A markdown table of the records."""
+    lines = [
+        "| what | cell | impl | layers × hidden | batch | bptt | dtype | tokens/s | peak MB | ours / torch |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in records:
+        ratio = "" if r.impl == "torch" else f"{r.ratio_vs_torch:.2f}"
+        lines.append(
+            f"| {r.what} | {r.cell} | {r.impl} | {r.layers} × {r.hidden_size} | {r.batch_size} | {r.bptt} | "
+            f"{r.dtype} | {r.tokens_per_s:,.0f} | {r.peak_mem_mb:,.1f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class GenerationRecord:
+    what: str  # "generate", or "evaluate" / "train forward" (same windows)
+    precision: str
+    streams: int
+    tokens_per_s: float
+    test_ppl: float | None = None  # with a run: its test split scored through the stepper
+    ratio: float | None = None  # evaluate: its time per token / the training forward's
+
+
+def draw_tokens(sampler: Sampler, streams: int, tokens: int) -> Callable[[], None]:
+    """A run that samples `tokens` steps for `streams` streams from a fresh `sampler` (each call
+    goes on from the last)."""
+    sampler.feed([EOS_ID])
+    sampler.expand(streams)
+    random = StreamRandom(0, streams)
+
+    def run():
+        for _ in sampler.draw(tokens, 1.0, 0, 1.0, random):
+            pass
+
+    return run
+
+
+def bench_generation(model: LanguageModel, precisions: list[str], stream_counts: list[int], tokens: int,
+                     repeats: int, warmup: int) -> list[GenerationRecord]:
+    """Sampling tokens/s (summed over streams) per precision, the precisions interleaved. Where
+    the model's step is one compiled op (an LSTM stack), the last precision is also timed op by
+    op ("generate, op by op"), as the reference for that op."""
+    records = []
+    for streams in stream_counts:
+        samplers = {("generate", p): Sampler(model, p) for p in precisions}
+        if samplers["generate", precisions[-1]].stepper.stack is not None:
+            op_by_op = Sampler(model, precisions[-1])
+            op_by_op.stepper.unfused = True
+            samplers["generate, op by op", precisions[-1]] = op_by_op
+        runs = {key: draw_tokens(sampler, streams, tokens) for key, sampler in samplers.items()}
+        medians = time_round_robin(runs, repeats, warmup, torch.device("cpu"))
+        records += [GenerationRecord(what, p, streams, streams * tokens / medians[what, p]) for what, p in runs]
+    return records
+
+
+@torch.no_grad()
+def stepped_perplexity(model: LanguageModel, tokens: np.ndarray, precision: str, streams: int = 16) -> float:
+    """Perplexity of `tokens` scored one step at a time through the stepper, as `streams`
+    contiguous streams from a zero state (the evaluate layout, without padding: the tail that does
+    not fill a row is left out)."""
+    stepper = Stepper(model, precision)
+    inputs, targets = batchify(tokens, streams, EOS_ID)
+    state = model.init_state(streams)
+    total = 0.0
+    for x, y in zip(inputs, targets):
+        logits, state = stepper.step(x, state)
+        total -= torch.log_softmax(logits.double(), -1).gather(1, y.view(-1, 1)).sum().item()
+    return math.exp(total / targets.numel())
+
+
+def bench_evaluation(model: LanguageModel, batch: int, bptt: int, windows: int, repeats: int,
+                     warmup: int) -> list[GenerationRecord]:
+    """`total_nll` (evaluation) against the forward half of a training step over the same
+    `windows` windows of (bptt, batch) tokens; tokens/s of each and evaluation's time ratio."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.vocab_size, (windows * bptt * batch,), generator=generator)
+    inputs, targets = batchify(tokens.numpy(), batch, EOS_ID)
+
+    def evaluate():
+        total_nll(model, tokens.numpy(), batch, bptt)
+
+    def train_forward():
+        model.train()
+        state = model.init_state(batch)
+        with torch.no_grad():  # the forward half only; the graph would be freed unused anyway
+            for start in range(0, inputs.size(0), bptt):
+                _, dropped, state = model.hidden(inputs[start : start + bptt], state)
+                logits = model.decode(dropped)
+                cross_entropy(logits.view(-1, logits.size(-1)), targets[start : start + bptt].reshape(-1)).mean()
+        model.eval()
+
+    medians = time_round_robin({"evaluate": evaluate, "train forward": train_forward}, repeats, warmup, torch.device("cpu"))
+    n = tokens.numel()
+    return [
+        GenerationRecord("evaluate", "fp32", batch, n / medians["evaluate"], ratio=medians["evaluate"] / medians["train forward"]),
+        GenerationRecord("train forward", "fp32", batch, n / medians["train forward"]),
+    ]
+
+
+def format_generation_table(records: list[GenerationRecord]) -> str:
+    lines = ["| what | precision | streams | tokens/s | test ppl | time / train forward |", "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        ppl = f"{r.test_ppl:.3f}" if r.test_ppl is not None else ""
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
+        lines.append(f"| {r.what} | {r.precision} | {r.streams} | {r.tokens_per_s:,.0f} | {ppl} | {ratio} |")
+    return "\n".join(lines)

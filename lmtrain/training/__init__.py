@@ -1,0 +1,14 @@
+"""A corpus and a config -> a trained run: set-up (setup), the loop (loop), resume (resume,
+payload_resume), checks before the first step (preflight), several processes (distributed,
+rendezvous), signals and CUDA graphs.
+
+This is the stage's face: other stages import from `lmtrain.training` only."""
+
+from lmtrain.training.graphs import WindowRunner
+from lmtrain.training.loop import train
+from lmtrain.training.setup import prepare_run, resume_run, start_run
+from lmtrain.training.signals import InterruptSignals, StopSignals
+
+__all__ = [
+    "InterruptSignals", "StopSignals", "WindowRunner", "prepare_run", "resume_run", "start_run", "train"
+]

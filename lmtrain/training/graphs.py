@@ -1,0 +1,123 @@
+"""CUDA graphs for training windows: capture one window's forward and backward once per BPTT
+length, then replay it, so a step costs one graph launch instead of several launches per time step.
+
+    window(x, y, state) -> (loss, new_state)     runs the forward and calls backward(); the caller's
+                                                 function (lmtrain.training.loop), knowing nothing of graphs
+
+    WindowRunner(window, params, ...)(x, y, state):
+      eager:   grads set to None, then window(x, y, state)
+      graphs:  x, y, state copied into static buffers; the captured graph of this length replayed;
+               each parameter's .grad pointed at that graph's static gradient
+
+Shapes are static within a graph, so there is one graph per window length; AWD-LSTM's variable
+BPTT gives a few distinct lengths, and the most recently used `capacity` graphs are kept (LRU),
+each with its own memory pool (replayed in any order, so the pools cannot be shared).
+
+The optimizer step and clipping run eagerly after the replay, on the static gradients.
+
+Fallback: on the CPU, with train.cuda_graphs = false, or when capture fails (an operation that
+cannot be captured, a CPU synchronisation inside the window), the window runs eagerly; a failed
+capture is reported once through `note` and never retried.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+State = list[tuple[Tensor, ...]]
+Window = Callable[[Tensor, Tensor, State], tuple[Tensor, State]]
+
+GRAPH_CAPACITY = 4  # captured window lengths kept at once (LRU); each holds a window's activations
+WARMUP_RUNS = 2  # eager runs on a side stream before capture: compiles, cuBLAS workspaces, AccumulateGrad
+
+
+@dataclass
+class Captured:
+    """One window length's graph and the static tensors it reads and writes."""
+
+    graph: torch.cuda.CUDAGraph
+    x: Tensor  # (T, B) inputs
+    y: Tensor  # (T, B) targets
+    state_in: State
+    loss: Tensor  # () the window's loss
+    state_out: State
+    grads: list[Tensor | None]  # one per parameter, in params order
+
+
+class WindowRunner:
+    """Runs training windows eagerly or through CUDA graphs (see the module docstring)."""
+
+    def __init__(self, window: Window, params: list[torch.nn.Parameter], use_graphs: bool,
+                 note: Callable[[str], None] = lambda message: None, capacity: int = GRAPH_CAPACITY):
+        self.window = window
+        self.params = params
+        self.use_graphs = use_graphs
+        self.note = note
+        self.capacity = capacity
+        self.graphs: OrderedDict[tuple, Captured] = OrderedDict()
+
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, State]:
+        """x, y (T, B) on the model's device; state: one tuple per layer -> (loss, new state).
+
+        Afterwards each parameter's .grad holds this window's gradient."""
+        if not self.graphs_apply(x):
+            return self.eager(x, y, state)
+        key = (tuple(x.shape), tuple(tuple(s.shape) for layer in state for s in layer))
+        captured = self.graphs.get(key)
+        if captured is None:
+            try:
+                captured = self.capture(x, y, state)
+            except Exception as error:  # noqa: BLE001  whatever made capture fail, eager still works
+                self.use_graphs = False
+                self.graphs.clear()
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                self.note(f"CUDA graphs off for this run: capturing a window failed ({type(error).__name__}: {first_line}); running eagerly")
+                return self.eager(x, y, state)
+            self.graphs[key] = captured
+            if len(self.graphs) > self.capacity:
+                self.graphs.popitem(last=False)  # least recently used; its pool is freed with it
+        self.graphs.move_to_end(key)
+        return self.replay(captured, x, y, state)
+
+    def graphs_apply(self, x: Tensor) -> bool:
+        """Whether this window goes through a graph: asked for, not failed, and on CUDA."""
+        return self.use_graphs and x.is_cuda
+
+    def eager(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, State]:
+        for p in self.params:
+            p.grad = None
+        return self.window(x, y, state)
+
+    def capture(self, x: Tensor, y: Tensor, state: State) -> Captured:
+        static_x, static_y = x.clone(), y.clone()
+        static_state = [tuple(s.detach().clone() for s in layer) for layer in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self.eager(static_x, static_y, static_state)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            p.grad = None  # so the captured backward allocates the gradients in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, state_out = self.window(static_x, static_y, static_state)
+        grads = [p.grad for p in self.params]
+        state_out = [tuple(s.detach() for s in layer) for layer in state_out]
+        return Captured(graph, static_x, static_y, static_state, loss.detach(), state_out, grads)
+
+    def replay(self, captured: Captured, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, State]:
+        captured.x.copy_(x)
+        captured.y.copy_(y)
+        for static_layer, layer in zip(captured.state_in, state):
+            for static, s in zip(static_layer, layer):
+                static.copy_(s)
+        captured.graph.replay()
+        for p, grad in zip(self.params, captured.grads):
+            p.grad = grad
+        return captured.loss, captured.state_out
