@@ -18,7 +18,7 @@ import torch
 from helpers import cli, ok, private_cache_one_thread, write_corpus
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
-import lmtrain.cli.app
+import lmtrain.cli.train
 from lmtrain.progress import QuietProgress
 from lmtrain.training.resume import restore_best
 
@@ -141,7 +141,7 @@ class SignalAfter(QuietProgress):
 
 def test_sigint_stops_after_the_step_with_a_checkpoint(corpus, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(lmtrain.cli.app, "TerminalProgress", lambda: SignalAfter(at=61))
+    monkeypatch.setattr(lmtrain.cli.train, "TerminalProgress", lambda: SignalAfter(at=61))
     before = signal.getsignal(signal.SIGINT)
     result = cli("train", corpus, "--run-dir", run, *sets(SETTINGS, f"train.max_steps={TOTAL}"))
     assert result.exit_code == 130, result.stderr
@@ -157,7 +157,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(corpus, reference, tmp_pa
 
 def test_a_second_sigint_aborts_at_once_leaving_the_last_checkpoint(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(lmtrain.cli.app, "TerminalProgress", lambda: SignalAfter(at=40, times=2))
+    monkeypatch.setattr(lmtrain.cli.train, "TerminalProgress", lambda: SignalAfter(at=40, times=2))
     result = cli("train", corpus, "--run-dir", run, *sets(SETTINGS, f"train.max_steps={TOTAL}"))
     assert result.exit_code == 130 and "aborted" in result.stderr
     assert load_checkpoint(run / "last.pt")["progress"]["step"] == 35  # the last one before: every 7 steps

@@ -1,5 +1,6 @@
 """A model and a text -> perplexities: batched evaluation (evaluate), one stream scored token by
-token (stream), dynamic evaluation (dynamic) and the continuous cache (cache).
+token (stream), dynamic evaluation (dynamic), the continuous cache (cache), and `lmtrain evaluate`
+as one function (run.evaluate_run).
 
 This is the stage's face: other stages import from `lmtrain.evaluation` only."""
 
@@ -12,8 +13,10 @@ from lmtrain.evaluation.evaluate import (
     total_nll,
     tune_cache,
 )
+from lmtrain.evaluation.run import SPLITS, Evaluation, EvaluateSettings, evaluate_run
 
 __all__ = [
+    "SPLITS", "Evaluation", "EvaluateSettings", "evaluate_run",
     "CacheSettings", "DynamicEval", "DynamicSettings", "combine", "evaluate", "evaluate_stream",
     "gradient_stats", "total_nll", "tune_cache"
 ]

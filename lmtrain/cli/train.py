@@ -1,0 +1,117 @@
+"""`lmtrain train`: a corpus and a config -> a run (lmtrain.training), or `--resume RUN`."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmtrain.checkpoint import CheckpointWriteError
+from lmtrain.cli.app import app, check_encoding_errors, quiet, say, user_errors
+from lmtrain.config import load_config
+from lmtrain.errors import LmtrainError, require
+from lmtrain.progress import QuietProgress, TerminalProgress
+from lmtrain.runtime import resolve_device
+from lmtrain.text import BUILTIN
+from lmtrain.training import InterruptSignals, StopSignals, distributed, prepare_run, resume_run, train as train_model
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    corpus: Annotated[Optional[Path], typer.Argument(help="Directory with train.txt/valid.txt/test.txt, or one text file. Default: the built-in corpus.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (see configs/).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where its last checkpoint left it, on its own corpus and config; --set may change only train.max_steps, train.epochs and train.max_minutes.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run: remove the files lmtrain wrote in it (anything else stays). Refused for the current or home directory, one holding the corpus or the cache, and a directory that is not an lmtrain run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", hidden=True, help="The old name of --force.")] = False,
+    encoding_errors: Annotated[str, typer.Option(help="Bytes that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; train.batch_size is shared out).", show_default=False)] = None,
+) -> None:
+    """Train a tokenizer and a language model on CORPUS, or continue a run (--resume RUN).
+
+    SIGINT (Ctrl-C) or SIGTERM: the current step ends, last.pt is written, and the command exits
+    with 130 or 143; a second one stops at once, the last checkpoint intact.
+    """
+    with user_errors(), distributed.session(), ExitStack() as hold:  # `hold`: the run directory's lock
+        require(
+            (resume is None or (corpus is None and config is None), "--resume continues RUN on its own corpus and config: drop CORPUS and --config"),
+            (resume is None or run_dir is None, "--resume RUN is the run directory: drop --run-dir"),
+            (resume is None or not (force or overwrite), "--resume continues a run and --force replaces it: give one of them"),
+            (resume is None or (nproc is None and not distributed.launched()), "--resume continues a run in one process: drop --nproc"),
+        )
+        check_encoding_errors(encoding_errors)
+        cfg = load_config(config, overrides or []) if resume is None else None
+        if nproc is not None:
+            raise typer.Exit(distributed.launch(nproc, forwarded_args(ctx, drop="nproc"),
+                                                resolve_device(cfg.train.device), cfg.train.batch_size))
+        if resume is None:
+            distributed.setup(resolve_device(cfg.train.device), cfg.train.batch_size)  # joins torchrun's ranks, if any
+        progress = TerminalProgress() if distributed.is_main() else QuietProgress()
+        early = InterruptSignals().install()  # until training starts, SIGTERM interrupts as SIGINT does
+        try:
+            if resume is not None:
+                model, cfg, data, info, payload = resume_run(resume, overrides or [], say, encoding_errors, hold)
+                run_dir = resume
+            else:
+                with distributed.main_first():  # caches and run dir: rank 0, then one rank per other machine, then the rest
+                    model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir,
+                                                    say if distributed.is_main() else quiet, encoding_errors, progress,
+                                                    hold)
+                counts = str([len(split.tokens) for split in data.values()]).encode()
+                distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
+                run_dir, payload = Path(info.pop("run_dir")), None
+        except KeyboardInterrupt:
+            say(f"\n{early.name()}: interrupted before training started")
+            raise typer.Exit(early.exit_code()) from None
+        finally:
+            early.restore()
+        tell = say if distributed.is_main() else quiet
+        with StopSignals() as signals:
+            try:
+                record = train_model(model, cfg, data, run_dir, info, progress, resume=payload,
+                                     stop_requested=signals.received)
+            except KeyboardInterrupt:  # a second signal
+                tell(f"\naborted; {resume_hint(run_dir)}")
+                raise typer.Exit(signals.exit_code()) from None
+            except CheckpointWriteError as e:
+                raise LmtrainError(f"{e}; once it can be written, resume with `lmtrain train --resume {run_dir}`") from None
+        if record.get("kind") == "interrupted":
+            tell(f"\n{signals.name()}: stopped after step {record['step']:,} (epoch {record['epoch']}); {resume_hint(run_dir)}")
+            raise typer.Exit(signals.exit_code())
+        ended = " (train.max_steps, mid-epoch)" if record.get("kind") == "stop" else ""
+        tell(f"done: valid ppl {record['valid_ppl']:.2f} after {record['epoch']} epoch(s), {record['step']:,} steps{ended}; run in {run_dir}")
+        tell(f"next: lmtrain evaluate {run_dir}   |   lmtrain generate {run_dir}")
+
+
+def forwarded_args(ctx: typer.Context, drop: str) -> list[str]:
+    """The command line of this command as parsed, without the parameter named `drop`."""
+    arguments, options = [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == drop or value is None or value == () or value == [] or value == param.default:
+            continue  # what is not given, or given as its default, the ranks take as their default
+        if param.param_type_name == "argument":
+            arguments.append(str(value))
+        elif param.is_flag:
+            if value != param.default:
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                options += [param.opts[0], str(item)]
+    return [*arguments, *options]
+
+
+def resume_hint(run_dir: Path) -> str:
+    if not (run_dir / "last.pt").is_file():
+        return f"no checkpoint was written yet; start again with `lmtrain train ... --run-dir {run_dir} --force`"
+    return f"{run_dir / 'last.pt'} holds the last checkpoint; continue with: lmtrain train --resume {run_dir}"
+
+
+def default_run_dir(source: str) -> Path:
+    name = "builtin" if source == BUILTIN else Path(source).stem or "corpus"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
