@@ -13,7 +13,7 @@ from lmtrain.generation.sampler import Sampler, StreamRandom, pick, sample
 from lmtrain.generation.stepper import available_precisions
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.text.tokenizer import EOS_ID
-from lmtrain.training.loop import epoch_lr
+from lmtrain.training.schedule import epoch_lr
 
 
 def uniform_model(vocab_size):

@@ -9,13 +9,10 @@ import torch
 
 from lmtrain.config import ModelConfig, TrainConfig
 from lmtrain.model.language_model import LanguageModel
-from lmtrain.training.loop import (
-    WeightAverage,
-    nt_trigger,
-    out_of_time,
-    step_lr,
-    window_lengths,
-)
+from lmtrain.training.averaging import WeightAverage, nt_trigger
+from lmtrain.training.loop import window_lengths
+from lmtrain.training.schedule import lr, plateau_lr, step_lr
+from lmtrain.training.stops import out_of_time
 
 
 def test_cosine_with_warmup():
@@ -26,6 +23,21 @@ def test_cosine_with_warmup():
     assert step_lr(c, c.lr, 100, 100) == 0.0
     plain = TrainConfig(lr=20.0, lr_schedule="plateau")
     assert step_lr(plain, 5.0, 1234, 100) == 5.0
+
+
+def test_a_step_rate_follows_its_window_under_variable_bptt():
+    fixed = TrainConfig(lr=20.0, lr_schedule="plateau", bptt=70)
+    assert lr(fixed, 5.0, 3, 100, 35) == 5.0  # fixed windows: the epoch's rate whatever the length
+    variable = TrainConfig(lr=20.0, lr_schedule="plateau", bptt=70, variable_bptt=True)
+    assert lr(variable, 5.0, 3, 100, 35) == 2.5 and lr(variable, 5.0, 3, 100, 70) == 5.0
+
+
+def test_plateau_divides_only_when_validation_did_not_improve():
+    plateau = TrainConfig(lr=20.0, lr_schedule="plateau", lr_decay=4.0)
+    assert plateau_lr(plateau, 20.0, improved=True) == 20.0
+    assert plateau_lr(plateau, 20.0, improved=False) == 5.0
+    for other in ("epoch", "cosine", "constant"):
+        assert plateau_lr(TrainConfig(lr=20.0, lr_schedule=other, lr_decay=4.0), 20.0, improved=False) == 20.0
 
 
 def test_fixed_windows_cover_the_split():

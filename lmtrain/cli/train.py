@@ -73,7 +73,7 @@ def train(
         tell = say if distributed.is_main() else quiet
         with StopSignals() as signals:
             try:
-                record = train_model(model, cfg, data, run_dir, info, progress, resume=payload,
+                record = train_model(model, cfg, data, run_dir, info, progress=progress, resume=payload,
                                      stop_requested=signals.received)
             except KeyboardInterrupt:  # a second signal
                 tell(f"\naborted; {resume_hint(run_dir)}")

@@ -92,7 +92,7 @@ def compare_cells(
             model, info = start_run(run_dir, cfg, tokenizer, texts.source, True, device, hold)
             say(f"{cell}: {count_parameters(model):,} parameters, {cfg.train.max_steps:,} steps -> {run_dir}")
             started = time.perf_counter()
-            train_model(model, cfg, data, run_dir, info, TerminalProgress())
+            train_model(model, cfg, data, run_dir, info, progress=TerminalProgress())
             elapsed = time.perf_counter() - started
         best = load_run(run_dir, device)
         valid = evaluate(best.model, data["valid"], 1, cfg.train.bptt)  # one stream: see lmtrain.tools.synth

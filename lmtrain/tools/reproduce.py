@@ -87,7 +87,7 @@ def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, resul
         model, data, info = prepare_run(corpus, config, run_dir, force, None, say, hold=hold)
         info.pop("run_dir")
         started = time.perf_counter()
-        last = train(model, config, data, run_dir, info, progress or QuietProgress())
+        last = train(model, config, data, run_dir, info, progress=progress or QuietProgress())
         train_minutes = (time.perf_counter() - started) / 60
         model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
         scores = {split: evaluate(model, data[split], EVAL_BATCH_SIZE, config.train.bptt) for split in ("valid", "test")}

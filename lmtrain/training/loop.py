@@ -14,14 +14,13 @@ of times (tests/test_resume.py): last.pt holds the whole state of the loop (lmtr
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,19 @@ import torch
 from torch import Tensor
 
 from lmtrain.atomic import open_regular
-from lmtrain.checkpoint import save_checkpoint
-from lmtrain.config import Config, TrainConfig, to_dict
+from lmtrain.config import Config, TrainConfig
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation import total_nll
 from lmtrain.model import LanguageModel, build, cross_entropy, detach_state
 from lmtrain.progress import QuietProgress
 from lmtrain.text import EOS_ID, TokenFile, lazy_batchify
 from lmtrain.training import distributed
+from lmtrain.training.averaging import WeightAverage, nt_trigger
 from lmtrain.training.graphs import WindowRunner
-from lmtrain.training.resume import LoopState, data_digest, hidden_from_lists, hidden_to_lists, loop_from_dict, rng_states, set_rng_states
+from lmtrain.training.resume import LoopState, data_digest
+from lmtrain.training.saver import Saver, restore_loop
+from lmtrain.training.schedule import epoch_lr, lr, plateau_lr
+from lmtrain.training.stops import Clock, finished, plan, steps_left
 
 
 def make_optimizer(model: LanguageModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -48,26 +50,6 @@ def make_optimizer(model: LanguageModel, config: TrainConfig) -> torch.optim.Opt
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def epoch_lr(config: TrainConfig, epoch: int, plateau_lr: float) -> float:
-    """The learning rate of `epoch` (1-based) under the epoch, plateau or constant schedule."""
-    if config.lr_schedule == "epoch":
-        return config.lr / config.lr_decay ** max(0, epoch - config.lr_decay_start)
-    if config.lr_schedule == "plateau":
-        return plateau_lr
-    return config.lr
-
-
-def step_lr(config: TrainConfig, base_lr: float, step: int, total_steps: int) -> float:
-    """The lr of optimizer step `step` (0-based): the epoch's `base_lr`, or the cosine from
-    config.lr, times the linear warm-up over the first config.warmup_steps steps."""
-    lr = base_lr
-    if config.lr_schedule == "cosine":
-        lr = 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
-    if step < config.warmup_steps:
-        lr *= (step + 1) / config.warmup_steps
-    return lr
 
 
 def window_lengths(steps: int, config: TrainConfig, rng: np.random.Generator) -> list[int]:
@@ -89,84 +71,13 @@ def min_train_tokens(config: TrainConfig) -> int:
     return config.batch_size * config.bptt
 
 
-class WeightAverage:
-    """NT-ASGD's average of the weights over every optimizer step since it started.
-
-    `update()` after each step; `swapped_in()` puts the average into the model for a while (for
-    validation and checkpoints) and the trained weights back afterwards.
-    """
-
-    def __init__(self, model: LanguageModel):
-        self.params = list(model.parameters())
-        self.average = [p.detach().clone() for p in self.params]
-        self.count = 1
-
-    def state(self) -> dict[str, Any]:
-        return {"average": [a.detach() for a in self.average], "count": self.count}
-
-    @torch.no_grad()
-    def load(self, state: dict[str, Any]) -> None:
-        if len(state["average"]) != len(self.average):
-            raise LmtrainError("the checkpoint's weight average does not match the model")
-        for avg, stored in zip(self.average, state["average"]):
-            avg.copy_(stored)
-        self.count = state["count"]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.count += 1
-        for avg, p in zip(self.average, self.params):
-            avg.lerp_(p, 1.0 / self.count)
-
-    @contextmanager
-    def swapped_in(self):
-        kept = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, avg in zip(self.params, self.average):
-                p.copy_(avg)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, k in zip(self.params, kept):
-                    p.copy_(k)
-
-
-def nt_trigger(history: list[float], nonmono: int) -> bool:
-    """NT-ASGD's switch (Merity et al. 2017): the latest validation loss is worse than the best of
-    those before the last `nonmono` checks."""
-    earlier = history[:-1]
-    return len(earlier) > nonmono and history[-1] > min(earlier[:-nonmono])
-
-
-def plan(config: TrainConfig, rows: int) -> tuple[int, int]:
-    """(epochs, total steps) of a run over `rows` rows of streams: train.epochs, capped by
-    train.max_steps when that is set (it also sets the length of the cosine schedule)."""
-    steps_per_epoch = math.ceil(rows / config.bptt)
-    epochs = config.epochs if config.epochs else math.ceil(config.max_steps / steps_per_epoch)
-    if config.max_steps:
-        epochs = min(epochs, math.ceil(config.max_steps / steps_per_epoch))
-    return epochs, config.max_steps or epochs * steps_per_epoch
-
-
-def finished(config: TrainConfig, s: LoopState, epochs: int, elapsed_s: float) -> str | None:
-    """Why training ends before its next step, or None: the step limit, the last epoch done, or
-    (between epochs) no time left for another epoch."""
-    if config.max_steps and s.step >= config.max_steps:
-        return f"its train.max_steps = {config.max_steps:,} steps are done"
-    if s.lengths is None and s.epoch > epochs:
-        return f"its {epochs} epoch(s) are done"
-    if s.lengths is None and s.epoch > 1 and distributed.any_rank(out_of_time(config, elapsed_s, s.epoch_seconds)):
-        return f"another epoch would end past train.max_minutes = {config.max_minutes:g}"
-    return None
-
-
 def train(
     model: LanguageModel,
     config: Config,
     data: dict[str, TokenFile],
     run_dir: Path,
     checkpoint_info: dict[str, Any],
+    *,
     progress=None,
     resume: dict[str, Any] | None = None,
     stop_requested: Callable[[], Any] | None = None,
@@ -230,7 +141,8 @@ def train(
     clock = Clock(s.elapsed_s)
     record: dict[str, Any] = {}
     with open_log(run_dir / "metrics.jsonl") as log, open_log(run_dir / "timing.jsonl") as timing, closing(progress):
-        saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model, optimizer, window_rng, log, timing)
+        saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model=model, optimizer=optimizer,
+                      window_rng=window_rng, log=log, timing=timing)
         saved = resume is not None  # whether last.pt holds the state as it is now
         interval_start = time.perf_counter()
         if s.lengths is not None:
@@ -246,12 +158,13 @@ def train(
                     if "max_minutes" in reason:
                         progress.note(f"stopping before epoch {s.epoch}: {reason}")
                     break
-                hidden = start_epoch(s, tc, model, inputs.size(0), inputs.size(1), window_rng, clock())
+                hidden = start_epoch(s, tc, model, rows=inputs.size(0), streams=inputs.size(1), window_rng=window_rng,
+                                     elapsed_s=clock())
                 progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
                 interval_start = time.perf_counter()
             if s.window == len(s.lengths):
-                record, improved = end_epoch(s, tc, model, data["valid"], average, compute_dtype, log, timing, clock,
-                                             progress)
+                record, improved = end_epoch(s, tc, model, data["valid"], average=average, compute_dtype=compute_dtype,
+                                             log=log, timing=timing, clock=clock, progress=progress)
                 if tc.optimizer == "ntasgd" and average is None and nt_trigger(s.valid_history, tc.nonmono):
                     average = WeightAverage(model)
                     progress.note(f"epoch {record['epoch']}: validation has not improved for {tc.nonmono} checks; averaging the weights from here on (NT-ASGD)")
@@ -261,20 +174,20 @@ def train(
                 continue
             if tc.max_steps and s.step >= tc.max_steps:  # the step limit, mid-epoch
                 logs_at = saver.log_sizes()
-                record = validate_and_record(s, tc, model, data["valid"], average, compute_dtype, log, timing,
-                                             clock, progress, kind="stop")
+                record = validate_and_record(s, tc, model, data["valid"], average=average, compute_dtype=compute_dtype,
+                                             log=log, timing=timing, clock=clock, progress=progress, kind="stop")
                 saver.save(s, average, hidden, clock(), at="stop", valid_nll=record["valid_loss"],
                            best=record["valid_loss"] < s.best_valid_nll, logs_at=logs_at)
                 break
             length = s.lengths[s.window]
             x, y = inputs[s.position : s.position + length], targets[s.position : s.position + length]
-            step_rate = step_lr(tc, s.lr, s.step, total_steps) * (length / tc.bptt if tc.variable_bptt else 1.0)
+            step_rate = lr(tc, s.lr, s.step, total_steps, length)
             for group in optimizer.param_groups:
                 group["lr"] = step_rate
-            loss_value, hidden = train_step(model, run_window, optimizer, tc, x, y, hidden)
+            loss_value, hidden = train_step(model, run_window, optimizer, tc, x, y, hidden=hidden)
             if loss_value is not None and average is not None:
                 average.update()
-            count_step(s, tc, loss_value, y.numel(), length, step_rate, run_dir)
+            count_step(s, tc, loss_value, tokens=y.numel(), length=length, step_rate=step_rate, run_dir=run_dir)
             saved = False
             now = time.perf_counter()
             progress.step(math.nan if loss_value is None else loss_value,  # rank 0's loss, every rank's tokens
@@ -295,24 +208,7 @@ def train(
     return record
 
 
-class Clock:
-    """Training seconds: those of the runs before this one (from the checkpoint) plus this one's."""
-
-    def __init__(self, before_s: float):
-        self.before_s = before_s
-        self.started = time.perf_counter()
-
-    def __call__(self) -> float:
-        return self.before_s + time.perf_counter() - self.started
-
-
-def steps_left(config: TrainConfig, s: LoopState) -> int:
-    """Steps this epoch still has, within train.max_steps (for the progress bar)."""
-    left = len(s.lengths) - s.window
-    return min(left, config.max_steps - s.step) if config.max_steps else left
-
-
-def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: int, streams: int,
+def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, *, rows: int, streams: int,
                 window_rng: np.random.Generator, elapsed_s: float):
     """Draw the epoch's windows over `rows` rows, set its lr, zero its sums; return the zero state of
     the `streams` streams it starts from."""
@@ -327,7 +223,7 @@ def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, rows: i
 
 
 def train_step(model: LanguageModel, run_window, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor,
-               y: Tensor, hidden) -> tuple[float | None, list]:
+               y: Tensor, *, hidden) -> tuple[float | None, list]:
     """One window: x, y (T, B). Forward and backward (`run_window`: lmtrain.training.graphs.WindowRunner
     over `train_window`), clip, and the optimizer step when the loss and the gradient norm are
     finite. Returns the window's mean loss (None: the step was skipped) and the state to carry to
@@ -370,7 +266,7 @@ def gradient_norm(model: LanguageModel, clip: float) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
 
 
-def count_step(s: LoopState, config: TrainConfig, loss_value: float | None, tokens: int, length: int,
+def count_step(s: LoopState, config: TrainConfig, loss_value: float | None, *, tokens: int, length: int,
                step_rate: float, run_dir: Path) -> None:
     """Advance the position and the sums by one step; a skipped step counts as bad, and too many
     in a row stop the run."""
@@ -406,7 +302,7 @@ def ppl_or_none(loss_sum: float, tokens: float) -> float | None:
     return math.exp(min(loss_sum / tokens, 50)) if tokens else None
 
 
-def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile,
+def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile, *,
                         average: WeightAverage | None, compute_dtype, log, timing, clock: Clock, progress,
                         kind: str) -> dict[str, Any]:
     """Validate (with NT-ASGD's average once averaging) and write the `kind` record ("epoch" or "stop")."""
@@ -428,18 +324,18 @@ def validate_and_record(s: LoopState, config: TrainConfig, model: LanguageModel,
     return record
 
 
-def end_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile, average: WeightAverage | None,
+def end_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, valid: TokenFile, *, average: WeightAverage | None,
               compute_dtype, log, timing, clock: Clock, progress) -> tuple[dict[str, Any], bool]:
     """Validate and record the epoch, update the schedule's state (plateau lr, best, history) and
     move on to the next epoch (not started: its windows are drawn when it starts). Returns the
     record and whether validation improved on the best epoch so far."""
-    record = validate_and_record(s, config, model, valid, average, compute_dtype, log, timing, clock, progress, "epoch")
+    record = validate_and_record(s, config, model, valid, average=average, compute_dtype=compute_dtype, log=log,
+                                 timing=timing, clock=clock, progress=progress, kind="epoch")
     valid_nll = record["valid_loss"]
     improved = valid_nll < s.best_valid_nll
     if improved:
         s.best_valid_nll = valid_nll
-    elif config.lr_schedule == "plateau":
-        s.lr /= config.lr_decay
+    s.lr = plateau_lr(config, s.lr, improved)
     s.valid_history.append(valid_nll)
     s.epoch_seconds = clock() - s.epoch_started_s
     s.epoch += 1
@@ -448,89 +344,12 @@ def end_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, valid: To
     return record, improved
 
 
-class Saver:
-    """Writes best.pt and last.pt for the loop: the weights to evaluate under "model", and in
-    last.pt everything `restore_loop` needs (lmtrain.training.resume)."""
-
-    def __init__(self, run_dir: Path, config: Config, info: dict[str, Any], digest: str, model: LanguageModel,
-                 optimizer: torch.optim.Optimizer, window_rng: np.random.Generator, log, timing):
-        self.run_dir, self.config, self.info, self.digest = run_dir, config, info, digest
-        self.model, self.optimizer, self.window_rng, self.log, self.timing = model, optimizer, window_rng, log, timing
-
-    def log_sizes(self) -> tuple[int, int]:
-        """metrics.jsonl and timing.jsonl's lengths in bytes, flushed to disk first: a checkpoint
-        must never point past what is really there."""
-        if not distributed.is_main():  # its logs go to os.devnull
-            return 0, 0
-        sizes = []
-        for f in (self.log, self.timing):
-            f.flush()
-            os.fsync(f.fileno())
-            sizes.append(os.fstat(f.fileno()).st_size)
-        return sizes[0], sizes[1]
-
-    def save(self, s: LoopState, average: WeightAverage | None, hidden, elapsed_s: float, at: str,
-             epoch: int | None = None, valid_nll: float | None = None, best: bool = False,
-             logs_at: tuple[int, int] | None = None) -> None:
-        """`at`: "epoch" (an epoch end; `epoch` is the one that ended), "stop" (train.max_steps
-        mid-epoch; `logs_at` the logs' sizes before its record) or "step" (anywhere else)."""
-        last = self.run_dir / "last.pt"
-        for name, tensors in (("weights", self.model.parameters()), ("averaged weights", average.average if average else [])):
-            if not all(torch.isfinite(t).all() for t in tensors):
-                raise LmtrainError(f"the model's {name} are not finite at step {s.step:,}: not saving them over the "
-                                   f"last good checkpoint {last} (a lower train.lr or a train.clip may help)")
-        if not distributed.is_main():  # every rank holds the same weights; one writes them
-            return
-        s.elapsed_s = elapsed_s
-        s.metrics_bytes, s.timing_bytes = logs_at or self.log_sizes()
-        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if average is not None else None
-        with average.swapped_in() if average is not None else nullcontext():
-            payload = {
-                "config": to_dict(self.config),
-                **self.info,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "progress": {"epoch": epoch or s.epoch, "step": s.step, "lr": s.lr, "valid_nll": valid_nll,
-                             "best_valid_nll": s.best_valid_nll, "averaging": average is not None, "at": at},
-            }
-            if best:
-                save_checkpoint(self.run_dir / "best.pt", payload)
-            save_checkpoint(last, {**payload, "resume": {
-                "loop": dataclasses.asdict(s),
-                "hidden": hidden_to_lists(hidden),
-                "average": average.state() if average is not None else None,
-                "trained": trained,
-                "rng": rng_states(self.window_rng),
-                "data": self.digest,
-                "processes": distributed.world_size(),
-            }})
-
-
 def open_log(path: Path):
     """A log to append text records to: never through a link, only a regular file
     (lmtrain.atomic.open_regular); on the ranks other than the main one, os.devnull."""
     if not distributed.is_main():
         return open(os.devnull, "a", encoding="utf-8")
     return io.TextIOWrapper(open_regular(path, "ab"), encoding="utf-8")
-
-
-def restore_loop(payload: dict[str, Any], model: LanguageModel, optimizer: torch.optim.Optimizer,
-                 window_rng: np.random.Generator, device: torch.device):
-    """Put the optimizer, the generators and NT-ASGD's average back as last.pt has them; return
-    the loop state, the average (or None) and the recurrent state to carry."""
-    entry = payload["resume"]
-    optimizer.load_state_dict(payload["optimizer"])
-    average = None
-    if entry["average"] is not None:
-        average = WeightAverage(model)
-        average.load(entry["average"])
-    set_rng_states(entry["rng"], window_rng)
-    return loop_from_dict(entry["loop"]), average, hidden_from_lists(entry["hidden"], device)
-
-
-def out_of_time(config: TrainConfig, elapsed_s: float, epoch_s: float) -> bool:
-    """Whether another epoch as long as the last would end past config.max_minutes."""
-    return bool(config.max_minutes) and elapsed_s + epoch_s > 60 * config.max_minutes
 
 
 def write_record(log, timing, times: dict[str, float], **record) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from lmtrain.model import LanguageModel, count_parameters
 from lmtrain.runtime import resolve_device, seed_everything
 from lmtrain.text import BUILTIN, Corpus, TokenFile, Tokenizer, cache_dir, encode_corpus, get_tokenizer, load_corpus
 from lmtrain.training import distributed
-from lmtrain.training.loop import finished, plan
+from lmtrain.training.stops import finished, plan
 from lmtrain.training.payload_resume import check_resume_data, check_resume_payload
 from lmtrain.training.preflight import check_encoded, check_model_fits
 from lmtrain.training.resume import (
