@@ -21,7 +21,8 @@ from typer.testing import CliRunner, Result
 
 from lmtrain.cli import app
 from lmtrain.text import corpus as corpus_module
-from lmtrain.text.corpus import BLOCK_BYTES, load_corpus, load_text, read_blocks
+from lmtrain.text.blocks import read_blocks
+from lmtrain.text.corpus import BLOCK_BYTES, load_corpus, load_text
 from lmtrain.text.encode import encode_split
 from lmtrain.text.tokenizer import EOS_ID, Tokenizer
 

@@ -15,7 +15,8 @@ import torch
 from helpers import make_lines, write_lines
 
 from lmtrain.text import corpus as corpus_module, encode as prepare
-from lmtrain.text.corpus import load_corpus, load_text, lines_text, split_lines, text_stats
+from lmtrain.text.blocks import text_stats
+from lmtrain.text.corpus import lines_text, load_corpus, load_text, split_lines
 from lmtrain.text.encode import encode_split, get_tokenizer
 from lmtrain.text.tokenizer import EOS_ID, reservoir_sample, train_tokenizer
 from lmtrain.text.tokens import batchify, lazy_batchify, windows

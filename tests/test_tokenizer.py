@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmtrain.errors import LmtrainError
-from lmtrain.text.corpus import load_corpus, text_stats
+from lmtrain.text.blocks import text_stats
+from lmtrain.text.corpus import load_corpus
 from lmtrain.text.encode import encode_split, get_tokenizer
 from lmtrain.text.tokenizer import EOS_ID, UNK_ID, train_tokenizer
 from lmtrain.text.tokens import batchify, read_tokens, windows, write_tokens

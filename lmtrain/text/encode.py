@@ -55,7 +55,8 @@ from lmtrain.errors import LmtrainError
 from lmtrain.locks import exclusive
 from lmtrain.progress import QuietProgress
 from lmtrain.text import corpus
-from lmtrain.text.corpus import Block, Text, TextStats, as_text, block_pieces, read_blocks, still_the_same, text_pieces
+from lmtrain.text.blocks import Block, block_pieces, read_blocks, text_pieces
+from lmtrain.text.corpus import Text, TextStats, as_text, still_the_same
 from lmtrain.text.tokenizer import EOS, EOS_ID, UNK, UNK_ID, Tokenizer, train_tokenizer
 from lmtrain.text.tokens import VERSION as TOKENS_VERSION, TokenFile, TokenWriter, read_tokens, token_dtype
 
