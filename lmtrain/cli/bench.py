@@ -12,9 +12,7 @@ import typer
 
 from lmtrain.cli.app import app, say, user_errors
 from lmtrain.errors import LmtrainError, require
-from lmtrain.model import load_run
 from lmtrain.runtime import resolve_device
-from lmtrain.text import BUILTIN, encode_split, load_corpus
 
 
 @app.command()
@@ -85,10 +83,8 @@ def bench(
 def bench_generate(run: Path | None, sizes: str, layers: int, vocab_size: int, batch_size: int, bptt: int,
                    precisions: str, streams: str, tokens: int, repeats: int, warmup: int, as_json: bool) -> None:
     """`lmtrain bench --generate`: sampling speed per precision, evaluation against the training forward."""
-    from lmtrain.tools import bench as benchmarks
-    from lmtrain.config import ModelConfig
-    from lmtrain.model import LanguageModel
     from lmtrain.generation import PRECISIONS, available_precisions
+    from lmtrain.tools import GenerationBench, format_generation_table, measure_generation
 
     with user_errors():
         have = available_precisions(torch.device("cpu"))
@@ -106,26 +102,12 @@ def bench_generate(run: Path | None, sizes: str, layers: int, vocab_size: int, b
         except ValueError:
             raise LmtrainError(f"--streams and --sizes must be comma-separated integers, got '{streams}' and '{sizes}'") from None
         require((min(stream_counts) >= 1 and hidden >= 1, "--streams and --sizes must be positive"))
-        test_tokens = None
-        if run is not None:
-            loaded = load_run(run, torch.device("cpu"))
-            model, label = loaded.model, f"run {run}"
-            if loaded.corpus != BUILTIN and not Path(loaded.corpus).exists():
-                say(f"note: the run's corpus {loaded.corpus} is gone; no test perplexity")
-            else:
-                test_tokens = encode_split(loaded.tokenizer, load_corpus(None if loaded.corpus == BUILTIN else Path(loaded.corpus)).splits["test"]).tokens
-        else:
-            torch.manual_seed(0)
-            model = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab_size).eval()
-            label = f"random {layers} x {hidden}, vocabulary {vocab_size:,}"
-        records = benchmarks.bench_generation(model, names, stream_counts, tokens, repeats, warmup)
-        if test_tokens is not None:
-            ppl = {p: benchmarks.stepped_perplexity(model, test_tokens, p) for p in names}
-            records = [dataclasses.replace(r, test_ppl=ppl[r.precision]) for r in records]
-        records += benchmarks.bench_evaluation(model, batch_size, bptt, 10, repeats, warmup)
+        bench = GenerationBench(names, stream_counts, tokens, repeats, warmup, batch_size, bptt, run=run, layers=layers,
+                                hidden=hidden, vocab_size=vocab_size)
+        label, records = measure_generation(bench, say)
         if as_json:
             for record in records:
                 typer.echo(json.dumps(dataclasses.asdict(record)))
         else:
             typer.echo(f"{label} | torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats}")
-            typer.echo(benchmarks.format_generation_table(records))
+            typer.echo(format_generation_table(records))

@@ -4,6 +4,7 @@ generated configuration reference (config_docs).
 
 This is the stage's face: other stages import from `lmtrain.tools` only."""
 
+from lmtrain.tools.bench_generate import GenerationBench, format_generation_table, measure_generation
 from lmtrain.tools.report import write_report
 from lmtrain.tools.reproduce import reproduce, results_table
 from lmtrain.tools.synth import (
@@ -15,6 +16,7 @@ from lmtrain.tools.synth import (
 )
 
 __all__ = [
+    "GenerationBench", "format_generation_table", "measure_generation",
     "DEFAULT_ALPHABET", "DEFAULT_K", "memoryless_perplexity", "optimum_perplexity", "reproduce",
     "results_table", "write_copy_corpus", "write_report"
 ]

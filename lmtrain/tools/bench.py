@@ -23,32 +23,23 @@ Peak memory is the highest amount of tensor memory held during one forward + bac
 what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
 allocator's peak).
 
-`bench --generate` times sampling instead (lmtrain.generation.sampler, lmtrain.generation.stepper): tokens/s for each
-weight precision and number of streams, interleaved the same way; with a run, also the test
-perplexity each precision gives when it scores the run's test split. And evaluation's
-throughput (`total_nll`, as `lmtrain evaluate` runs it) against the forward half of a training
-step (embedding, stack, decoder, loss in training mode) on the same windows.
+`bench --generate` times sampling instead (lmtrain.tools.bench_generate).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmtrain.config import ModelConfig
-from lmtrain.evaluation import total_nll
-from lmtrain.generation import Sampler, Stepper, StreamRandom
-from lmtrain.model import LanguageModel, RecurrentLayer, cross_entropy
-from lmtrain.text import EOS_ID, batchify
+from lmtrain.model import LanguageModel, RecurrentLayer
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the compute dtype of each; weights stay float32
 
@@ -146,7 +137,7 @@ def stack_step(stack: nn.Module, x: torch.Tensor, low: torch.dtype | None, ours:
     return run
 
 
-def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool,
+def timed_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool,
                low: torch.dtype | None = None) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -162,9 +153,9 @@ def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ou
     return run
 
 
-def graphed_train_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor, low: torch.dtype | None,
+def graphed_timed_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor, low: torch.dtype | None,
                        note: Callable[[str], None]) -> Callable[[], None]:
-    """train_step for our model with its forward + backward captured as a CUDA graph on the first
+    """timed_step for our model with its forward + backward captured as a CUDA graph on the first
     call and replayed after (lmtrain.training.graphs.WindowRunner); eager where capture fails (noted)."""
     from lmtrain.training import WindowRunner
 
@@ -291,13 +282,13 @@ def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: i
             ours = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
             reference = TorchLSTMLanguageModel(vocab, layers, hidden)
             runs = {
-                "ours": train_step(ours.to(device), tokens, targets, True, low),
-                "torch": train_step(reference.to(device), tokens, targets, False, low),
+                "ours": timed_step(ours.to(device), tokens, targets, True, low),
+                "torch": timed_step(reference.to(device), tokens, targets, False, low),
             }
             if device.type == "cuda":
                 graphed = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
                 graphed.load_state_dict(ours.state_dict())
-                runs["ours+graphs"] = graphed_train_step(graphed.to(device), tokens, targets, low, note)
+                runs["ours+graphs"] = graphed_timed_step(graphed.to(device), tokens, targets, low, note)
             medians = time_round_robin(runs, repeats, warmup, device)
             for impl, run in runs.items():
                 records.append(Record(
@@ -326,96 +317,3 @@ def format_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class GenerationRecord:
-    what: str  # "generate", or "evaluate" / "train forward" (same windows)
-    precision: str
-    streams: int
-    tokens_per_s: float
-    test_ppl: float | None = None  # with a run: its test split scored through the stepper
-    ratio: float | None = None  # evaluate: its time per token / the training forward's
-
-
-def draw_tokens(sampler: Sampler, streams: int, tokens: int) -> Callable[[], None]:
-    """A run that samples `tokens` steps for `streams` streams from a fresh `sampler` (each call
-    goes on from the last)."""
-    sampler.feed([EOS_ID])
-    sampler.expand(streams)
-    random = StreamRandom(0, streams)
-
-    def run():
-        for _ in sampler.draw(tokens, 1.0, 0, 1.0, random):
-            pass
-
-    return run
-
-
-def bench_generation(model: LanguageModel, precisions: list[str], stream_counts: list[int], tokens: int,
-                     repeats: int, warmup: int) -> list[GenerationRecord]:
-    """Sampling tokens/s (summed over streams) per precision, the precisions interleaved. Where
-    the model's step is one compiled op (an LSTM stack), the last precision is also timed op by
-    op ("generate, op by op"), as the reference for that op."""
-    records = []
-    for streams in stream_counts:
-        samplers = {("generate", p): Sampler(model, p) for p in precisions}
-        if samplers["generate", precisions[-1]].stepper.stack is not None:
-            op_by_op = Sampler(model, precisions[-1])
-            op_by_op.stepper.unfused = True
-            samplers["generate, op by op", precisions[-1]] = op_by_op
-        runs = {key: draw_tokens(sampler, streams, tokens) for key, sampler in samplers.items()}
-        medians = time_round_robin(runs, repeats, warmup, torch.device("cpu"))
-        records += [GenerationRecord(what, p, streams, streams * tokens / medians[what, p]) for what, p in runs]
-    return records
-
-
-@torch.no_grad()
-def stepped_perplexity(model: LanguageModel, tokens: np.ndarray, precision: str, streams: int = 16) -> float:
-    """Perplexity of `tokens` scored one step at a time through the stepper, as `streams`
-    contiguous streams from a zero state (the evaluate layout, without padding: the tail that does
-    not fill a row is left out)."""
-    stepper = Stepper(model, precision)
-    inputs, targets = batchify(tokens, streams, EOS_ID)
-    state = model.init_state(streams)
-    total = 0.0
-    for x, y in zip(inputs, targets):
-        logits, state = stepper.step(x, state)
-        total -= torch.log_softmax(logits.double(), -1).gather(1, y.view(-1, 1)).sum().item()
-    return math.exp(total / targets.numel())
-
-
-def bench_evaluation(model: LanguageModel, batch: int, bptt: int, windows: int, repeats: int,
-                     warmup: int) -> list[GenerationRecord]:
-    """`total_nll` (evaluation) against the forward half of a training step over the same
-    `windows` windows of (bptt, batch) tokens; tokens/s of each and evaluation's time ratio."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.vocab_size, (windows * bptt * batch,), generator=generator)
-    inputs, targets = batchify(tokens.numpy(), batch, EOS_ID)
-
-    def evaluate():
-        total_nll(model, tokens.numpy(), batch, bptt)
-
-    def train_forward():
-        model.train()
-        state = model.init_state(batch)
-        with torch.no_grad():  # the forward half only; the graph would be freed unused anyway
-            for start in range(0, inputs.size(0), bptt):
-                _, dropped, state = model.hidden(inputs[start : start + bptt], state)
-                logits = model.decode(dropped)
-                cross_entropy(logits.view(-1, logits.size(-1)), targets[start : start + bptt].reshape(-1)).mean()
-        model.eval()
-
-    medians = time_round_robin({"evaluate": evaluate, "train forward": train_forward}, repeats, warmup, torch.device("cpu"))
-    n = tokens.numel()
-    return [
-        GenerationRecord("evaluate", "fp32", batch, n / medians["evaluate"], ratio=medians["evaluate"] / medians["train forward"]),
-        GenerationRecord("train forward", "fp32", batch, n / medians["train forward"]),
-    ]
-
-
-def format_generation_table(records: list[GenerationRecord]) -> str:
-    lines = ["| what | precision | streams | tokens/s | test ppl | time / train forward |", "|---|---|---:|---:|---:|---:|"]
-    for r in records:
-        ppl = f"{r.test_ppl:.3f}" if r.test_ppl is not None else ""
-        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
-        lines.append(f"| {r.what} | {r.precision} | {r.streams} | {r.tokens_per_s:,.0f} | {ppl} | {ratio} |")
-    return "\n".join(lines)
