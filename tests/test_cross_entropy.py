@@ -1,4 +1,4 @@
-"""The fused cross-entropy (lmtrain/model/kernels/cross_entropy_cpu.cpp) against F.cross_entropy."""
+"""The fused cross-entropy (lmtrain/model/kernels/cpu/cross_entropy_cpu.cpp) against F.cross_entropy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The persistent LSTM kernel (lmtrain.model.kernels.lstm_persistent) under Triton's interpreter on the
+"""The persistent LSTM kernel (lmtrain.model.kernels.cuda.lstm_persistent) under Triton's interpreter on the
 CPU: the whole window's forward and backward in one launch each, against the engine (Recurrence)
 in float32 and in mixed precision, directly and through run_layer's fused path."""
 
@@ -17,18 +17,18 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 @pytest.fixture(scope="module")
 def persistent():
-    """lmtrain.model.kernels.lstm_persistent imported with TRITON_INTERPRET=1 (read when kernels are defined)."""
+    """lmtrain.model.kernels.cuda.lstm_persistent imported with TRITON_INTERPRET=1 (read when kernels are defined)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        import lmtrain.model.kernels.lstm_triton as pointwise
+        import lmtrain.model.kernels.cuda.lstm_triton as pointwise
 
         importlib.reload(pointwise)
-        import lmtrain.model.kernels.lstm_persistent as module
+        import lmtrain.model.kernels.cuda.lstm_persistent as module
 
         yield importlib.reload(module)
     for name in ("lstm_persistent", "lstm_triton"):  # a later import (on a GPU) compiles them afresh
-        sys.modules.pop(f"lmtrain.model.kernels.{name}", None)
-        delattr(sys.modules["lmtrain.model.kernels"], name)
+        sys.modules.pop(f"lmtrain.model.kernels.cuda.{name}", None)
+        delattr(sys.modules["lmtrain.model.kernels.cuda"], name)
 
 
 def inputs(steps, batch, input_size, hidden):

@@ -1,4 +1,4 @@
-"""The hand-written Triton LSTM step kernels (lmtrain.model.kernels.lstm_triton) under Triton's
+"""The hand-written Triton LSTM step kernels (lmtrain.model.kernels.cuda.lstm_triton) under Triton's
 interpreter on the CPU, against the LSTM cell's own step functions and, over a sequence, against
 the engine. Skipped where triton is not installed (it is in the test extras)."""
 
@@ -16,15 +16,15 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 @pytest.fixture(scope="module")
 def kernels():
-    """lmtrain.model.kernels.lstm_triton imported with TRITON_INTERPRET=1 (read when the kernels are defined)."""
+    """lmtrain.model.kernels.cuda.lstm_triton imported with TRITON_INTERPRET=1 (read when the kernels are defined)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        import lmtrain.model.kernels.lstm_triton as module
+        import lmtrain.model.kernels.cuda.lstm_triton as module
 
         yield importlib.reload(module)
     # forget the interpreted kernels, so that a later import (on a GPU) compiles them
-    sys.modules.pop("lmtrain.model.kernels.lstm_triton", None)
-    delattr(sys.modules["lmtrain.model.kernels"], "lstm_triton")
+    sys.modules.pop("lmtrain.model.kernels.cuda.lstm_triton", None)
+    delattr(sys.modules["lmtrain.model.kernels.cuda"], "lstm_triton")
 
 
 def step_inputs(batch, hidden, dtype, seed=0):

@@ -16,7 +16,7 @@ on the CPU, the same equations in one compiled pass, `lstm_cell_step`). For an L
 this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
 compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
 product (at one stream, a fifth to a quarter of the op-by-op step's time). The
-products' weights are held as float32, bfloat16 or int8 (`PRECISIONS`, lmtrain/model/kernels/step_cpu.cpp):
+products' weights are held as float32, bfloat16 or int8 (`PRECISIONS`, lmtrain/model/kernels/cpu/step_cpu.cpp):
 smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
 computed on its own, so a stream's logits do not depend on the streams beside it.
 

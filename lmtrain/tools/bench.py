@@ -10,7 +10,7 @@ alike; the figure is the median over the repeats. Two things are timed:
 
 On CUDA the step is also timed with our window captured as a CUDA graph and replayed
 (lmtrain.training.graphs; impl "ours+graphs"), as training runs it there, and the LSTM stack with its
-window in one persistent kernel launch each way (lmtrain.model.kernels.lstm_persistent; impl
+window in one persistent kernel launch each way (lmtrain.model.kernels.cuda.lstm_persistent; impl
 "ours+persistent").
 
 dtype bf16 is mixed precision as training runs it (train.precision = bf16): float32 weights,

@@ -1,8 +1,10 @@
 """Our C++ CPU ops (torch.ops.lmtrain), built on first use by torch's extension loader.
 
-    lstm_cpu.cpp           the LSTM's time loops and the panel GEMM's ops (lmtrain.model.kernels.lstm)
-    cross_entropy_cpu.cpp  the fused cross-entropy (lmtrain.model.kernels.cross_entropy)
-    step_cpu.cpp           products for one generation step (lmtrain.generation.stepper)
+    cpu/lstm_cpu.cpp           the LSTM's time loops and the panel GEMM's ops (lmtrain.model.kernels.lstm)
+    cpu/cross_entropy_cpu.cpp  the fused cross-entropy (lmtrain.model.kernels.cross_entropy)
+    cpu/step_cpu.cpp           one generation step (lmtrain.generation.stepper): its products
+                               (step_products.h), its pointwise step and draw (step_sampling.h), and
+                               the whole step of an LSTM stack in one op
 
 The build is cached per machine under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)
 as `lmtrain_cpu_<key>`, where the key (`build_key`) hashes everything the library depends on: the
@@ -38,7 +40,7 @@ from lmtrain.locks import exclusive
 
 EXTENSION = "lmtrain_cpu"
 SOURCES = ("lstm_cpu.cpp", "cross_entropy_cpu.cpp", "step_cpu.cpp")
-HEADERS = ("fast_math.h", "panel_gemm.h")
+HEADERS = ("fast_math.h", "panel_gemm.h", "step_products.h", "step_sampling.h")
 # -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
 CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -89,7 +91,7 @@ def _load_cpu_ops():
     try:
         from torch.utils import cpp_extension
 
-        here = Path(__file__).parent
+        here = Path(__file__).parent / "cpu"
         name = f"{EXTENSION}_{current_key(here)}"
         build_dir = Path(cpp_extension._get_build_directory(name, False))
         build_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ Same arithmetic as lmtrain.model.recurrence.Recurrence, organised for a GPU:
     `torch.compile` (inductor: Triton kernels on CUDA, C++ on the CPU), once per cell, step
     function, shapes, dtype and device, with fullgraph=True and dynamic=False, and cached;
     for the LSTM on CUDA, hand-written Triton kernels can stand in (LMTRAIN_CUDA_POINTWISE=triton,
-    lmtrain/model/kernels/lstm_triton.py);
+    lmtrain/model/kernels/cuda/lstm_triton.py);
   - every recurrent GEMM writes into a buffer allocated once per shape (cuBLAS on CUDA):
     hg = h_{t-1} W_hh^T (+ b_hh) per forward step, dh_{t-1} = d hg_t W_hh per backward step;
   - input projections, dX and the weight gradients are one large GEMM each, as in the engine;
@@ -22,7 +22,7 @@ Selection (read at each call, so tests can set them):
   LMTRAIN_CUDA_POINTWISE    compile (default) | triton (LSTM only). Which is faster is to be
                             chosen by measurement on a GPU (lmtrain bench --device cuda); not yet done.
   LMTRAIN_PERSISTENT=1      the LSTM's whole window in one launch each way
-                            (lmtrain/model/kernels/lstm_persistent.py); off until timed on a GPU.
+                            (lmtrain/model/kernels/cuda/lstm_persistent.py); off until timed on a GPU.
 
 When tracing or compiling fails, the step runs eagerly with a warning, once per key.
 """
@@ -105,7 +105,7 @@ def step_function(cell: ModuleType, which: str, args: tuple, mode: str | None = 
     # Triton runs on CUDA tensors, or on CPU tensors under its interpreter (tests)
     on_triton = leaves[0].is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
     if mode != "eager" and cell.__name__ == "lmtrain.model.cells.lstm" and on_triton and cuda_pointwise() == "triton":
-        from lmtrain.model.kernels import lstm_triton
+        from lmtrain.model.kernels.cuda import lstm_triton
 
         return getattr(lstm_triton, f"{which}_step")
     key = (cell.__name__, which, mode, tuple((tuple(t.shape), t.dtype) for t in leaves), leaves[0].device)
@@ -230,10 +230,10 @@ def run(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_
         b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), low: torch.dtype | None = None
         ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract. With
-    LMTRAIN_PERSISTENT=1 the LSTM's whole time loop is one kernel launch (lmtrain.model.kernels.lstm_persistent)."""
+    LMTRAIN_PERSISTENT=1 the LSTM's whole time loop is one kernel launch (lmtrain.model.kernels.cuda.lstm_persistent)."""
     on_triton = x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
     if on_triton and os.environ.get("LMTRAIN_PERSISTENT", "0") == "1":
-        from lmtrain.model.kernels import lstm_persistent
+        from lmtrain.model.kernels.cuda import lstm_persistent
 
         if lstm_persistent.supports(cell.__name__.rsplit(".", 1)[-1], x, b_hh, extra):
             return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lmtrain.model.kernels import mixed
-from lmtrain.model.kernels.lstm_triton import _sigmoid, _tanh
+from lmtrain.model.kernels.cuda.lstm_triton import _sigmoid, _tanh
 
 BLOCK_B, BLOCK_N, BLOCK_K = 16, 32, 32  # streams per program; units and reduction per tile (tl.dot needs >= 16)
 

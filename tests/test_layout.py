@@ -1,0 +1,83 @@
+"""The layout's rules (docs/architecture.md), read from the source with ast:
+
+- a stage imports another stage only through its face (`lmtrain.text`, never `lmtrain.text.tokens`);
+- no module imports a higher floor: base -> text -> model -> generation -> evaluation -> training
+  -> tools -> cli;
+- every stage has a face with a docstring;
+- no Python module and no C++ file over 400 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lmtrain"
+FLOORS = ["base", "text", "model", "generation", "evaluation", "training", "tools", "cli"]
+STAGES = FLOORS[1:]
+MAX_LINES = 400
+
+
+def stage_of(module: str) -> str:
+    """lmtrain.text.tokens -> text; lmtrain.config -> base; lmtrain.__main__ is the CLI's."""
+    parts = module.split(".")
+    if parts[1:2] == ["__main__"]:
+        return "cli"
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else "base"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every lmtrain import in `path`, `from lmtrain import x` as lmtrain.x."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("lmtrain"):
+            if node.module == "lmtrain":
+                found += [(node.lineno, f"lmtrain.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("lmtrain")]
+    return found
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_the_package_is_laid_out_in_stages():
+    for stage in STAGES:
+        face = PACKAGE / stage / "__init__.py"
+        assert face.is_file(), f"lmtrain/{stage} has no face"
+        assert ast.get_docstring(ast.parse(face.read_text())), f"lmtrain/{stage}/__init__.py says nothing of its stage"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_go_down_the_floors_and_through_the_faces(path):
+    here = stage_of(module_name(path))
+    for line, module in imports(path):
+        there = stage_of(module)
+        if there == here or there == "base":
+            continue
+        assert FLOORS.index(there) < FLOORS.index(here), f"line {line}: {here} imports {module}, a higher floor"
+        assert module == f"lmtrain.{there}", f"line {line}: {module} is inside {there}; import it from lmtrain.{there}"
+
+
+@pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.cpp"), *PACKAGE.rglob("*.h")]),
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_file_is_over_400_lines(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines: split it by job"
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path):
+    """The checks themselves: a higher floor and an inner module are what stage_of tells apart."""
+    assert stage_of("lmtrain.text.tokens") == "text" and stage_of("lmtrain.config") == "base"
+    assert stage_of("lmtrain.__main__") == "cli" and stage_of("lmtrain.model.kernels.build") == "model"
+    sample = tmp_path / "sample.py"
+    sample.write_text("from lmtrain import runs\nimport lmtrain.model.saved\nfrom lmtrain.text import Tokenizer\n")
+    assert imports(sample) == [(1, "lmtrain.runs"), (2, "lmtrain.model.saved"), (3, "lmtrain.text")]
