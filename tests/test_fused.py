@@ -11,8 +11,8 @@ from test_cells import grads_of, layer_inputs, leaves
 
 from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
-from lmtrain.model.cells import CELLS, gru, lstm
-from lmtrain.model.kernels import fused
+from lmtrain.model.cells import CELLS, get_cell, gru, lstm
+from lmtrain.model.kernels import dispatch, fused
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.model.recurrence import Recurrence, run_layer
 
@@ -118,11 +118,10 @@ def test_bad_selection_names_the_variable(variable, value, monkeypatch):
 
 
 def test_cpu_takes_the_fused_path_only_when_asked(monkeypatch):
-    x = torch.zeros(1, 1, 1)
     monkeypatch.delenv("LMTRAIN_FUSED", raising=False)
-    assert not fused.enabled(x)
+    assert dispatch.explain(get_cell("gru"), torch.device("cpu")).path == "engine"
     monkeypatch.setenv("LMTRAIN_FUSED", "1")
-    assert fused.enabled(x)
+    assert dispatch.explain(get_cell("gru"), torch.device("cpu")).path == "fused"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused path compiled to Triton kernels on a GPU")

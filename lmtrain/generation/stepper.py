@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel, State, cpu_ops, lstm
+from lmtrain.model import LanguageModel, State, cpu_ops, is_lstm
 
 PRECISIONS = ("fp32", "bf16", "int8")
 KIND = {"fp32": 0, "bf16": 1, "int8": 2}
@@ -133,7 +133,7 @@ class Stepper:
         # an LSTM stack in the layout above, all of it compiled: the whole step as one op
         products = self.recurrent + [self.decoder]
         self.stack = None
-        if (self.lstm_step is not None and self.table is not None and all(cell is lstm for cell in self.cells)
+        if (self.lstm_step is not None and self.table is not None and all(is_lstm(cell) for cell in self.cells)
                 and all(self.joint[1:]) and all(p.compiled for p in products)):
             self.stack = tuple([getattr(p, name) for p in products] for name in ("weight", "scales", "sums", "bias"))
         self.scratch = torch.empty(0, dtype=torch.uint8)  # the whole-step op's working memory, grown by the op
@@ -182,7 +182,7 @@ class Stepper:
         for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):
             layer_state = tuple(s.float() for s in state[k])
             h = layer_state[0]
-            if cell is lstm and self.lstm_step is not None:
+            if is_lstm(cell) and self.lstm_step is not None:
                 if self.joint[k]:
                     gates = self.recurrent[k](torch.cat([x, h], 1))
                 else:

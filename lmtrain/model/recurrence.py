@@ -14,10 +14,10 @@ Backward, steps in reverse:
   Then one GEMM each for dW_ih = dXG^T X, dW_hh = dHG^T H_prev and dX = dXG W_ih.
 
 A cell may also offer `sequence_kernel`: a faster forward/backward over the whole sequence
-(see lmtrain/model/kernels/). The engine uses it when it is available for the tensors at hand and falls
-back to the per-step Python loop above otherwise; both compute the same thing. On CUDA (or with
-LMTRAIN_FUSED=1) every cell takes lmtrain.model.kernels.fused instead: the same loop with each step's
-pointwise work compiled into one kernel and the per-step GEMMs into reused buffers.
+(see lmtrain/model/kernels/); on CUDA every cell takes lmtrain.model.kernels.fused instead: the same
+loop with each step's pointwise work compiled into one kernel and the per-step GEMMs into reused
+buffers. lmtrain.model.kernels.dispatch chooses, for each call of `run_layer`, and says why; every
+path computes the same thing as the loop above.
 
 Mixed precision (`low` = torch.bfloat16, train.precision = bf16): every GEMM above takes bfloat16
 operands and gives float32 sums (lmtrain.model.kernels.mixed); the cell's pointwise steps, its state
@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lmtrain.model.kernels import fused, mixed
+from lmtrain.model.kernels import dispatch, fused, mixed
 
 
 class Recurrence(torch.autograd.Function):
@@ -109,10 +109,10 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
         w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
     if x.dtype != torch.float32:
         low = None
-    if fused.enabled(x):
-        return fused.run(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
-    kernel = getattr(cell, "sequence_kernel", None)
-    if kernel is not None and kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low):
-        return kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
+    path = dispatch.choose(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low).path
+    if path in ("fused", "persistent"):
+        return fused.run(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low, persistent=path == "persistent")
+    if path == "sequence":
+        return cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
     outputs = Recurrence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])

@@ -4,12 +4,13 @@
 torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed).
 
 Each kernel computes exactly what the generic engine (lmtrain.model.recurrence.Recurrence) computes
-with the cell's per-step functions; the tests hold the two against each other. Setting the
-environment variable LMTRAIN_KERNELS=0 turns every kernel off, leaving the generic engine.
+with the cell's per-step functions; the tests hold the two against each other. Which one runs is
+decided in one place, lmtrain.model.kernels.dispatch, which reads every LMTRAIN_* switch
+(LMTRAIN_KERNELS=0 turns every kernel off, leaving the generic engine).
 """
 
-import os
+from lmtrain.model.kernels.dispatch import on
 
 
 def kernels_enabled() -> bool:
-    return os.environ.get("LMTRAIN_KERNELS", "1") != "0"
+    return on("LMTRAIN_KERNELS")

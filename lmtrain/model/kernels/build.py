@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.locks import exclusive
+from lmtrain.model.kernels import dispatch
 
 EXTENSION = "lmtrain_cpu"
 SOURCES = ("lstm_cpu.cpp", "cross_entropy_cpu.cpp", "step_cpu.cpp")
@@ -181,6 +182,6 @@ def damage(library: Path) -> str | None:
 
 def cpu_ops():
     """The compiled loops (torch.ops.lmtrain), or None when off (LMTRAIN_COMPILE=0) or unbuildable."""
-    if os.environ.get("LMTRAIN_COMPILE", "1") == "0":
+    if not dispatch.on("LMTRAIN_COMPILE"):
         return None
     return _load_cpu_ops()

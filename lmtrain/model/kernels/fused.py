@@ -15,7 +15,7 @@ Same arithmetic as lmtrain.model.recurrence.Recurrence, organised for a GPU:
   - with train.precision = bf16 every GEMM takes bfloat16 operands and gives float32 sums
     (cuBLAS, lmtrain.model.kernels.mixed); the compiled pointwise steps and the state stay float32.
 
-Selection (read at each call, so tests can set them):
+Selection (lmtrain.model.kernels.dispatch reads the switches, at each call, so tests can set them):
   LMTRAIN_FUSED=1           use this path on the CPU too (on CUDA it is always used)
   LMTRAIN_FUSED_MODE        compile (default) | traced (the same traced graphs, run without
                             inductor: for CPU tests) | eager (the cells' functions as they are)
@@ -29,7 +29,6 @@ When tracing or compiling fails, the step runs eagerly with a warning, once per 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -38,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lmtrain.model.kernels import mixed
+from lmtrain.model.kernels import dispatch, mixed
 
 MODES = ("compile", "traced", "eager")
 POINTWISE = ("compile", "triton")
@@ -50,27 +49,12 @@ _STEP_CACHE: dict[tuple, Callable] = {}
 _SCRATCH: dict[tuple, Tensor] = {}
 
 
-def enabled(x: Tensor) -> bool:
-    """Whether run_layer should take this path for input x: always on CUDA, on request elsewhere."""
-    return x.is_cuda or os.environ.get("LMTRAIN_FUSED", "0") == "1"
-
-
 def fused_mode() -> str:
-    mode = os.environ.get("LMTRAIN_FUSED_MODE", "compile")
-    if mode not in MODES:
-        from lmtrain.errors import LmtrainError
-
-        raise LmtrainError(f"LMTRAIN_FUSED_MODE must be one of {', '.join(MODES)}, got '{mode}'")
-    return mode
+    return dispatch.switch("LMTRAIN_FUSED_MODE")
 
 
 def cuda_pointwise() -> str:
-    choice = os.environ.get("LMTRAIN_CUDA_POINTWISE", "compile")
-    if choice not in POINTWISE:
-        from lmtrain.errors import LmtrainError
-
-        raise LmtrainError(f"LMTRAIN_CUDA_POINTWISE must be one of {', '.join(POINTWISE)}, got '{choice}'")
-    return choice
+    return dispatch.switch("LMTRAIN_CUDA_POINTWISE")
 
 
 def scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -103,8 +87,7 @@ def step_function(cell: ModuleType, which: str, args: tuple, mode: str | None = 
     mode = mode or fused_mode()
     leaves, in_spec = tree_flatten(args)
     # Triton runs on CUDA tensors, or on CPU tensors under its interpreter (tests)
-    on_triton = leaves[0].is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if mode != "eager" and cell.__name__ == "lmtrain.model.cells.lstm" and on_triton and cuda_pointwise() == "triton":
+    if mode != "eager" and dispatch.is_lstm(cell) and dispatch.on_triton(leaves[0]) and cuda_pointwise() == "triton":
         from lmtrain.model.kernels.cuda import lstm_triton
 
         return getattr(lstm_triton, f"{which}_step")
@@ -227,15 +210,14 @@ class FusedSequence(torch.autograd.Function):
 
 
 def run(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-        b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), low: torch.dtype | None = None
-        ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract. With
-    LMTRAIN_PERSISTENT=1 the LSTM's whole time loop is one kernel launch (lmtrain.model.kernels.cuda.lstm_persistent)."""
-    on_triton = x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if on_triton and os.environ.get("LMTRAIN_PERSISTENT", "0") == "1":
+        b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), low: torch.dtype | None = None,
+        persistent: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract. `persistent`
+    (dispatch's "persistent" path): the LSTM's whole time loop is one kernel launch each way
+    (lmtrain.model.kernels.cuda.lstm_persistent)."""
+    if persistent:
         from lmtrain.model.kernels.cuda import lstm_persistent
 
-        if lstm_persistent.supports(cell.__name__.rsplit(".", 1)[-1], x, b_hh, extra):
-            return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)
+        return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)
     outputs = FusedSequence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])
