@@ -1,19 +1,16 @@
 """Recurrent cells. Each module holds one cell's equations as plain autograd (`reference`) and the
 per-step pointwise forward and backward that the engine in `lmtrain.model.recurrence` calls; see there
-for the interface. Adding a cell means adding a module here and a line to CELLS."""
+for the interface.
 
+The cells are the names of lmtrain.config.CELLS (what `model.cell` may be), each the module of
+that name here. Adding a cell means adding its module here and its name to config.CELLS."""
+
+import importlib
 from types import ModuleType
 
-from lmtrain.model.cells import coupled, gru, lstm, peephole, rnn, slstm
+from lmtrain import config
 
-CELLS: dict[str, ModuleType] = {
-    "lstm": lstm,
-    "peephole": peephole,
-    "coupled": coupled,
-    "gru": gru,
-    "rnn": rnn,
-    "slstm": slstm,
-}
+CELLS: dict[str, ModuleType] = {name: importlib.import_module(f"{__name__}.{name}") for name in config.CELLS}
 
 
 def get_cell(name: str) -> ModuleType:
