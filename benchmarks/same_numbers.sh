@@ -2,8 +2,8 @@
 # The same seeded runs through one checkout, for comparing two checkouts byte for byte (issue 16's
 # evidence that a restructuring changed no number):
 #   benchmarks/same_numbers.sh CHECKOUT OUT [DATA]
-# trains configs/demo.toml for 60 steps on the built-in corpus and configs/ptb-small.toml for 200
-# steps on DATA/ptb (default ../shared/data), then writes each run's metrics.jsonl, `evaluate
+# trains configs/demo.toml for 60 steps (a record every 5) on the built-in corpus and configs/ptb-small.toml for 200
+# steps (every 10) on DATA/ptb (default ../shared/data), then writes each run's metrics.jsonl, `evaluate
 # --json` on its test split and `generate --seed 1` under OUT. Compare two OUTs with
 #   for f in demo/metrics.jsonl demo.eval.json demo.gen.txt ptb/metrics.jsonl ptb.eval.json ptb.gen.txt; do cmp A/$f B/$f; done
 set -euo pipefail
@@ -18,6 +18,6 @@ run() {  # NAME CORPUS-ARGS... -- TRAIN-ARGS...
   lmtrain evaluate "$out/$name" --split test --json > "$out/$name.eval.json"
   lmtrain generate "$out/$name" --prompt "The" --max-tokens 60 --num-samples 3 --seed 1 > "$out/$name.gen.txt"
 }
-run demo --config configs/demo.toml --set train.max_steps=60
-run ptb "$data/ptb" --config configs/ptb-small.toml --set train.max_steps=200
+run demo --config configs/demo.toml --set train.max_steps=60 --set train.log_interval=5
+run ptb "$data/ptb" --config configs/ptb-small.toml --set train.max_steps=200 --set train.log_interval=10
 echo "wrote $out"
