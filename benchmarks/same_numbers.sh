@@ -4,8 +4,9 @@
 #   benchmarks/same_numbers.sh CHECKOUT OUT [DATA]
 # trains configs/demo.toml for 60 steps (a record every 5) on the built-in corpus and configs/ptb-small.toml for 200
 # steps (every 10) on DATA/ptb (default ../shared/data), then writes each run's metrics.jsonl, `evaluate
-# --json` on its test split and `generate --seed 1` under OUT. Compare two OUTs with
-#   for f in demo/metrics.jsonl demo.eval.json demo.gen.txt ptb/metrics.jsonl ptb.eval.json ptb.gen.txt; do cmp A/$f B/$f; done
+# --json` on its test split and `generate --seed 1` under OUT; and a GRU on the demo config for 30 steps
+# (the LSTM runs its own sequence kernel, the GRU the generic engine). Compare two OUTs with
+#   for r in demo ptb gru; do for f in $r/metrics.jsonl $r.eval.json $r.gen.txt; do cmp A/$f B/$f; done; done
 set -euo pipefail
 checkout=$(cd "$1" && pwd); mkdir -p "$2"; out=$(cd "$2" && pwd); data=${3:-$checkout/../shared/data}
 python=${PYTHON:-$checkout/.venv/bin/python}
@@ -20,4 +21,5 @@ run() {  # NAME CORPUS-ARGS... -- TRAIN-ARGS...
 }
 run demo --config configs/demo.toml --set train.max_steps=60 --set train.log_interval=5
 run ptb "$data/ptb" --config configs/ptb-small.toml --set train.max_steps=200 --set train.log_interval=10
+run gru --config configs/demo.toml --set model.cell=gru --set train.max_steps=30 --set train.log_interval=5  # the generic engine
 echo "wrote $out"

@@ -93,6 +93,22 @@ def test_engine_matches_reference(name):
     assert_all_close(grads_of([y, *final], wrt), grads_of([y_ref, *final_ref], wrt), atol=1e-12)
 
 
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_two_layers_of_one_shape_share_the_engine_buffers_safely(name, monkeypatch):
+    """The engine reuses its buffers (input projections, per-step products) across calls of the
+    same shape: a second layer's forward must not spoil what the first keeps for its backward."""
+    monkeypatch.setenv("LMTRAIN_KERNELS", "0")  # the LSTM too through the engine
+    cell = CELLS[name]
+    x, state, w_ih, w_hh, b_ih, b_hh, extra = first = layer_inputs(cell, input_size=3, hidden=3, seed=7)
+    _, state2, w_ih2, w_hh2, b_ih2, b_hh2, extra2 = second = layer_inputs(cell, input_size=3, hidden=3, seed=8)
+    y1, _ = run_layer(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra)
+    y2, final = run_layer(cell, y1, state2, w_ih2, w_hh2, b_ih2, b_hh2, extra2)
+    r1, _ = cell.reference(x, state, w_ih, w_hh, b_ih, b_hh, extra)
+    r2, final_ref = cell.reference(r1, state2, w_ih2, w_hh2, b_ih2, b_hh2, extra2)
+    wrt = leaves(*first) + leaves(*second)[1:]
+    assert_all_close(grads_of([y2, *final], wrt), grads_of([r2, *final_ref], wrt), atol=1e-12)
+
+
 TORCH_MODULES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 
 

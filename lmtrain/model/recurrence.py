@@ -39,7 +39,11 @@ from lmtrain.model.kernels import dispatch, fused, mixed
 class Recurrence(torch.autograd.Function):
     """outputs = Recurrence.apply(cell, n_state, low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra).
 
-    low: None (float32 throughout) or torch.bfloat16 (mixed precision's GEMM operands);
+    cell: a cell module, whose forward_step and backward_step run as they are, or
+    lmtrain.model.kernels.fused.CompiledSteps(cell), whose steps run compiled (the fused path);
+    the loop, its GEMMs and its reused buffers (fused.scratch) are the same for both.
+
+    low: None or torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed);
     x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
     state: n_state tensors (B, H); extra: the cell's per-unit parameters.
     outputs: y (T, B, H) followed by the n_state final state tensors (B, H).
@@ -48,49 +52,73 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell: ModuleType, n_state: int, low, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
         state, extra = tuple(rest[:n_state]), tuple(rest[n_state:])
-        steps, batch, _ = x.shape
+        steps, batch, inputs = x.shape
+        width, hidden = w_hh.shape
         w_ih, w_hh = mixed.operand(w_ih, low), mixed.operand(w_hh, low)
-        # (T, B, GH): the input projections of all steps in one GEMM
-        xg = mixed.mm(mixed.operand(x.reshape(steps * batch, -1), low), w_ih.t(), b_ih).view(steps, batch, -1)
-        states, saved = [state], []
+        # (T, B, GH): the input projections of all steps in one GEMM, into a reused buffer
+        xg = fused.scratch("xg", (steps, batch, width), x)
+        mixed.mm(mixed.operand(x.reshape(steps * batch, inputs), low), w_ih.t(), b_ih, out=xg.view(steps * batch, width))
+        hg = fused.scratch("hg", (batch, width), x)  # (B, GH): each step's recurrent GEMM lands here
         w_hh_t = w_hh.t()
+        ys = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T: the output and dW_hh's operand
+        ys[0] = state[0]
+        states, saved = [state], []
+        step = None
         for t in range(steps):
-            hg = mixed.mm(mixed.operand(state[0], low), w_hh_t, b_hh)
-            state, step_saved = cell.forward_step(xg[t], hg, state, extra)
+            mixed.mm(mixed.operand(state[0], low), w_hh_t, b_hh, out=hg)
+            if step is None:
+                step = step_of(cell, "forward", (xg[t], hg, state, extra))
+            state, step_saved = step(xg[t], hg, state, extra)
+            ys[t + 1] = state[0]
             states.append(state)
             saved.append(step_saved)
         ctx.cell, ctx.has_b_hh, ctx.low = cell, b_hh is not None, low
         ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
-        ctx.save_for_backward(x, w_ih, w_hh, *extra)  # the weights as the products took them
-        y = torch.stack([s[0] for s in states[1:]])  # (T, B, H)
-        return (y, *(s.clone() for s in state))
+        ctx.save_for_backward(x, w_ih, w_hh, ys, *extra)  # the weights as the products took them
+        return (ys[1:].clone(), *(s.clone() for s in state))
 
     @staticmethod
     def backward(ctx, dy: Tensor, *d_final):
-        x, w_ih, w_hh, *extra = ctx.saved_tensors
+        x, w_ih, w_hh, ys, *extra = ctx.saved_tensors
         extra = tuple(extra)
         cell, low = ctx.cell, ctx.low
-        steps, batch, _ = x.shape
+        steps, batch, inputs = x.shape
+        width, hidden = w_hh.shape
         d_state = list(d_final)
-        dxg = dhg = None
+        dxg = fused.scratch("dxg", (steps, batch, width), ys)
+        dhg = None  # dxg itself for cells whose two pre-activation gradients are one tensor
+        # dh_{t-1} = d hg_t W_hh (+ the direct part) alternates between two (B, H) buffers, so a
+        # step never writes the tensor it reads
+        dh_buffers = (fused.scratch("dh0", (batch, hidden), ys), fused.scratch("dh1", (batch, hidden), ys))
         d_extra = [torch.zeros_like(e) for e in extra]
+        step = None
         for t in reversed(range(steps)):
             d_state[0] = d_state[0] + dy[t]
-            dxg_t, dhg_t, d_prev, d_extra_t = cell.backward_step(tuple(d_state), ctx.saved[t], ctx.states[t], extra)
-            if dxg is None:
-                dxg = dxg_t.new_empty(steps, *dxg_t.shape)
-                dhg = dxg if dhg_t is dxg_t else dhg_t.new_empty(steps, *dhg_t.shape)
+            args = (tuple(d_state), ctx.saved[t], ctx.states[t], extra)
+            if step is None:
+                step = step_of(cell, "backward", args)
+            dxg_t, dhg_t, d_prev, d_extra_t = step(*args)
+            if dhg is None:
+                shared = dhg_t is dxg_t or (dhg_t.data_ptr() == dxg_t.data_ptr() and dhg_t.stride() == dxg_t.stride())
+                dhg = dxg if shared else fused.scratch("dhg", (steps, batch, width), ys)
             dxg[t] = dxg_t
             if dhg is not dxg:
                 dhg[t] = dhg_t
             d_state = list(d_prev)
-            d_state[0] = mixed.mm(mixed.operand(dhg_t, low), w_hh, d_prev[0])
+            d_state[0] = mixed.mm(mixed.operand(dhg[t], low), w_hh, d_prev[0], out=dh_buffers[t % 2])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
-        h_prev = torch.stack([s[0] for s in ctx.states[:-1]])  # (T, B, H): h_0 .. h_{T-1}
-        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, h_prev, w_ih, low, ctx.needs_input_grad[3])
+        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, ys[:-1], w_ih, low, ctx.needs_input_grad[3])
         db_hh = db_hh if ctx.has_b_hh else None
+        d_state[0] = d_state[0].clone()  # the returned gradient must not be a reused buffer
         return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
+
+
+def step_of(cell, which: str, args: tuple):
+    """The step function the engine runs for `cell`: its own `forward_step` / `backward_step`, or
+    the compiled one a fused.CompiledSteps resolves for these arguments."""
+    resolve = getattr(cell, "resolve", None)
+    return resolve(which, args) if resolve is not None else getattr(cell, f"{which}_step")
 
 
 def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
@@ -110,9 +138,12 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
     if x.dtype != torch.float32:
         low = None
     path = dispatch.choose(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low).path
-    if path in ("fused", "persistent"):
-        return fused.run(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low, persistent=path == "persistent")
+    if path == "persistent":  # the LSTM's whole time loop in one kernel launch each way
+        from lmtrain.model.kernels.cuda import lstm_persistent
+
+        return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)
     if path == "sequence":
         return cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
-    outputs = Recurrence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+    steps = fused.CompiledSteps(cell) if path == "fused" else cell
+    outputs = Recurrence.apply(steps, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])

@@ -1,7 +1,6 @@
-"""The engine's sequence loop for any cell with each step's pointwise work fused into one kernel:
-the path every cell takes on CUDA (and on the CPU when forced, for tests).
-
-Same arithmetic as lmtrain.model.recurrence.Recurrence, organised for a GPU:
+"""Each step's pointwise work fused into one kernel, for the one engine
+(lmtrain.model.recurrence.Recurrence, given CompiledSteps(cell)): the path every cell takes on
+CUDA (and on the CPU when forced, for tests). The engine's loop is the same on every path:
 
   - the cell's own `forward_step` and `backward_step` (lmtrain/model/cells/) are traced to ATen graphs
     (make_fx; functionalize turns their in-place and `out=` writes into pure ops) and compiled by
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lmtrain.model.kernels import dispatch, mixed
+from lmtrain.model.kernels import dispatch
 
 MODES = ("compile", "traced", "eager")
 POINTWISE = ("compile", "triton")
@@ -134,90 +133,13 @@ def build_step(eager: Callable, args: tuple, mode: str, key: tuple) -> Callable:
     return step
 
 
-class FusedSequence(torch.autograd.Function):
-    """outputs = FusedSequence.apply(cell, n_state, low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra):
-    the signature and results of lmtrain.model.recurrence.Recurrence.
+class CompiledSteps:
+    """A cell whose per-step functions the engine (lmtrain.model.recurrence.Recurrence) takes
+    compiled: `resolve(which, args)` gives the step function for those arguments' shapes
+    (`step_function`), looked up once per sequence."""
 
-    low: None or torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed);
-    x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
-    state: n_state tensors (B, H); extra: the cell's per-unit parameters.
-    outputs: y (T, B, H) followed by the n_state final state tensors (B, H).
-    """
+    def __init__(self, cell: ModuleType):
+        self.cell = cell
 
-    @staticmethod
-    def forward(ctx, cell: ModuleType, n_state: int, low, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
-        state, extra = tuple(rest[:n_state]), tuple(rest[n_state:])
-        steps, batch, inputs = x.shape
-        width, hidden = w_hh.shape
-        w_ih, w_hh = mixed.operand(w_ih, low), mixed.operand(w_hh, low)
-        # (T, B, GH): the input projections of all steps in one GEMM, into a reused buffer
-        xg = scratch("xg", (steps, batch, width), x)
-        mixed.mm(mixed.operand(x.reshape(steps * batch, inputs), low), w_ih.t(), b_ih, out=xg.view(steps * batch, width))
-        hg = scratch("hg", (batch, width), x)  # (B, GH): each step's recurrent GEMM lands here
-        w_hh_t = w_hh.t()
-        ys = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T: the output and dW_hh's operand
-        ys[0] = state[0]
-        states, saved = [state], []
-        step = None
-        for t in range(steps):
-            mixed.mm(mixed.operand(state[0], low), w_hh_t, b_hh, out=hg)
-            if step is None:
-                step = step_function(cell, "forward", (xg[t], hg, state, extra))
-            state, step_saved = step(xg[t], hg, state, extra)
-            ys[t + 1] = state[0]
-            states.append(state)
-            saved.append(step_saved)
-        ctx.cell, ctx.has_b_hh, ctx.low = cell, b_hh is not None, low
-        ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
-        ctx.save_for_backward(x, w_ih, w_hh, ys, *extra)  # the weights as the products took them
-        return (ys[1:].clone(), *(s.clone() for s in state))
-
-    @staticmethod
-    def backward(ctx, dy: Tensor, *d_final):
-        x, w_ih, w_hh, ys, *extra = ctx.saved_tensors
-        extra = tuple(extra)
-        cell, low = ctx.cell, ctx.low
-        steps, batch, inputs = x.shape
-        width, hidden = w_hh.shape
-        d_state = list(d_final)
-        dxg = scratch("dxg", (steps, batch, width), ys)
-        dhg = None  # dxg itself for cells whose two pre-activation gradients are one tensor
-        # dh_{t-1} = d hg_t W_hh (+ the direct part) alternates between two (B, H) buffers, so a
-        # step never writes the tensor it reads
-        dh_buffers = (scratch("dh0", (batch, hidden), ys), scratch("dh1", (batch, hidden), ys))
-        d_extra = [torch.zeros_like(e) for e in extra]
-        step = None
-        for t in reversed(range(steps)):
-            d_state[0] = d_state[0] + dy[t]
-            args = (tuple(d_state), ctx.saved[t], ctx.states[t], extra)
-            if step is None:
-                step = step_function(cell, "backward", args)
-            dxg_t, dhg_t, d_prev, d_extra_t = step(*args)
-            if dhg is None:
-                shared = dhg_t is dxg_t or (dhg_t.data_ptr() == dxg_t.data_ptr() and dhg_t.stride() == dxg_t.stride())
-                dhg = dxg if shared else scratch("dhg", (steps, batch, width), ys)
-            dxg[t] = dxg_t
-            if dhg is not dxg:
-                dhg[t] = dhg_t
-            d_state = list(d_prev)
-            d_state[0] = mixed.mm(mixed.operand(dhg[t], low), w_hh, d_prev[0], out=dh_buffers[t % 2])
-            for acc, d in zip(d_extra, d_extra_t):
-                acc += d
-        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, ys[:-1], w_ih, low, ctx.needs_input_grad[3])
-        db_hh = db_hh if ctx.has_b_hh else None
-        d_state[0] = d_state[0].clone()  # the returned gradient must not be a reused buffer
-        return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
-
-
-def run(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-        b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), low: torch.dtype | None = None,
-        persistent: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """x (T, B, I), state -> y (T, B, H), the final state: run_layer's contract. `persistent`
-    (dispatch's "persistent" path): the LSTM's whole time loop is one kernel launch each way
-    (lmtrain.model.kernels.cuda.lstm_persistent)."""
-    if persistent:
-        from lmtrain.model.kernels.cuda import lstm_persistent
-
-        return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)
-    outputs = FusedSequence.apply(cell, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
-    return outputs[0], tuple(outputs[1:])
+    def resolve(self, which: str, args: tuple) -> Callable:
+        return step_function(self.cell, which, args)
