@@ -93,5 +93,13 @@ def quiet_broken_pipe():
 
 
 def main() -> None:
+    """The console script: the app, and under torchrun each rank's exit through distributed.leave."""
     if not distributed.launched():
         app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    distributed.leave(code)
