@@ -38,9 +38,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lmtrain.model.kernels import dispatch
 
-MODES = ("compile", "traced", "eager")
-POINTWISE = ("compile", "triton")
-
 # (cell, "forward" | "backward", mode, leaf shapes, dtypes, device) -> a callable with the step
 # function's signature. An explicit module-level cache: compiling costs seconds, a call microseconds.
 _STEP_CACHE: dict[tuple, Callable] = {}

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmtrain.model.kernels import kernels_enabled
 from lmtrain.model.kernels.build import cpu_ops
 from lmtrain.model.kernels.gemm import Weight, linear, pack, plain, weight_grad
 
@@ -213,7 +212,8 @@ def backward_loop(acts: Tensor, cs: Tensor, tanh_cs: Tensor, dy: Tensor, dh_last
 
 
 def supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low=None) -> bool:
-    return kernels_enabled() and b_hh is None and not extra and (low is None or mixed_available(x))
+    """Whether these tensors fit this kernel (LMTRAIN_KERNELS is dispatch's to read, before asking)."""
+    return b_hh is None and not extra and (low is None or mixed_available(x))
 
 
 def run(x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), low=None):
