@@ -13,7 +13,7 @@ DATA ?= data
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
 	@echo "make test   run the test suite (creates $(VENV) with the test extras)"
-	@echo "make check  a quick subset of the tests (the layout, configs, cells, engine, dispatch, schedules; under a minute)"
+	@echo "make check  a quick subset of the tests (the layout, configs, text, cells, engine, dispatch, schedules; under a minute)"
 	@echo "make docs   regenerate docs/configuration.md from lmtrain/config.py (a test checks it is current)"
 	@echo "make data   fetch PTB and WikiText-2 into data/ (DATA_MIRROR=DIR copies from a mirror)"
 	@echo "make compare-cells   train every cell on a copy task with a known optimum, print a table"
@@ -41,8 +41,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# the quick subset, with the Python versions of the C++ ops (no build): about 30 s on 2 CPU cores
-CHECK_TESTS := layout docs config dispatch schedules locks_atomic evaluate_run cells recurrence crafted_checkpoints
+# the quick subset, with the Python versions of the C++ ops (no build): 20-40 s on 2 CPU cores, by load
+CHECK_TESTS := layout docs config dispatch schedules locks_atomic tokenizer streaming evaluate_run cells recurrence crafted_checkpoints
 check: install
 	LMTRAIN_COMPILE=0 $(BIN)/python -m pytest -q $(CHECK_TESTS:%=tests/test_%.py)
 

@@ -36,6 +36,35 @@ def write_corpus(folder: Path, newline: str = "\n", sizes=(300, 40, 40)) -> Path
     return folder
 
 
+# the corpus the end-to-end tests train on (lines of train, valid, test): big enough for a word
+# tokenizer of 80 types and a few dozen windows, small enough to train in about a second
+SMALL_CORPUS = (150, 20, 20)
+# the tiny word-level model those tests train, as --set items; each module adds its own train.*
+# keys (steps, logging, checkpoints) after these
+TINY_WORD = [
+    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
+    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12",
+]
+
+
+def write_small_corpus(folder: Path) -> Path:
+    """write_corpus with SMALL_CORPUS's sizes."""
+    return write_corpus(folder, sizes=SMALL_CORPUS)
+
+
+def sets(*items: str) -> list[str]:
+    """--set items as command-line arguments: sets("a=1", "b=2") -> ["--set", "a=1", "--set", "b=2"]."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def train_small_run(root: Path, settings: list[str]) -> tuple[Path, Path]:
+    """(root/corpus, root/run): a small corpus and a finished `lmtrain train` run on it with the
+    --set items `settings`."""
+    corpus = write_small_corpus(root / "corpus")
+    ok(cli("train", corpus, "--run-dir", root / "run", *sets(*settings)))
+    return corpus, root / "run"
+
+
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (hidden ones included) by relative path, with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -14,19 +14,20 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    TINY_WORD,
     assert_one_error,
     cli,
     private_cache_one_thread,
+    sets,
+    train_small_run,
     tree_bytes,
-    write_corpus,
 )
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.config import SECTIONS, Config, from_dict, to_toml
 
 SETTINGS = [
-    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
-    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12", "train.log_interval=4",
+    *TINY_WORD, "train.log_interval=4",
     "train.checkpoint_every=6", "train.max_steps=12",
 ]
 
@@ -38,18 +39,10 @@ def isolated_env(tmp_path_factory):
 
 
 
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(corpus, a finished run of 12 steps)."""
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
-    result = cli("train", corpus, "--run-dir", root / "run", *sets(*SETTINGS))
-    assert result.exit_code == 0, result.stderr
-    return corpus, root / "run"
+    return train_small_run(tmp_path_factory.mktemp("trained"), SETTINGS)
 
 
 @pytest.fixture

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    TINY_WORD,
     assert_one_error,
     cli,
     make_lines,
     ok,
     private_cache_one_thread,
+    sets,
+    train_small_run,
     tree_bytes,
-    write_corpus,
     write_lines,
+    write_small_corpus,
 )
 
 from lmtrain.checkpoint import load_checkpoint
@@ -35,8 +38,7 @@ from lmtrain.training.preflight import parameter_count
 ROOT = Path(__file__).resolve().parents[1]
 BOM = b"\xef\xbb\xbf"
 SETTINGS = [
-    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
-    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12", "train.log_interval=4",
+    *TINY_WORD, "train.log_interval=4",
     "train.checkpoint_every=6", "train.max_steps=12", "train.device=cpu",
 ]
 
@@ -47,17 +49,10 @@ def isolated_env(tmp_path_factory):
         yield
 
 
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(corpus, a finished run of 12 steps)."""
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
-    ok(cli("train", corpus, "--run-dir", root / "run", *sets(*SETTINGS)))
-    return corpus, root / "run"
+    return train_small_run(tmp_path_factory.mktemp("trained"), SETTINGS)
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def run(trained, tmp_path) -> Path:
 
 
 def corpus_with(tmp_path: Path, split: str, data: bytes) -> Path:
-    corpus = write_corpus(tmp_path / "corpus", sizes=(150, 20, 20))
+    corpus = write_small_corpus(tmp_path / "corpus")
     (corpus / f"{split}.txt").write_bytes(data)
     return corpus
 
@@ -89,7 +84,7 @@ def test_train_refuses_a_valid_split_of_only_a_byte_order_mark(tmp_path, data, f
 
 
 def test_a_byte_order_mark_before_text_is_fine(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus", sizes=(150, 20, 20))
+    corpus = write_small_corpus(tmp_path / "corpus")
     (corpus / "valid.txt").write_bytes(BOM + (corpus / "valid.txt").read_bytes())
     ok(cli("train", corpus, "--run-dir", tmp_path / "run", *sets(*SETTINGS)))
     assert (tmp_path / "run" / "best.pt").is_file()

@@ -22,7 +22,7 @@ from helpers import (
     ok,
     private_cache_one_thread,
     tree_bytes,
-    write_corpus,
+    write_small_corpus,
 )
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
@@ -54,7 +54,7 @@ def train(corpus: Path, run: Path, max_steps: int):
 def runs(tmp_path_factory):
     """(a run stopped at STOP, an uninterrupted run to TOTAL)."""
     root = tmp_path_factory.mktemp("runs")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
+    corpus = write_small_corpus(root / "corpus")
     train(corpus, root / "stopped", STOP)
     train(corpus, root / "reference", TOTAL)
     return root / "stopped", root / "reference"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_error, cli, make_lines, ok, private_cache_one_thread, tree_bytes, write_corpus
+from helpers import TINY_WORD, assert_one_error, cli, make_lines, ok, private_cache_one_thread, train_small_run, tree_bytes
 
 from lmtrain.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from lmtrain.config import CELLS, ModelConfig
@@ -27,8 +27,7 @@ from lmtrain.model.payload import model_shapes, parameter_keys
 from lmtrain.text.tokenizer import train_tokenizer
 
 SETTINGS = [
-    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
-    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12", "train.optimizer=adamw",
+    *TINY_WORD, "train.optimizer=adamw",
     "train.checkpoint_every=4", "train.max_steps=10",
 ]
 MORE = ["--set", "train.max_steps=20"]  # the resume asked for
@@ -46,10 +45,7 @@ def isolated_env(tmp_path_factory):
 def trained(tmp_path_factory) -> Path:
     """A run stopped by train.max_steps mid-epoch: best.pt, and a last.pt with AdamW's state, the
     carried hidden state and the epoch's window lengths."""
-    root = tmp_path_factory.mktemp("crafted")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
-    ok(cli("train", corpus, "--run-dir", root / "run", *[a for s in SETTINGS for a in ("--set", s)]))
-    return root / "run"
+    return train_small_run(tmp_path_factory.mktemp("crafted"), SETTINGS)[1]
 
 
 def timed(*args):

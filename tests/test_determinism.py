@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from helpers import write_corpus
+from helpers import write_small_corpus
 
 from lmtrain.config import load_config
 from lmtrain.training.loop import train
@@ -32,7 +32,7 @@ def run_once(corpus: Path, run_dir: Path, monkeypatch, seed: int = 5, extra: tup
 
 
 def test_same_seed_same_metrics(tmp_path, monkeypatch):
-    corpus = write_corpus(tmp_path / "corpus", sizes=(150, 20, 20))
+    corpus = write_small_corpus(tmp_path / "corpus")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

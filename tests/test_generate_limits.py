@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_error, cli, ok, private_cache_one_thread, write_corpus, write_lines
+from helpers import TINY_WORD, assert_one_error, cli, ok, private_cache_one_thread, train_small_run, write_lines
 
 from lmtrain import memory
 from lmtrain.generation import samples
@@ -24,8 +24,7 @@ from lmtrain.generation.samples import SampleSettings, StopCut, draw_samples, gr
 from lmtrain.model.saved import load_run
 
 SETTINGS = [
-    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
-    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12", "train.max_steps=4",
+    *TINY_WORD, "train.max_steps=4",
 ]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,10 +37,7 @@ def isolated_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
-    ok(cli("train", corpus, "--run-dir", root / "run", *[a for s in SETTINGS for a in ("--set", s)]))
-    return root / "run"
+    return train_small_run(tmp_path_factory.mktemp("trained"), SETTINGS)[1]
 
 
 @pytest.fixture(scope="module")

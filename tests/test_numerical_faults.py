@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_error_after_progress, private_cache_one_thread, write_corpus
+from helpers import TINY_WORD, assert_error_after_progress, private_cache_one_thread, write_small_corpus
 from typer.testing import CliRunner
 
 from lmtrain.checkpoint import load_checkpoint
@@ -24,8 +24,7 @@ from lmtrain.training.loop import make_optimizer, train_step, train_window
 import lmtrain.training.loop
 
 SETTINGS = [
-    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
-    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12", "train.optimizer=adamw", "train.lr=0.01",
+    *TINY_WORD, "train.optimizer=adamw", "train.lr=0.01",
     "train.log_interval=4", "train.checkpoint_every=4", "train.max_steps=24",
 ]
 
@@ -38,7 +37,7 @@ def isolated_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus", sizes=(150, 20, 20))
+    return write_small_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
 
 
 def cli_train(corpus: Path, run: Path, *more: str):

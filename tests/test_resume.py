@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, ok, private_cache_one_thread, write_corpus
+from helpers import cli, ok, private_cache_one_thread, write_small_corpus
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 import lmtrain.cli.train
@@ -86,7 +86,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus", sizes=(150, 20, 20))
+    return write_small_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_error, cli, ok, private_cache_one_thread, tree_bytes, write_corpus
+from helpers import TINY_WORD, assert_one_error, cli, ok, private_cache_one_thread, sets, train_small_run, tree_bytes, write_corpus, write_small_corpus
 
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import Config, to_toml
@@ -26,8 +26,7 @@ from lmtrain.runs import LOCK, MARKER, RUN_FILES, is_run_dir
 import lmtrain.training.setup
 
 SETTINGS = [
-    "tokenizer.kind=word", "tokenizer.vocab_size=80", "model.layers=1", "model.embedding_size=12",
-    "model.hidden_size=16", "train.batch_size=4", "train.bptt=12", "train.log_interval=4",
+    *TINY_WORD, "train.log_interval=4",
     "train.checkpoint_every=6", "train.max_steps=12",
 ]
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,17 +38,10 @@ def isolated_env(tmp_path_factory):
         yield
 
 
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(corpus, a finished run of 12 steps)."""
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
-    ok(cli("train", corpus, "--run-dir", root / "run", *sets(*SETTINGS)))
-    return corpus, root / "run"
+    return train_small_run(tmp_path_factory.mktemp("trained"), SETTINGS)
 
 
 @pytest.fixture
@@ -69,7 +61,7 @@ def test_force_in_the_current_directory_keeps_the_users_files(trained, tmp_path,
     """Issue 15, item 1: `--run-dir . --force` in a folder with the user's own config.toml, corpus
     and notes emptied it."""
     home = tmp_path / "work"
-    write_corpus(home / "corpus", sizes=(150, 20, 20))
+    write_small_corpus(home / "corpus")
     (home / "config.toml").write_text(to_toml(Config()))  # the user's own, a valid lmtrain config
     (home / "notes.md").write_text("my notes\n")
     monkeypatch.chdir(home)
@@ -88,7 +80,7 @@ def test_force_in_the_current_directory_keeps_the_users_files(trained, tmp_path,
 
 def test_force_refuses_a_run_directory_holding_the_corpus(run, tmp_path):
     """Issue 15, item 1: `--run-dir proj --force` deleted proj/src and the corpus being trained on."""
-    corpus = write_corpus(run / "data", sizes=(150, 20, 20))
+    corpus = write_small_corpus(run / "data")
     (run / "src").mkdir()
     (run / "src" / "main.py").write_text("print('mine')\n")
     before = tree_bytes(run)

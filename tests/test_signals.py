@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_corpus
+from helpers import write_small_corpus
 from typer.testing import CliRunner
 
 from lmtrain.checkpoint import load_checkpoint
@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
     trained in-process (one torch thread, as OMP_NUM_THREADS=1 gives the processes) to save a
     process start."""
     root = tmp_path_factory.mktemp("signals")
-    corpus = write_corpus(root / "corpus", sizes=(150, 20, 20))
+    corpus = write_small_corpus(root / "corpus")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LMTRAIN_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     reference = root / "reference"
     threads = torch.get_num_threads()

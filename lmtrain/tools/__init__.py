@@ -15,8 +15,10 @@ from lmtrain.tools.synth import (
     write_copy_corpus,
 )
 
+# `bench` is offered as a module (the CLI's bench command: its settings, presets and tables),
+# `from lmtrain.tools import bench`
 __all__ = [
-    "GenerationBench", "format_generation_table", "measure_generation",
+    "bench", "GenerationBench", "format_generation_table", "measure_generation",
     "DEFAULT_ALPHABET", "DEFAULT_K", "memoryless_perplexity", "optimum_perplexity", "reproduce",
     "results_table", "write_copy_corpus", "write_report"
 ]

@@ -9,6 +9,8 @@ from lmtrain.training.loop import train
 from lmtrain.training.setup import prepare_run, resume_run, start_run
 from lmtrain.training.signals import InterruptSignals, StopSignals
 
+# `distributed` is offered as a module (the CLI's train command: sessions, ranks, launching); it is
+# imported where it is used, `from lmtrain.training import distributed`
 __all__ = [
-    "InterruptSignals", "StopSignals", "WindowRunner", "prepare_run", "resume_run", "start_run", "train"
+    "InterruptSignals", "StopSignals", "WindowRunner", "distributed", "prepare_run", "resume_run", "start_run", "train"
 ]
