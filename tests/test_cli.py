@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.cli import app
 from lmtrain.config import Config, ModelConfig, TokenizerConfig, TrainConfig, to_toml
-from lmtrain.generation.sampler import Sampler, StreamRandom
+from lmtrain.generation.sampler import SampleSettings, Sampler, StreamRandom
 from lmtrain.model.saved import load_run
 from lmtrain.text.tokenizer import EOS_ID
 
@@ -251,7 +251,7 @@ def test_generate_interactive_keeps_the_story(trained):
     ids = loaded.tokenizer.encode_prompt
     sampler, fresh = Sampler(loaded.model), Sampler(loaded.model)
     sampler.feed([EOS_ID] + ids("The dog"))
-    list(sampler.draw(12, 1.0, random=StreamRandom(1, 1)))
+    list(sampler.draw(SampleSettings(12), StreamRandom(1, 1)))
     sampler.feed(ids("The cat"))
     fresh.feed([EOS_ID] + ids("The cat"))
     assert not torch.allclose(sampler.last, fresh.last)  # the second turn continues the first one's story

@@ -9,7 +9,7 @@ import torch
 
 from lmtrain.config import ModelConfig, TrainConfig
 from lmtrain.evaluation.evaluate import combine, metrics, total_nll
-from lmtrain.generation.sampler import Sampler, StreamRandom, pick, sample
+from lmtrain.generation.sampler import SampleSettings, Sampler, StreamRandom, pick, sample
 from lmtrain.generation.stepper import available_precisions
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.text.tokenizer import EOS_ID
@@ -84,14 +84,14 @@ def test_pick_respects_top_k_top_p_and_greedy():
 def test_sampling_is_seeded_and_batch_equals_single():
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=8, hidden_size=8), 30)
-    run = lambda seed, n, **kw: torch.stack(list(sample(model, [3, 4], 300, n, 1.0, seed=seed, **kw)), 1)
+    run = lambda seed, n, **kw: torch.stack(list(sample(model, [3, 4], SampleSettings(300, n, 1.0, seed=seed, **kw))), 1)
     assert torch.equal(run(1, 1), run(1, 1))
     assert not torch.equal(run(1, 1), run(2, 1))
     for precision in available_precisions(torch.device("cpu")):
         batch = run(5, 4, precision=precision)  # (4, 300): more than one chunk of uniforms
         singles = torch.cat([run(5 + i, 1, precision=precision) for i in range(4)])
         assert torch.equal(batch, singles), precision  # sample i of a batch is the single sample seeded 5 + i
-    greedy = lambda n: torch.stack(list(sample(model, [3, 4], 6, n, 0.0)), 1)
+    greedy = lambda n: torch.stack(list(sample(model, [3, 4], SampleSettings(6, n, 0.0))), 1)
     assert torch.equal(greedy(3), greedy(1).expand(3, -1))  # one primed state shared by all samples
 
 
@@ -108,10 +108,10 @@ def test_generation_memory_stays_flat_in_the_generated_length():
     sampler.feed([EOS_ID])
     random = StreamRandom(0, 1)
     held = lambda: sum(t.numel() for layer in sampler.state for t in layer) + sampler.last.numel()
-    for _ in sampler.draw(300, 1.0, random=random):  # warm up allocator caches
+    for _ in sampler.draw(SampleSettings(300), random):  # warm up allocator caches
         pass
     before, before_held = resident_mb(), held()
-    for _ in sampler.draw(6000, 1.0, random=random):
+    for _ in sampler.draw(SampleSettings(6000), random):
         pass
     assert held() == before_held  # the state is the same size after 300 or 6,300 tokens
     assert resident_mb() - before < 8, "memory grew with the generated length"

@@ -19,8 +19,8 @@ from helpers import TINY_WORD, assert_one_error, cli, ok, private_cache_one_thre
 
 from lmtrain import memory
 from lmtrain.generation import samples
-from lmtrain.generation.sampler import first_stop, sample
-from lmtrain.generation.samples import SampleSettings, StopCut, draw_samples, group_size, jsonl_records
+from lmtrain.generation.sampler import SampleSettings, first_stop, sample
+from lmtrain.generation.samples import StopCut, draw_samples, group_size, jsonl_records
 from lmtrain.model.saved import load_run
 
 SETTINGS = [
@@ -61,7 +61,7 @@ def joined(events) -> dict[int, str]:
 
 def reference(loaded, seed: int, max_tokens: int, stops: tuple[str, ...], prompt: list[int] = ()) -> str:
     """One sample the way generate used to make it: every token, decoded, then cut at the first stop."""
-    ids = torch.stack(list(sample(loaded.model, list(prompt), max_tokens, 1, 1.0, seed=seed, precision="fp32")), 1)[0]
+    ids = torch.stack(list(sample(loaded.model, list(prompt), SampleSettings(max_tokens, seed=seed))), 1)[0]
     return first_stop(loaded.tokenizer.decode(ids.tolist()), list(stops))
 
 

@@ -142,14 +142,14 @@ def test_the_whole_step_op_writes_the_buffers_it_is_given_and_never_its_inputs()
 
 
 def test_sampling_through_the_whole_step_op_draws_what_the_op_by_op_steps_draw(monkeypatch):
-    from lmtrain.generation.sampler import sample
+    from lmtrain.generation.sampler import SampleSettings, sample
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(layers=2, embedding_size=16, hidden_size=24), 40).eval()
     for precision in available_precisions(torch.device("cpu")):
-        whole = torch.stack(list(sample(model, [3, 4], 50, 3, 0.9, seed=7, precision=precision)))
+        whole = torch.stack(list(sample(model, [3, 4], SampleSettings(50, 3, 0.9, seed=7, precision=precision))))
         monkeypatch.setattr(Stepper, "unfused", True)
-        parts = torch.stack(list(sample(model, [3, 4], 50, 3, 0.9, seed=7, precision=precision)))
+        parts = torch.stack(list(sample(model, [3, 4], SampleSettings(50, 3, 0.9, seed=7, precision=precision))))
         monkeypatch.setattr(Stepper, "unfused", False)
         assert torch.equal(whole, parts), precision
         assert len(set(whole.flatten().tolist())) > 10

@@ -83,15 +83,15 @@ def bench(
 def bench_generate(run: Path | None, sizes: str, layers: int, vocab_size: int, batch_size: int, bptt: int,
                    precisions: str, streams: str, tokens: int, repeats: int, warmup: int, as_json: bool) -> None:
     """`lmtrain bench --generate`: sampling speed per precision, evaluation against the training forward."""
-    from lmtrain.generation import PRECISIONS, available_precisions
+    from lmtrain.generation import WEIGHT_PRECISIONS, available_precisions
     from lmtrain.tools import GenerationBench, format_generation_table, measure_generation
 
     with user_errors():
         have = available_precisions(torch.device("cpu"))
         names = have if precisions == "all" else [p.strip() for p in precisions.split(",")]
-        unknown = [p for p in names if p not in PRECISIONS]
+        unknown = [p for p in names if p not in WEIGHT_PRECISIONS]
         require(
-            (not unknown, f"--precisions: unknown precision '{unknown[0] if unknown else ''}' (known: {', '.join(PRECISIONS)})"),
+            (not unknown, f"--precisions: unknown precision '{unknown[0] if unknown else ''}' (known: {', '.join(WEIGHT_PRECISIONS)})"),
             (all(p in have for p in names), f"--precisions: this CPU offers {', '.join(have)}, not {precisions}"),
             (min(tokens, repeats, layers, batch_size, bptt, vocab_size) >= 1 and warmup >= 0,
              "--tokens, --repeats, --layers, --batch-size, --bptt and --vocab-size must be positive"),

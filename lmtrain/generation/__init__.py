@@ -3,9 +3,8 @@ streamed in order (samples).
 
 This is the stage's face: other stages import from `lmtrain.generation` only."""
 
-from lmtrain.generation.sampler import Sampler, StreamRandom
+from lmtrain.generation.sampler import SampleSettings, Sampler, StreamRandom
 from lmtrain.generation.samples import (
-    SampleSettings,
     check_seed,
     draw_samples,
     draw_turn,
@@ -13,9 +12,9 @@ from lmtrain.generation.samples import (
     write_jsonl,
     write_text,
 )
-from lmtrain.generation.stepper import PRECISIONS, Stepper, available_precisions, resolve_precision
+from lmtrain.generation.stepper import WEIGHT_PRECISIONS, Stepper, available_precisions, resolve_precision
 
 __all__ = [
-    "PRECISIONS", "SampleSettings", "Sampler", "Stepper", "StreamRandom", "available_precisions",
+    "WEIGHT_PRECISIONS", "SampleSettings", "Sampler", "Stepper", "StreamRandom", "available_precisions",
     "check_seed", "draw_samples", "draw_turn", "resolve_precision", "utf8_text", "write_jsonl", "write_text"
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -20,6 +21,21 @@ from lmtrain.model import LanguageModel, cpu_ops
 from lmtrain.text import EOS_ID
 
 UNIFORM_CHUNK = 256  # uniforms drawn per stream at a time (the same chunks whatever the batch)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What `lmtrain generate` draws: `num_samples` samples of up to `max_tokens` tokens each,
+    each ending before the first of `stops` it produces."""
+
+    max_tokens: int
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+    stops: tuple[str, ...] = ()
 
 
 class StreamRandom:
@@ -80,11 +96,12 @@ class Sampler:
         return other
 
     @torch.no_grad()
-    def draw(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             random: StreamRandom | None = None) -> Iterator[Tensor]:
-        """Yield the next token of every stream, (B,) int64 on the CPU, up to `max_tokens` times;
-        each drawn token is fed back, so stopping early leaves the state after the last one.
-        `random` (one generator per stream) is needed unless temperature is 0 (greedy)."""
+    def draw(self, settings: SampleSettings, random: StreamRandom | None = None) -> Iterator[Tensor]:
+        """Yield the next token of every stream, (B,) int64 on the CPU, up to `settings.max_tokens`
+        times, drawn with its temperature, top_k and top_p; each drawn token is fed back, so stopping
+        early leaves the state after the last one. `random` (one generator per stream) is needed
+        unless the temperature is 0 (greedy)."""
+        max_tokens, temperature, top_k, top_p = settings.max_tokens, settings.temperature, settings.top_k, settings.top_p
         whole = temperature > 0 and not 0 < top_k < self.last.size(-1) and top_p >= 1.0 and self.stepper.can_draw()
         if whole:  # the draw and the step in one op, writing to two sets of buffers in turn
             streams = self.last.size(0)
@@ -99,27 +116,18 @@ class Sampler:
             yield token.cpu()
 
 
-def sample(
-    model: LanguageModel,
-    prompt_ids: list[int],
-    max_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    precision: str = "fp32",
-) -> Iterator[Tensor]:
-    """Yield the next token of every sample, (num_samples,) int64 on the CPU, `max_tokens` times.
+def sample(model: LanguageModel, prompt_ids: list[int], settings: SampleSettings) -> Iterator[Tensor]:
+    """Yield the next token of every sample, (settings.num_samples,) int64 on the CPU, up to
+    `settings.max_tokens` times (its stops are the caller's: lmtrain.generation.samples).
 
     The context is `<eos>` (the start of a text) followed by `prompt_ids`; it runs through the
     model once as one sequence, and its final state is shared by all samples. Sample i draws
     from a generator seeded `seed + i`. precision: the stepper's weights (lmtrain.generation.stepper).
     """
-    sampler = Sampler(model, precision)
+    sampler = Sampler(model, settings.precision)
     sampler.feed([EOS_ID] + prompt_ids)
-    sampler.expand(num_samples)
-    yield from sampler.draw(max_tokens, temperature, top_k, top_p, StreamRandom(seed, num_samples))
+    sampler.expand(settings.num_samples)
+    yield from sampler.draw(settings, StreamRandom(settings.seed, settings.num_samples))
 
 
 def first_stop(text: str, stops: list[str]) -> str:

@@ -25,10 +25,9 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from lmtrain.errors import LmtrainError, require
-from lmtrain.generation.sampler import UNIFORM_CHUNK, Sampler, StreamRandom, first_stop
+from lmtrain.generation.sampler import UNIFORM_CHUNK, SampleSettings, Sampler, StreamRandom, first_stop
 from lmtrain.memory import require_fits, usable_bytes
 from lmtrain.model import LanguageModel
 from lmtrain.text import EOS_ID, Tokenizer
@@ -39,21 +38,6 @@ PIECE_OVERHEAD_BYTES = 64  # a held token's text: a Python str and its place in 
 GENERATOR_BYTES = 4096  # one CPU torch.Generator (an mt19937 state, ~2.7 KB measured)
 JSONL_PART_CHARS = 1 << 16  # a longer sample is written as several jsonl records ("done": false, ...)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """What `lmtrain generate` draws: `num_samples` samples of up to `max_tokens` tokens each,
-    each ending before the first of `stops` it produces."""
-
-    max_tokens: int
-    num_samples: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    precision: str = "fp32"
-    stops: tuple[str, ...] = ()
 
 
 def check_seed(seed: int, streams: int) -> None:
@@ -144,7 +128,7 @@ def draw_group(sampler: Sampler, tokenizer: Tokenizer, settings: SampleSettings,
     cuts = [StopCut(s.stops) for _ in range(size)]
     waiting: list[list[str]] = [[] for _ in range(size)]  # text of the samples after the head
     head = 0
-    steps = sampler.draw(s.max_tokens, s.temperature, s.top_k, s.top_p, StreamRandom(s.seed + first, size))
+    steps = sampler.draw(s, StreamRandom(s.seed + first, size))
     for tokens in steps:
         for i, token in enumerate(tokens.tolist()):
             if i < head or cuts[i].ended:
@@ -212,7 +196,7 @@ def draw_turn(sampler: Sampler, tokenizer: Tokenizer, settings: SampleSettings,
     """One turn of --interactive: the continuation of what `sampler` was fed, as events of
     `draw_samples`' kind (sample None), up to the first stop text; the state carries on."""
     cut = StopCut(settings.stops)
-    steps = sampler.draw(settings.max_tokens, settings.temperature, settings.top_k, settings.top_p, random)
+    steps = sampler.draw(settings, random)
     for token in steps:
         text = cut.feed(tokenizer.token_text(int(token)))
         if text:

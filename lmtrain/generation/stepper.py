@@ -16,7 +16,7 @@ on the CPU, the same equations in one compiled pass, `lstm_cell_step`). For an L
 this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
 compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
 product (at one stream, a fifth to a quarter of the op-by-op step's time). The
-products' weights are held as float32, bfloat16 or int8 (`PRECISIONS`, lmtrain/model/kernels/cpu/step_cpu.cpp):
+products' weights are held as float32, bfloat16 or int8 (`WEIGHT_PRECISIONS`, lmtrain/model/kernels/cpu/step_cpu.cpp):
 smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
 computed on its own, so a stream's logits do not depend on the streams beside it.
 
@@ -34,7 +34,7 @@ from torch import Tensor
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, State, cpu_ops, is_lstm
 
-PRECISIONS = ("fp32", "bf16", "int8")
+WEIGHT_PRECISIONS = ("fp32", "bf16", "int8")
 KIND = {"fp32": 0, "bf16": 1, "int8": 2}
 TABLE_BUDGET_BYTES = 256 * 2**20  # above this, layer 0 multiplies the embedding row instead
 
@@ -42,7 +42,7 @@ TABLE_BUDGET_BYTES = 256 * 2**20  # above this, layer 0 multiplies the embedding
 def available_precisions(device: torch.device) -> list[str]:
     """The weight precisions this machine's compiled ops offer on `device` (fp32 always)."""
     ops = cpu_ops() if device.type == "cpu" else None
-    return [p for p in PRECISIONS if p == "fp32" or (ops is not None and ops.step_available(KIND[p]))]
+    return [p for p in WEIGHT_PRECISIONS if p == "fp32" or (ops is not None and ops.step_available(KIND[p]))]
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -51,8 +51,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     have = available_precisions(device)
     if name == "auto":
         return have[-1]
-    if name not in PRECISIONS:
-        raise LmtrainError(f"--precision must be auto, {', '.join(PRECISIONS)}; got '{name}'")
+    if name not in WEIGHT_PRECISIONS:
+        raise LmtrainError(f"--precision must be auto, {', '.join(WEIGHT_PRECISIONS)}; got '{name}'")
     if name not in have:
         need = {"bf16": "AVX512-BF16", "int8": "AVX512-VNNI"}[name]
         raise LmtrainError(f"--precision {name} needs a CPU with {need} and the compiled kernels; this machine offers {', '.join(have)}")

@@ -16,7 +16,7 @@ import torch
 
 from lmtrain.config import ModelConfig
 from lmtrain.evaluation import total_nll
-from lmtrain.generation import Sampler, Stepper, StreamRandom
+from lmtrain.generation import SampleSettings, Sampler, Stepper, StreamRandom
 from lmtrain.model import LanguageModel, cross_entropy, load_run
 from lmtrain.text import BUILTIN, EOS_ID, batchify, encode_split, load_corpus
 from lmtrain.tools.bench import time_round_robin
@@ -40,7 +40,7 @@ def draw_tokens(sampler: Sampler, streams: int, tokens: int) -> Callable[[], Non
     random = StreamRandom(0, streams)
 
     def run():
-        for _ in sampler.draw(tokens, 1.0, 0, 1.0, random):
+        for _ in sampler.draw(SampleSettings(max_tokens=tokens), random):
             pass
 
     return run
