@@ -48,8 +48,8 @@ def test_a_cell_with_a_recurrent_bias_or_extras_falls_back(monkeypatch):
     lstm = get_cell("lstm")
     x, state = torch.zeros(3, 2, 8), (torch.zeros(2, 8), torch.zeros(2, 8))
     w, b = torch.zeros(32, 8), torch.zeros(32)
-    assert dispatch.choose(lstm, x, state, w, w, b, None, (), None).path == "sequence"
-    assert dispatch.choose(lstm, x, state, w, w, b, torch.zeros(32), (), None).path == "engine"
+    assert dispatch.choose(lstm, x, state, w, w, b, None, (), compute_dtype=None).path == "sequence"
+    assert dispatch.choose(lstm, x, state, w, w, b, torch.zeros(32), (), compute_dtype=None).path == "engine"
 
 
 def test_a_switch_value_it_does_not_take_is_one_error(monkeypatch):

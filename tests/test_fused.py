@@ -19,9 +19,9 @@ from lmtrain.model.recurrence import Recurrence, run_layer
 CELL_NAMES = list(CELLS)
 
 
-def fused_against_engine(cell, mode, monkeypatch, dtype=torch.float64, low=None, **sizes):
+def fused_against_engine(cell, mode, monkeypatch, dtype=torch.float64, compute_dtype=None, **sizes):
     """Largest absolute difference over outputs, final state and every gradient, fused (through
-    run_layer, forced on the CPU) against Recurrence on the same inputs; `low`: both in mixed precision."""
+    run_layer, forced on the CPU) against Recurrence on the same inputs; `compute_dtype`: both in mixed precision."""
     monkeypatch.setenv("LMTRAIN_FUSED", "1")
     monkeypatch.setenv("LMTRAIN_FUSED_MODE", mode)
     x, state, w_ih, w_hh, b_ih, b_hh, extra = layer_inputs(cell, **sizes)
@@ -30,8 +30,8 @@ def fused_against_engine(cell, mode, monkeypatch, dtype=torch.float64, low=None,
     x, state, (w_ih, w_hh, b_ih), rest = inputs[0], tuple(inputs[1 : 1 + n]), inputs[1 + n : 4 + n], inputs[4 + n :]
     b_hh = rest[0] if cell.RECURRENT_BIAS else None
     extra = tuple(rest[1:] if cell.RECURRENT_BIAS else rest)
-    y, final = run_layer(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low=low)
-    ref = Recurrence.apply(cell, n, low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+    y, final = run_layer(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=compute_dtype)
+    ref = Recurrence.apply(cell, n, compute_dtype, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     ours = (y, *final)
     assert len(ours) == len(ref)
     diffs = [(a - b).abs().max().item() for a, b in zip(ours, ref)]

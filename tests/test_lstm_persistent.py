@@ -41,14 +41,14 @@ def relative(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("low, tol", [(None, 1e-5), (torch.bfloat16, 1e-4)])
+@pytest.mark.parametrize("compute_dtype, tol", [(None, 1e-5), (torch.bfloat16, 1e-4)])
 @pytest.mark.parametrize("sizes", [(4, 3, 5, 7),  # one program, partial tiles
                                    (5, 19, 6, 40)])  # two programs (19 > 16 streams), two unit tiles
-def test_window_matches_the_engine(persistent, sizes, low, tol):
+def test_window_matches_the_engine(persistent, sizes, compute_dtype, tol):
     tensors = inputs(*sizes)
     x, h0, c0, w_ih, w_hh, b = tensors
-    ours = persistent.PersistentLSTM.apply(low, x, h0, c0, w_ih, w_hh, b)
-    ref = Recurrence.apply(lstm, 2, low, x, w_ih, w_hh, b, None, h0, c0)
+    ours = persistent.PersistentLSTM.apply(compute_dtype, x, h0, c0, w_ih, w_hh, b)
+    ref = Recurrence.apply(lstm, 2, compute_dtype, x, w_ih, w_hh, b, None, h0, c0)
     for a, r in zip([*ours, *grads_of(ours, tensors)], [*ref, *grads_of(ref, tensors)]):
         assert a.dtype == torch.float32 and a.shape == r.shape
         assert relative(a, r) <= tol
@@ -64,7 +64,7 @@ def test_fused_path_takes_it_when_asked(persistent, monkeypatch):
     monkeypatch.setattr(persistent.PersistentLSTM, "apply", lambda *a: calls.append(a[0]) or real(*a))
     plain, _ = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b)
     monkeypatch.setenv("LMTRAIN_PERSISTENT", "1")
-    y, _ = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b, low=torch.bfloat16)
+    y, _ = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b, compute_dtype=torch.bfloat16)
     y32, _ = run_layer(lstm, x, (h0, c0), w_ih, w_hh, b)
     assert calls == [torch.bfloat16, None]
     assert relative(y32, plain) <= 1e-5 and 0 < relative(y, plain) <= 2e-2

@@ -94,8 +94,8 @@ def test_run_layer_takes_the_kernel_for_the_lstm(monkeypatch):
     called = []
     monkeypatch.setattr(MixedLSTMSequence, "apply", lambda *a: called.append(1) or Recurrence.apply(lstm, 2, BF16, a[0], *a[3:], None, *a[1:3]))
     _, (x, state, w_ih, w_hh, b_ih, _, _) = float_inputs(lstm)
-    run_layer(lstm, x, state, w_ih, w_hh, b_ih, low=BF16)
-    run_layer(lstm, x.double(), tuple(s.double() for s in state), w_ih.double(), w_hh.double(), b_ih.double(), low=BF16)
+    run_layer(lstm, x, state, w_ih, w_hh, b_ih, compute_dtype=BF16)
+    run_layer(lstm, x.double(), tuple(s.double() for s in state), w_ih.double(), w_hh.double(), b_ih.double(), compute_dtype=BF16)
     assert called == [1]  # float64 input: no mixed precision
 
 
@@ -103,7 +103,7 @@ def test_run_layer_takes_the_kernel_for_the_lstm(monkeypatch):
 def test_every_cell_close_to_float32_with_float32_gradients(name):
     cell = CELLS[name]
     inputs, args = float_inputs(cell, steps=6, batch=4, input_size=10, hidden=6)
-    low = outputs_and_grads(lambda: run_layer(cell, *args, low=BF16), inputs)
+    low = outputs_and_grads(lambda: run_layer(cell, *args, compute_dtype=BF16), inputs)
     full = outputs_and_grads(lambda: run_layer(cell, *args), inputs)
     for a, b in zip(low, full):
         assert a.dtype == torch.float32 and torch.isfinite(a).all()
@@ -112,7 +112,7 @@ def test_every_cell_close_to_float32_with_float32_gradients(name):
 
 @pytest.mark.parametrize("name", list(CELLS))
 def test_fused_path_matches_the_engine_in_mixed_precision(name, monkeypatch):
-    assert fused_against_engine(CELLS[name], "traced", monkeypatch, dtype=torch.float32, low=BF16,
+    assert fused_against_engine(CELLS[name], "traced", monkeypatch, dtype=torch.float32, compute_dtype=BF16,
                                 steps=5, batch=3, hidden=6) <= 1e-5
 
 

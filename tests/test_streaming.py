@@ -210,7 +210,7 @@ def test_lazy_batchify_reads_a_memmap(tmp_path):
     from lmtrain.text.tokens import read_tokens, write_tokens
 
     ids = np.arange(2, 1002) % 300
-    write_tokens(tmp_path / "t.tok", ids, 300, 0, 0, 0)
+    write_tokens(tmp_path / "t.tok", ids, 300, text_bytes=0, text_words=0, text_lines=0)
     tokens = read_tokens(tmp_path / "t.tok").tokens
     assert isinstance(tokens, np.memmap)
     inputs, targets = lazy_batchify(tokens, 4, EOS_ID)

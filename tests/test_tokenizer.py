@@ -93,7 +93,7 @@ def test_token_file_round_trip(tmp_path, vocab_size, width):
 
 def test_foreign_or_truncated_token_file_is_refused(tmp_path):
     path = tmp_path / "x.tok"
-    write_tokens(path, np.arange(10), 100, 1, 1, 1)
+    write_tokens(path, np.arange(10), 100, text_bytes=1, text_words=1, text_lines=1)
     data = path.read_bytes()
     path.write_bytes(data[:-3])
     with pytest.raises(LmtrainError, match="truncated"):
@@ -145,7 +145,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     import stat
 
     path = tmp_path / "x.tok"
-    write_tokens(path, np.arange(3), 10, 1, 1, 1)
+    write_tokens(path, np.arange(3), 10, text_bytes=1, text_words=1, text_lines=1)
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

@@ -67,11 +67,12 @@ def bench(
             names, settings = ["lstm"], list(benchmarks.PRESETS[preset])
         records = []
         for s in settings:
-            records += benchmarks.bench_stacks(names, [s.hidden_size], dtype_list, s.layers, s.batch_size, s.bptt,
-                                               repeats, warmup, dev)
+            records += benchmarks.bench_stacks(names, [s.hidden_size], dtype_list, layers=s.layers, batch=s.batch_size,
+                                               bptt=s.bptt, repeats=repeats, warmup=warmup, device=dev)
             if step:
-                records += benchmarks.bench_train_steps([s.hidden_size], dtype_list, s.layers, s.batch_size, s.bptt,
-                                                        vocab_size, repeats, warmup, dev, say)
+                records += benchmarks.bench_train_steps([s.hidden_size], dtype_list, layers=s.layers, batch=s.batch_size,
+                                                        bptt=s.bptt, vocab=vocab_size, repeats=repeats, warmup=warmup,
+                                                        device=dev, note=say)
         if as_json:
             for record in benchmarks.as_dicts(records):
                 typer.echo(json.dumps(record))

@@ -37,7 +37,8 @@ def synth(
         )
         held_out = max(1, lines // 20)
         try:
-            write_copy_corpus(out_dir, k, alphabet, lines, held_out, held_out, seed, force=force)
+            write_copy_corpus(out_dir, k=k, alphabet_size=alphabet, n_train=lines, n_valid=held_out, n_test=held_out,
+                              seed=seed, force=force)
         except OSError as e:
             raise LmtrainError(f"cannot write the corpus to {out_dir}: {e.strerror}") from None
         typer.echo(
@@ -79,7 +80,8 @@ def reproduce(
 
     with user_errors():
         try:
-            r = run_reproduction(name, data, config_dir, runs_dir, results_dir, overrides or [], TerminalProgress(), say, force)
+            r = run_reproduction(name, data, config_dir=config_dir, runs_dir=runs_dir, results_dir=results_dir,
+                                 overrides=overrides or [], progress=TerminalProgress(), say=say, force=force)
         except KeyboardInterrupt:
             say(f"\ninterrupted; no result written to {results_dir / (name + '.json')}")
             raise typer.Exit(130) from None

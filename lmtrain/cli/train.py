@@ -59,9 +59,10 @@ def train(
                 run_dir = resume
             else:
                 with distributed.main_first():  # caches and run dir: rank 0, then one rank per other machine, then the rest
-                    model, data, info = prepare_run(corpus, cfg, run_dir, force or overwrite, default_run_dir,
-                                                    say if distributed.is_main() else quiet, encoding_errors, progress,
-                                                    hold)
+                    model, data, info = prepare_run(corpus, cfg, run_dir, force=force or overwrite,
+                                                    default_run_dir=default_run_dir,
+                                                    say=say if distributed.is_main() else quiet,
+                                                    encoding_errors=encoding_errors, progress=progress, hold=hold)
                 counts = str([len(split.tokens) for split in data.values()]).encode()
                 distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None

@@ -51,9 +51,9 @@ class RecurrentLayer(nn.Module):
         return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
 
     def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0,
-                low: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+                compute_dtype: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra),
-                         weight_drop=weight_drop if self.training else 0.0, low=low)
+                         weight_drop=weight_drop if self.training else 0.0, compute_dtype=compute_dtype)
 
 
 class LanguageModel(nn.Module):
@@ -134,14 +134,14 @@ class LanguageModel(nn.Module):
         mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
         return x * mask
 
-    def decode(self, h: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """h (T, B, H_L) -> logits (T, B, V); with `dtype` (bfloat16) the product takes operands and
+    def decode(self, h: Tensor, compute_dtype: torch.dtype | None = None) -> Tensor:
+        """h (T, B, H_L) -> logits (T, B, V); with `compute_dtype` (bfloat16) the product takes operands and
         gives logits in that type (accumulating in float32; gradients reach the float32 weights
         through the casts), for lmtrain.model.kernels.cross_entropy to take as they are."""
         w, b = self.decoder.weight, self.decoder.bias
-        if dtype is None or dtype == w.dtype:
+        if compute_dtype is None or compute_dtype == w.dtype:
             return F.linear(h, w, b)
-        return F.linear(h.to(dtype), w.to(dtype), b.to(dtype))
+        return F.linear(h.to(compute_dtype), w.to(compute_dtype), b.to(compute_dtype))
 
 
 def detach_state(state: State) -> State:

@@ -19,7 +19,7 @@ loop with each step's pointwise work compiled into one kernel and the per-step G
 buffers. lmtrain.model.kernels.dispatch chooses, for each call of `run_layer`, and says why; every
 path computes the same thing as the loop above.
 
-Mixed precision (`low` = torch.bfloat16, train.precision = bf16): every GEMM above takes bfloat16
+Mixed precision (`compute_dtype` = torch.bfloat16, train.precision = bf16): every GEMM above takes bfloat16
 operands and gives float32 sums (lmtrain.model.kernels.mixed); the cell's pointwise steps, its state
 and the weight gradients stay float32.
 
@@ -37,27 +37,27 @@ from lmtrain.model.kernels import dispatch, fused, mixed
 
 
 class Recurrence(torch.autograd.Function):
-    """outputs = Recurrence.apply(cell, n_state, low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra).
+    """outputs = Recurrence.apply(cell, n_state, compute_dtype, x, w_ih, w_hh, b_ih, b_hh, *state, *extra).
 
     cell: a cell module, whose forward_step and backward_step run as they are, or
     lmtrain.model.kernels.fused.CompiledSteps(cell), whose steps run compiled (the fused path);
     the loop, its GEMMs and its reused buffers (fused.scratch) are the same for both.
 
-    low: None or torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed);
+    compute_dtype: None or torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed);
     x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
     state: n_state tensors (B, H); extra: the cell's per-unit parameters.
     outputs: y (T, B, H) followed by the n_state final state tensors (B, H).
     """
 
     @staticmethod
-    def forward(ctx, cell: ModuleType, n_state: int, low, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
+    def forward(ctx, cell: ModuleType, n_state: int, compute_dtype, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
         state, extra = tuple(rest[:n_state]), tuple(rest[n_state:])
         steps, batch, inputs = x.shape
         width, hidden = w_hh.shape
-        w_ih, w_hh = mixed.operand(w_ih, low), mixed.operand(w_hh, low)
+        w_ih, w_hh = mixed.operand(w_ih, compute_dtype), mixed.operand(w_hh, compute_dtype)
         # (T, B, GH): the input projections of all steps in one GEMM, into a reused buffer
         xg = fused.scratch("xg", (steps, batch, width), x)
-        mixed.mm(mixed.operand(x.reshape(steps * batch, inputs), low), w_ih.t(), b_ih, out=xg.view(steps * batch, width))
+        mixed.mm(mixed.operand(x.reshape(steps * batch, inputs), compute_dtype), w_ih.t(), b_ih, out=xg.view(steps * batch, width))
         hg = fused.scratch("hg", (batch, width), x)  # (B, GH): each step's recurrent GEMM lands here
         w_hh_t = w_hh.t()
         ys = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T: the output and dW_hh's operand
@@ -65,14 +65,14 @@ class Recurrence(torch.autograd.Function):
         states, saved = [state], []
         step = None
         for t in range(steps):
-            mixed.mm(mixed.operand(state[0], low), w_hh_t, b_hh, out=hg)
+            mixed.mm(mixed.operand(state[0], compute_dtype), w_hh_t, b_hh, out=hg)
             if step is None:
                 step = step_of(cell, "forward", (xg[t], hg, state, extra))
             state, step_saved = step(xg[t], hg, state, extra)
             ys[t + 1] = state[0]
             states.append(state)
             saved.append(step_saved)
-        ctx.cell, ctx.has_b_hh, ctx.low = cell, b_hh is not None, low
+        ctx.cell, ctx.has_b_hh, ctx.compute_dtype = cell, b_hh is not None, compute_dtype
         ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
         ctx.save_for_backward(x, w_ih, w_hh, ys, *extra)  # the weights as the products took them
         return (ys[1:].clone(), *(s.clone() for s in state))
@@ -81,7 +81,7 @@ class Recurrence(torch.autograd.Function):
     def backward(ctx, dy: Tensor, *d_final):
         x, w_ih, w_hh, ys, *extra = ctx.saved_tensors
         extra = tuple(extra)
-        cell, low = ctx.cell, ctx.low
+        cell, compute_dtype = ctx.cell, ctx.compute_dtype
         steps, batch, inputs = x.shape
         width, hidden = w_hh.shape
         d_state = list(d_final)
@@ -105,10 +105,10 @@ class Recurrence(torch.autograd.Function):
             if dhg is not dxg:
                 dhg[t] = dhg_t
             d_state = list(d_prev)
-            d_state[0] = mixed.mm(mixed.operand(dhg[t], low), w_hh, d_prev[0], out=dh_buffers[t % 2])
+            d_state[0] = mixed.mm(mixed.operand(dhg[t], compute_dtype), w_hh, d_prev[0], out=dh_buffers[t % 2])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
-        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, ys[:-1], w_ih, low, ctx.needs_input_grad[3])
+        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, ys[:-1], w_ih, compute_dtype, ctx.needs_input_grad[3])
         db_hh = db_hh if ctx.has_b_hh else None
         d_state[0] = d_state[0].clone()  # the returned gradient must not be a reused buffer
         return (None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_state, *d_extra)
@@ -122,11 +122,11 @@ def step_of(cell, which: str, args: tuple):
 
 
 def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
-              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), weight_drop: float = 0.0,
-              low: torch.dtype | None = None):
+              b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), *, weight_drop: float = 0.0,
+              compute_dtype: torch.dtype | None = None):
     """Run `cell` over x (T, B, I) from `state` -> y (T, B, H) and the final state (a tuple).
 
-    low: torch.bfloat16 for mixed precision (bfloat16 GEMM operands, everything else float32), or
+    compute_dtype: torch.bfloat16 for mixed precision (bfloat16 GEMM operands, everything else float32), or
     None; ignored unless x is float32.
 
     weight_drop: DropConnect on the recurrent weight (Wan et al. 2013, as AWD-LSTM uses it): each
@@ -136,14 +136,14 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
     if weight_drop:
         w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
     if x.dtype != torch.float32:
-        low = None
-    path = dispatch.choose(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, low).path
+        compute_dtype = None
+    path = dispatch.choose(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=compute_dtype).path
     if path == "persistent":  # the LSTM's whole time loop in one kernel launch each way
         from lmtrain.model.kernels.cuda import lstm_persistent
 
-        return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, low)
+        return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, compute_dtype)
     if path == "sequence":
-        return cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low)
+        return cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype)
     steps = fused.CompiledSteps(cell) if path == "fused" else cell
-    outputs = Recurrence.apply(steps, len(state), low, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+    outputs = Recurrence.apply(steps, len(state), compute_dtype, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
     return outputs[0], tuple(outputs[1:])

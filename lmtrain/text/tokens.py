@@ -112,7 +112,7 @@ def digest_bytes(hex_digest: str) -> bytes:
     return bytes.fromhex(hex_digest) if hex_digest else bytes(32)
 
 
-def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, text_bytes: int, text_words: int, text_lines: int,
+def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int, *, text_bytes: int, text_words: int, text_lines: int,
                  text_chars: int = 0, text_digest: str = "", tokenizer_digest: str = "") -> None:
     """Write a token file atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ class Streams:
     lmtrain.training.distributed cuts a tensor layout), still unbuilt.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, steps: int, used: int, shift: int, start_id: int,
+    def __init__(self, tokens: np.ndarray, batch_size: int, steps: int, *, used: int, shift: int, start_id: int,
                  fill: int, device: torch.device | str = "cpu", columns: np.ndarray | None = None):
         self.tokens = tokens
         self.steps, self.used = steps, used
@@ -221,8 +221,13 @@ class Streams:
         return self.shape if dim is None else self.shape[dim]
 
     def to(self, device: torch.device | str) -> Streams:
-        return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill,
-                       device, self.columns)
+        return self.changed(device=device)
+
+    def changed(self, device: torch.device | str | None = None, columns: np.ndarray | None = None) -> Streams:
+        """The same streams on `device` or with only `columns`."""
+        return Streams(self.tokens, self.batch_size, self.steps, used=self.used, shift=self.shift,
+                       start_id=self.start_id, fill=self.fill, device=self.device if device is None else device,
+                       columns=self.columns if columns is None else columns)
 
     def contiguous(self) -> Streams:
         """Itself: the windows it builds are contiguous tensors already (for code written for tensors)."""
@@ -230,8 +235,7 @@ class Streams:
 
     def __getitem__(self, rows: slice | tuple[slice, slice]) -> torch.Tensor | Streams:
         if isinstance(rows, tuple) and len(rows) == 2 and rows[0] == slice(None) and isinstance(rows[1], slice):
-            return Streams(self.tokens, self.batch_size, self.steps, self.used, self.shift, self.start_id, self.fill,
-                           self.device, self.columns[rows[1]])
+            return self.changed(columns=self.columns[rows[1]])
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("Streams take contiguous row slices [a:b], or a column slice [:, a:b], only")
         first, stop, _ = rows.indices(self.steps)
@@ -252,8 +256,8 @@ def lazy_batchify(tokens: np.ndarray, batch_size: int, start_id: int, pad: bool 
     steps = -(-n // batch_size) if pad else n // batch_size
     used = min(n, steps * batch_size)
     tokens = np.asarray(tokens)
-    return (Streams(tokens, batch_size, steps, used, 1, start_id, 0),
-            Streams(tokens, batch_size, steps, used, 0, start_id, -1))
+    return (Streams(tokens, batch_size, steps, used=used, shift=1, start_id=start_id, fill=0),
+            Streams(tokens, batch_size, steps, used=used, shift=0, start_id=start_id, fill=-1))
 
 
 def windows(inputs: torch.Tensor | Streams, targets: torch.Tensor | Streams, bptt: int):

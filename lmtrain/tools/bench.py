@@ -98,9 +98,9 @@ class OurStack(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -0.1, 0.1)
 
-    def forward(self, x, low=None):
+    def forward(self, x, compute_dtype=None):
         for layer in self.layers:
-            x, _ = layer(x, layer.init_state(x.size(1), x), low=low)
+            x, _ = layer(x, layer.init_state(x.size(1), x), compute_dtype=compute_dtype)
         return x
 
 
@@ -118,32 +118,32 @@ class TorchLSTMLanguageModel(nn.Module):
         return self.decoder(y), state
 
 
-def forward_in(low: torch.dtype | None, ours: bool, device: torch.device, forward: Callable):
-    """forward(low) for ours; for torch's modules, forward(None) under autocast to `low`."""
-    if ours or low is None:
-        return forward(low)
-    with torch.autocast(device.type, dtype=low):
+def forward_in(compute_dtype: torch.dtype | None, ours: bool, device: torch.device, forward: Callable):
+    """forward(compute_dtype) for ours; for torch's modules, forward(None) under autocast to `compute_dtype`."""
+    if ours or compute_dtype is None:
+        return forward(compute_dtype)
+    with torch.autocast(device.type, dtype=compute_dtype):
         return forward(None)
 
 
-def stack_step(stack: nn.Module, x: torch.Tensor, low: torch.dtype | None, ours: bool) -> Callable[[], None]:
+def stack_step(stack: nn.Module, x: torch.Tensor, compute_dtype: torch.dtype | None, ours: bool) -> Callable[[], None]:
     def run():
         x.grad = None
         for p in stack.parameters():
             p.grad = None
-        y = forward_in(low, ours, x.device, lambda dtype: stack(x, dtype) if ours else stack(x))
+        y = forward_in(compute_dtype, ours, x.device, lambda dtype: stack(x, dtype) if ours else stack(x))
         y.float().sum().backward()
 
     return run
 
 
 def timed_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ours: bool,
-               low: torch.dtype | None = None) -> Callable[[], None]:
+               compute_dtype: torch.dtype | None = None) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def run():
         state = model.init_state(tokens.size(1)) if ours else None
-        logits, _ = forward_in(low, ours, tokens.device, lambda dtype: model(tokens, state, dtype) if ours else model(tokens))
+        logits, _ = forward_in(compute_dtype, ours, tokens.device, lambda dtype: model(tokens, state, dtype) if ours else model(tokens))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,7 +153,7 @@ def timed_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ou
     return run
 
 
-def graphed_timed_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor, low: torch.dtype | None,
+def graphed_timed_step(model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor, compute_dtype: torch.dtype | None,
                        note: Callable[[str], None]) -> Callable[[], None]:
     """timed_step for our model with its forward + backward captured as a CUDA graph on the first
     call and replayed after (lmtrain.training.graphs.WindowRunner); eager where capture fails (noted)."""
@@ -162,7 +162,7 @@ def graphed_timed_step(model: LanguageModel, tokens: torch.Tensor, targets: torc
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def window(x, y, state):
-        logits, state = model(x, state, low)
+        logits, state = model(x, state, compute_dtype)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
         loss.backward()
         return loss, state
@@ -240,19 +240,19 @@ def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
     return peak / 2**20
 
 
-def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int,
+def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], *, layers: int, batch: int, bptt: int,
                  repeats: int, warmup: int, device: torch.device) -> list[Record]:
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
-            low = DTYPES[dtype_name]
+            compute_dtype = DTYPES[dtype_name]
             torch.manual_seed(0)
             x = torch.randn(bptt, batch, hidden, device=device, requires_grad=True)
             stacks = {"torch.nn.LSTM": TorchLSTMStack(layers, hidden)}
             stacks.update({cell: OurStack(cell, layers, hidden) for cell in cells})
-            runs = {name: stack_step(stack.to(device), x, low, name != "torch.nn.LSTM") for name, stack in stacks.items()}
+            runs = {name: stack_step(stack.to(device), x, compute_dtype, name != "torch.nn.LSTM") for name, stack in stacks.items()}
             if device.type == "cuda" and "lstm" in cells:  # the LSTM's window in one launch each way
-                runs["lstm+persistent"] = with_env("LMTRAIN_PERSISTENT", "1", stack_step(stacks["lstm"], x, low, True))
+                runs["lstm+persistent"] = with_env("LMTRAIN_PERSISTENT", "1", stack_step(stacks["lstm"], x, compute_dtype, True))
             medians = time_round_robin(runs, repeats, warmup, device)
             base = medians["torch.nn.LSTM"]
             for name, run in runs.items():
@@ -267,7 +267,7 @@ def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], layers: 
     return records
 
 
-def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: int, bptt: int, vocab: int,
+def bench_train_steps(sizes: list[int], dtypes: list[str], *, layers: int, batch: int, bptt: int, vocab: int,
                       repeats: int, warmup: int, device: torch.device,
                       note: Callable[[str], None] = lambda message: None) -> list[Record]:
     """The whole training step, ours (and on CUDA ours through a CUDA graph) against
@@ -275,20 +275,20 @@ def bench_train_steps(sizes: list[int], dtypes: list[str], layers: int, batch: i
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
-            low = DTYPES[dtype_name]
+            compute_dtype = DTYPES[dtype_name]
             torch.manual_seed(0)
             tokens = torch.randint(0, vocab, (bptt, batch), device=device)
             targets = torch.randint(0, vocab, (bptt, batch), device=device)
             ours = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
             reference = TorchLSTMLanguageModel(vocab, layers, hidden)
             runs = {
-                "ours": timed_step(ours.to(device), tokens, targets, True, low),
-                "torch": timed_step(reference.to(device), tokens, targets, False, low),
+                "ours": timed_step(ours.to(device), tokens, targets, True, compute_dtype),
+                "torch": timed_step(reference.to(device), tokens, targets, False, compute_dtype),
             }
             if device.type == "cuda":
                 graphed = LanguageModel(ModelConfig(layers=layers, embedding_size=hidden, hidden_size=hidden), vocab)
                 graphed.load_state_dict(ours.state_dict())
-                runs["ours+graphs"] = graphed_timed_step(graphed.to(device), tokens, targets, low, note)
+                runs["ours+graphs"] = graphed_timed_step(graphed.to(device), tokens, targets, compute_dtype, note)
             medians = time_round_robin(runs, repeats, warmup, device)
             for impl, run in runs.items():
                 records.append(Record(

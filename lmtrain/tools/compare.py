@@ -70,12 +70,13 @@ def settings(k: int, overrides: list[str]) -> list[str]:
 
 
 def compare_cells(
-    out_dir: Path, cells: list[str], k: int, alphabet_size: int, steps: int,
+    out_dir: Path, cells: list[str], *, k: int, alphabet_size: int, steps: int,
     n_train: int, n_valid: int, seed: int, overrides: list[str], say=print,
 ) -> list[Row]:
     """Write the copy corpus, train each cell for `steps` steps, return a Row per cell."""
     data_dir = out_dir / "data"
-    write_copy_corpus(data_dir, k, alphabet_size, n_train, n_valid, n_valid, seed, force=True)  # the comparison's own
+    write_copy_corpus(data_dir, k=k, alphabet_size=alphabet_size, n_train=n_train, n_valid=n_valid, n_test=n_valid,
+                      seed=seed, force=True)  # the comparison's own
     texts = load_corpus(data_dir)
     configs = {
         cell: load_config(None, [f"model.cell={cell}", f"train.seed={seed}", f"train.max_steps={steps}", *settings(k, overrides)])
@@ -89,7 +90,7 @@ def compare_cells(
         run_dir = out_dir / cell
         device = resolve_device(cfg.train.device)
         with ExitStack() as hold:  # the run directory stays locked while it trains
-            model, info = start_run(run_dir, cfg, tokenizer, texts.source, True, device, hold)
+            model, info = start_run(run_dir, cfg, tokenizer, corpus_source=texts.source, force=True, device=device, hold=hold)
             say(f"{cell}: {count_parameters(model):,} parameters, {cfg.train.max_steps:,} steps -> {run_dir}")
             started = time.perf_counter()
             train_model(model, cfg, data, run_dir, info, progress=TerminalProgress())
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
         )
         torch.set_num_threads(args.threads)
-        rows = compare_cells(args.out, cells, args.k, args.alphabet, args.steps, args.lines,
-                             args.valid_lines, args.seed, args.overrides, say=to_stderr)
+        rows = compare_cells(args.out, cells, k=args.k, alphabet_size=args.alphabet, steps=args.steps,
+                             n_train=args.lines, n_valid=args.valid_lines, seed=args.seed,
+                             overrides=args.overrides, say=to_stderr)
     except LmtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def config_path(name: str, config_dir: Path) -> Path:
     return path
 
 
-def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, results_dir: Path,
+def reproduce(name: str, data_dir: Path, *, config_dir: Path, runs_dir: Path, results_dir: Path,
               overrides: list[str] = (), progress=None, say=lambda line: None, force: bool = False) -> dict[str, Any]:
     """Train configs/NAME.toml on DATA/<corpus>, score valid and test, write results/NAME.json.
     An earlier reproduction's run directory (its checkpoints) is replaced only with `force`."""
@@ -84,7 +84,7 @@ def reproduce(name: str, data_dir: Path, config_dir: Path, runs_dir: Path, resul
                            f"(make reproduce-{name} FORCE=1), or move it away first")
     with ExitStack() as hold:  # the run directory stays locked until it is trained and scored
         # --force as `lmtrain train --force`: only lmtrain's files go, and only from a run (lmtrain.runs)
-        model, data, info = prepare_run(corpus, config, run_dir, force, None, say, hold=hold)
+        model, data, info = prepare_run(corpus, config, run_dir, force=force, default_run_dir=None, say=say, hold=hold)
         info.pop("run_dir")
         started = time.perf_counter()
         last = train(model, config, data, run_dir, info, progress=progress or QuietProgress())

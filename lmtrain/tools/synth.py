@@ -83,7 +83,7 @@ def memoryless_perplexity(k: int, alphabet_size: int) -> float:
 
 
 def write_copy_corpus(
-    out_dir: Path, k: int, alphabet_size: int, n_train: int, n_valid: int, n_test: int, seed: int,
+    out_dir: Path, *, k: int, alphabet_size: int, n_train: int, n_valid: int, n_test: int, seed: int,
     force: bool = False,
 ) -> dict[str, Path]:
     """Write train.txt, valid.txt and test.txt of the copy task to `out_dir`, each atomically.

@@ -55,7 +55,7 @@ from lmtrain.training.resume import (
 CONFIG = "config.toml"
 
 
-def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force: bool,
+def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, force: bool,
                 default_run_dir, say, encoding_errors: str = "strict",
                 progress=None, hold: ExitStack | None = None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
@@ -84,7 +84,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, force
     check_model_fits(config, tokenizer.vocab_size, device)
     check_encoded(data, config, tokenizer.vocab_size, device)  # it can train and validate
     run_dir = run_dir or default_run_dir(texts.source)
-    model, info = start_run(run_dir, config, tokenizer, texts.source, force, device, hold)
+    model, info = start_run(run_dir, config, tokenizer, corpus_source=texts.source, force=force, device=device, hold=hold)
     info["corpus_digests"] = corpus_digests(texts)
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
@@ -106,7 +106,7 @@ def vocab_note(got: int, asked: int) -> str:
     return f"; the corpus gives no more than {got:,} of the {asked:,} asked for" if got < asked else ""
 
 
-def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, corpus_source: str, force: bool,
+def start_run(run_dir: Path, config: Config, tokenizer: Tokenizer, *, corpus_source: str, force: bool,
               device: torch.device, hold: ExitStack | None = None) -> tuple[LanguageModel, dict[str, Any]]:
     """Make the run directory with its config and tokenizer, and build the seeded model on `device`.
 

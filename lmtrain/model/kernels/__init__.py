@@ -1,6 +1,6 @@
 """Fast paths for whole sequences, behind the small interface the engine expects of
-`cell.sequence_kernel`: `supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low) -> bool` and
-`run(x, state, w_ih, w_hh, b_ih, b_hh, extra, low) -> (y, final state)`, where low is None or
+`cell.sequence_kernel`: `supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype) -> bool` and
+`run(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype) -> (y, final state)`, where compute_dtype is None or
 torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed).
 
 Each kernel computes exactly what the generic engine (lmtrain.model.recurrence.Recurrence) computes

@@ -79,7 +79,7 @@ class Choice:
 
 
 def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-           b_hh: Tensor | None, extra: tuple[Tensor, ...], low: torch.dtype | None) -> Choice:
+           b_hh: Tensor | None, extra: tuple[Tensor, ...], *, compute_dtype: torch.dtype | None) -> Choice:
     """The path for one layer's call (lmtrain.model.recurrence.run_layer's arguments), and why."""
     name = cell_name(cell)
     if x.is_cuda or on("LMTRAIN_FUSED"):
@@ -96,7 +96,7 @@ def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor,
         return Choice("engine", f"{name} has no sequence kernel of its own")
     if not on("LMTRAIN_KERNELS"):
         return Choice("engine", "LMTRAIN_KERNELS=0 turns the sequence kernels off")
-    if kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low):
+    if kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype):
         from lmtrain.model.kernels.build import cpu_ops
 
         how = "our C++ loops" if x.device.type == "cpu" and cpu_ops() is not None else "their Python version"
@@ -105,7 +105,7 @@ def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor,
                             "bf16 without the CPU's bf16 products)")
 
 
-def explain(cell: ModuleType, device: torch.device, low: torch.dtype | None = None, batch: int = 2, hidden: int = 8) -> Choice:
+def explain(cell: ModuleType, device: torch.device, compute_dtype: torch.dtype | None = None, batch: int = 2, hidden: int = 8) -> Choice:
     """`choose` for a layer of `hidden` units over `batch` streams on `device`, without a model:
     what `lmtrain doctor` reports per cell, device and precision."""
     gates = cell.GATES * hidden
@@ -114,4 +114,4 @@ def explain(cell: ModuleType, device: torch.device, low: torch.dtype | None = No
     w = torch.zeros(gates, hidden, device=device)
     b_hh = torch.zeros(gates, device=device) if cell.RECURRENT_BIAS else None
     extra = tuple(torch.zeros(blocks * hidden, device=device) for blocks in cell.EXTRA.values())
-    return choose(cell, x, state, w, w, torch.zeros(gates, device=device), b_hh, extra, low)
+    return choose(cell, x, state, w, w, torch.zeros(gates, device=device), b_hh, extra, compute_dtype=compute_dtype)

@@ -117,7 +117,7 @@ class MixedLSTMSequence(torch.autograd.Function):
     rounded once per call, x, each h_{t-1} and each step's gate gradients as they are used. The
     activations, c_t, h_t, the gradients of the state and of the weights stay float32, so the
     cell state never loses precision across steps. Same signature and shapes as LSTMSequence;
-    the same arithmetic as lmtrain.model.recurrence.Recurrence with low = torch.bfloat16.
+    the same arithmetic as lmtrain.model.recurrence.Recurrence with compute_dtype = torch.bfloat16.
     """
 
     @staticmethod
@@ -211,14 +211,14 @@ def backward_loop(acts: Tensor, cs: Tensor, tanh_cs: Tensor, dy: Tensor, dh_last
     return dh, dc
 
 
-def supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, low=None) -> bool:
+def supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=None) -> bool:
     """Whether these tensors fit this kernel (LMTRAIN_KERNELS is dispatch's to read, before asking)."""
-    return b_hh is None and not extra and (low is None or mixed_available(x))
+    return b_hh is None and not extra and (compute_dtype is None or mixed_available(x))
 
 
-def run(x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), low=None):
+def run(x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), compute_dtype=None):
     """The engine's entry point: x (T, B, I), state (h, c) -> y (T, B, H), (h_T, c_T);
-    low = torch.bfloat16: mixed precision (MixedLSTMSequence)."""
-    sequence = MixedLSTMSequence if low is not None else LSTMSequence
+    compute_dtype = torch.bfloat16: mixed precision (MixedLSTMSequence)."""
+    sequence = MixedLSTMSequence if compute_dtype is not None else LSTMSequence
     y, h, c = sequence.apply(x, state[0], state[1], w_ih, w_hh, b_ih)
     return y, (h, c)

@@ -14,7 +14,7 @@ An operand is carried in the form its device multiplies fastest:
         kernel takes bfloat16 itself (lmtrain.model.kernels.lstm, AVX512-BF16), which is where the
         speed is on a CPU.
 
-With `low` None every function is the float32 operation the engine always ran.
+With `compute_dtype` None every function is the float32 operation the engine always ran.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 
-def operand(t: Tensor, low: torch.dtype | None) -> Tensor:
-    """t rounded to `low` in the form `mm` takes on t's device; t itself when low is None."""
-    if low is None or t.dtype == low:
+def operand(t: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
+    """t rounded to `compute_dtype` in the form `mm` takes on t's device; t itself when compute_dtype is None."""
+    if compute_dtype is None or t.dtype == compute_dtype:
         return t
-    rounded = t.to(low)
+    rounded = t.to(compute_dtype)
     return rounded if t.is_cuda else rounded.to(t.dtype)
 
 
@@ -41,7 +41,7 @@ def mm(a: Tensor, b: Tensor, add: Tensor | None = None, out: Tensor | None = Non
     return torch.addmm(add, a, b, out=out) if out is not None else torch.addmm(add, a, b)
 
 
-def sequence_grads(dxg: Tensor, dhg: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, low: torch.dtype | None,
+def sequence_grads(dxg: Tensor, dhg: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, compute_dtype: torch.dtype | None,
                    need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
     """The sequence-wide GEMMs that end a recurrence's backward, one each.
 
@@ -52,9 +52,9 @@ def sequence_grads(dxg: Tensor, dhg: Tensor, x: Tensor, h_prev: Tensor, w_ih: Te
     """
     rows = dxg.size(0) * dxg.size(1)
     db_xg, db_hg = dxg.reshape(rows, -1).sum(0), dhg.reshape(rows, -1).sum(0)
-    flat_xg = operand(dxg.reshape(rows, -1), low)  # (T·B, GH)
-    flat_hg = flat_xg if dhg is dxg else operand(dhg.reshape(rows, -1), low)
+    flat_xg = operand(dxg.reshape(rows, -1), compute_dtype)  # (T·B, GH)
+    flat_hg = flat_xg if dhg is dxg else operand(dhg.reshape(rows, -1), compute_dtype)
     dx = mm(flat_xg, w_ih).view_as(x) if need_dx else None
-    dw_ih = mm(flat_xg.t(), operand(x.reshape(rows, -1), low))
-    dw_hh = mm(flat_hg.t(), operand(h_prev.reshape(rows, -1), low))
+    dw_ih = mm(flat_xg.t(), operand(x.reshape(rows, -1), compute_dtype))
+    dw_hh = mm(flat_hg.t(), operand(h_prev.reshape(rows, -1), compute_dtype))
     return dx, dw_ih, dw_hh, db_xg, db_hg

@@ -17,7 +17,7 @@ units across programs with a grid barrier; this simpler form splits the batch in
 
 Shapes: x (T, B, I); h_0, c_0 (B, H); W_ih (4H, I); W_hh (4H, H); b (4H,); gate order i, f, g, o
 (lmtrain/model/cells/lstm.py). Arithmetic in float32 (tl.dot with ieee precision, no TF32); with
-low = torch.bfloat16 (train.precision = bf16) the dots take bfloat16 operands and sum in float32,
+compute_dtype = torch.bfloat16 (train.precision = bf16) the dots take bfloat16 operands and sum in float32,
 as lmtrain.model.kernels.mixed does for every other product.
 
 Used on CUDA for the LSTM when LMTRAIN_PERSISTENT=1 (lmtrain.model.kernels.fused). It is off by default
@@ -62,9 +62,9 @@ def _round_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-def low_mode(low, x: Tensor) -> int:
-    """_dot's LOW for a run in `low` on x's device."""
-    return 0 if low is None else 1 if x.is_cuda else 2
+def low_mode(compute_dtype, x: Tensor) -> int:
+    """_dot's LOW for a run in `compute_dtype` on x's device."""
+    return 0 if compute_dtype is None else 1 if x.is_cuda else 2
 
 
 @triton.jit
@@ -160,23 +160,23 @@ def backward_kernel(acts, cs, tanh_cs, dy, w_hh, dgates, dh, dc, steps, batch, h
 
 
 class PersistentLSTM(torch.autograd.Function):
-    """y, h_T, c_T = PersistentLSTM.apply(low, x, h_0, c_0, w_ih, w_hh, bias): the signature and
-    results of lmtrain.model.kernels.lstm.LSTMSequence, with low None or torch.bfloat16; float32 tensors."""
+    """y, h_T, c_T = PersistentLSTM.apply(compute_dtype, x, h_0, c_0, w_ih, w_hh, bias): the signature and
+    results of lmtrain.model.kernels.lstm.LSTMSequence, with compute_dtype None or torch.bfloat16; float32 tensors."""
 
     @staticmethod
-    def forward(ctx, low, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor):
+    def forward(ctx, compute_dtype, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor):
         steps, batch, inputs = x.shape
         hidden = h0.size(1)
-        w_ih_c, w_hh_c = mixed.operand(w_ih.detach(), low), mixed.operand(w_hh.detach(), low)
-        x_c = mixed.operand(x.detach().reshape(steps * batch, inputs), low)
+        w_ih_c, w_hh_c = mixed.operand(w_ih.detach(), compute_dtype), mixed.operand(w_hh.detach(), compute_dtype)
+        x_c = mixed.operand(x.detach().reshape(steps * batch, inputs), compute_dtype)
         xg = mixed.mm(x_c, w_ih_c.t(), bias.detach()).view(steps, batch, 4 * hidden)
         hs, cs = x.new_empty(steps + 1, batch, hidden), x.new_empty(steps + 1, batch, hidden)
         hs[0], cs[0] = h0, c0
         acts, tanh_cs = torch.empty_like(xg), x.new_empty(steps, batch, hidden)
         forward_kernel[(triton.cdiv(batch, BLOCK_B),)](
             xg, w_hh_c.t().contiguous(), hs, cs, acts, tanh_cs, steps, batch, hidden,
-            LOW=low_mode(low, x), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        ctx.low = low
+            LOW=low_mode(compute_dtype, x), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        ctx.compute_dtype = compute_dtype
         ctx.save_for_backward(x_c, w_ih_c, w_hh_c, hs, cs, tanh_cs, acts)
         ctx.input_shape = x.shape
         return hs[1:].clone(), hs[steps].clone(), cs[steps].clone()
@@ -184,7 +184,7 @@ class PersistentLSTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, dh_last: Tensor, dc_last: Tensor):
         x_c, w_ih_c, w_hh_c, hs, cs, tanh_cs, acts = ctx.saved_tensors
-        low = ctx.low
+        compute_dtype = ctx.compute_dtype
         steps, batch, _ = ctx.input_shape
         hidden = cs.size(2)
         dgates = torch.empty_like(acts)
@@ -192,8 +192,8 @@ class PersistentLSTM(torch.autograd.Function):
         dc = dc_last.contiguous().clone()
         backward_kernel[(triton.cdiv(batch, BLOCK_B),)](
             acts, cs, tanh_cs, dy.contiguous(), w_hh_c.contiguous(), dgates, dh, dc, steps, batch, hidden,
-            LOW=low_mode(low, dy), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        dx, dw_ih, dw_hh, db, _ = mixed.sequence_grads(dgates, dgates, x_c.view(ctx.input_shape), hs[:-1], w_ih_c, low,
+            LOW=low_mode(compute_dtype, dy), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        dx, dw_ih, dw_hh, db, _ = mixed.sequence_grads(dgates, dgates, x_c.view(ctx.input_shape), hs[:-1], w_ih_c, compute_dtype,
                                                        ctx.needs_input_grad[1])
         return None, dx, dh, dc, dw_ih, dw_hh, db
 
@@ -203,7 +203,7 @@ def supports(cell_name: str, x: Tensor, b_hh, extra) -> bool:
     return cell_name == "lstm" and b_hh is None and not extra and x.dtype == torch.float32
 
 
-def run(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, low=None):
+def run(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, compute_dtype=None):
     """x (T, B, I), (h_0, c_0) -> y (T, B, H), (h_T, c_T)."""
-    y, h, c = PersistentLSTM.apply(low, x, state[0], state[1], w_ih, w_hh, b_ih)
+    y, h, c = PersistentLSTM.apply(compute_dtype, x, state[0], state[1], w_ih, w_hh, b_ih)
     return y, (h, c)
