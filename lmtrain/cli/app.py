@@ -22,6 +22,7 @@ except ImportError:  # typer from 0.2x on carries its own copy of click
     from typer._click.globals import get_current_context
 
 from lmtrain.errors import LmtrainError, one_line
+from lmtrain.model import selfcheck
 from lmtrain.text import ENCODING_ERRORS
 from lmtrain.training import distributed
 
@@ -41,6 +42,7 @@ def user_errors():
     not finite first (`finite_options`)."""
     try:
         finite_options()
+        selfcheck.check_switches()
         yield
     except LmtrainError as e:
         if not isinstance(e, distributed.ReportedByMainRank):  # under torchrun: the main rank says it once

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel, State, cpu_ops, is_lstm
+from lmtrain.model import LanguageModel, State, cpu_ops, is_lstm, selfcheck
 
 WEIGHT_PRECISIONS = ("fp32", "bf16", "int8")
 KIND = {"fp32": 0, "bf16": 1, "int8": 2}
@@ -137,6 +137,35 @@ class Stepper:
                 and all(self.joint[1:]) and all(p.compiled for p in products)):
             self.stack = tuple([getattr(p, name) for p in products] for name in ("weight", "scales", "sums", "bias"))
         self.scratch = torch.empty(0, dtype=torch.uint8)  # the whole-step op's working memory, grown by the op
+        if self.stack is not None and not self.whole_step_checked(precision):
+            self.stack = None
+
+    def whole_step_checked(self, precision: str) -> bool:
+        """Whether the whole-step op may run: not turned off, and it agrees with the op-by-op step
+        (the same products, so the same numbers) on two streams from a zero state
+        (lmtrain.model.kernels.selfcheck; a failure turns it off for the process)."""
+        if selfcheck.is_off("step-op"):
+            return False
+        tokens = torch.tensor([0, self.embedding.size(0) - 1])
+        hidden = [w.size(0) // 4 for w in self.stack[3][:-1]]
+        zeros = [torch.zeros(2, h) for h in hidden for _ in range(2)]  # h_0, c_0, h_1, c_1, ...
+
+        def step(unfused: bool):
+            def run(*flat):
+                kept, self.unfused = self.unfused, unfused
+                try:
+                    logits, state = self.step(tokens, list(zip(flat[::2], flat[1::2])))
+                finally:
+                    self.unfused = kept
+                return [logits, *(s for layer in state for s in layer)]
+
+            return run
+
+        key = ("step-op", precision, tuple(hidden), self.embedding.shape, self.stack[3][-1].numel())
+        failure = selfcheck.check("step-op", key, step(False), step(True), zeros, selfcheck.tolerance(torch.float32))
+        if failure is not None:
+            selfcheck.turn_off("step-op", failure, lambda: "the op-by-op step")
+        return failure is None
 
     def table_rows(self, tokens: Tensor) -> Tensor:
         """TABLE[tokens] (B, G·H_0): index_select copies whole rows, where advanced indexing
@@ -164,9 +193,11 @@ class Stepper:
         top-p: the same tokens), then step on them, in one op -> tokens (B,), the next logits, state.
         `out` (new_outputs, none of them an input) receives the logits and state; fresh ones by default."""
         out = self.new_outputs(logits.size(0)) if out is None else out
+        selfcheck.inject("step-op")
         tokens = torch.ops.lmtrain.lstm_stack_draw(logits.float(), uniforms.float(), temperature, self.table, *self.stack,
                                                    [s[0].float() for s in state], [s[1].float() for s in state], out,
                                                    self.scratch)
+        out[0] = selfcheck.distort("step-op", out[:1])[0]
         return (tokens, *self.unpack(out))
 
     @torch.no_grad()
@@ -174,8 +205,10 @@ class Stepper:
         """tokens (B,) int64 -> logits (B, V) float32 and the new state (the model's layout)."""
         if self.stack is not None and not self.unfused:
             out = self.new_outputs(tokens.size(0))
+            selfcheck.inject("step-op")
             torch.ops.lmtrain.lstm_stack_step(tokens, self.table, *self.stack, [s[0].float() for s in state],
                                               [s[1].float() for s in state], out, self.scratch)
+            out[0] = selfcheck.distort("step-op", out[:1])[0]
             return self.unpack(out)
         x = None
         new_state = []

@@ -33,7 +33,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lmtrain.model.kernels import dispatch, fused, mixed
+from lmtrain.errors import LmtrainError, one_line
+from lmtrain.model.kernels import dispatch, fused, mixed, selfcheck
 
 
 class Recurrence(torch.autograd.Function):
@@ -137,13 +138,78 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
         w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
     if x.dtype != torch.float32:
         compute_dtype = None
-    path = dispatch.choose(cell, x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=compute_dtype).path
+    args = (x, state, w_ih, w_hh, b_ih, b_hh, tuple(extra))
+    choice = checked_choice(cell, args, compute_dtype)
+    try:
+        return run_path(choice.path, cell, args, compute_dtype)
+    except (torch.OutOfMemoryError, LmtrainError):
+        raise
+    except Exception as error:  # noqa: BLE001  a fast path that fails after its check: the next one down
+        if choice.path == "engine":
+            raise
+        selfcheck.turn_off(choice.path, f"it raised {type(error).__name__}: {one_line(str(error), 160)}",
+                           lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype).path} path")
+        return run_path(checked_choice(cell, args, compute_dtype).path, cell, args, compute_dtype)
+
+
+def run_path(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None):
+    """run_layer's call (args: x, state, w_ih, w_hh, b_ih, b_hh, extra) on one path -> y, final state."""
+    x, state, w_ih, w_hh, b_ih, b_hh, extra = args
+    if path != "engine":
+        selfcheck.inject(path)
     if path == "persistent":  # the LSTM's whole time loop in one kernel launch each way
         from lmtrain.model.kernels.cuda import lstm_persistent
 
-        return lstm_persistent.run(x, state, w_ih, w_hh, b_ih, compute_dtype)
-    if path == "sequence":
-        return cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype)
-    steps = fused.CompiledSteps(cell) if path == "fused" else cell
-    outputs = Recurrence.apply(steps, len(state), compute_dtype, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
-    return outputs[0], tuple(outputs[1:])
+        y, final = lstm_persistent.run(x, state, w_ih, w_hh, b_ih, compute_dtype)
+    elif path == "sequence":
+        y, final = cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype)
+    else:
+        steps = fused.CompiledSteps(cell, triton=path == "triton") if path in ("fused", "triton") else cell
+        outputs = Recurrence.apply(steps, len(state), compute_dtype, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+        y, final = outputs[0], tuple(outputs[1:])
+    if path == "engine":
+        return y, final
+    y, *final = selfcheck.distort(path, (y, *final))
+    return y, tuple(final)
+
+
+def checked_choice(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None) -> dispatch.Choice:
+    """dispatch.choose's path for this call, once it has passed its self-check for this kind of call
+    (lmtrain.model.kernels.selfcheck): a path that fails is turned off and the next one down is
+    taken (and checked), down to the engine, which is the reference."""
+    choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype)
+    while choice.path != "engine":
+        failure = selfcheck.check(choice.path, check_key(choice.path, cell, args, compute_dtype),
+                                  *check_calls(choice.path, cell, args, compute_dtype))
+        if failure is None:
+            return choice
+        selfcheck.turn_off(choice.path, failure, lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype).path} path")
+        choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype)
+    return choice
+
+
+def check_key(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None) -> tuple:
+    """What a check holds for: everything about a call but its window length."""
+    x, state, w_ih, w_hh, b_ih, b_hh, extra = args
+    return (path, dispatch.cell_name(cell), x.device, x.dtype, compute_dtype, tuple(x.shape[1:]),
+            tuple(w_hh.shape), b_hh is not None, len(extra))
+
+
+def check_calls(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None) -> tuple:
+    """(fast, reference, inputs, tolerance) for selfcheck.check: the call's first CHECK_STEPS steps
+    on `path` and on the engine, as functions of the flat tensors (x, *state, w_ih, w_hh, b_ih,
+    [b_hh], *extra) -> (y, *final state)."""
+    x, state, w_ih, w_hh, b_ih, b_hh, extra = args
+    n, has_b_hh = len(state), b_hh is not None
+    inputs = [x[: selfcheck.CHECK_STEPS], *state, w_ih, w_hh, b_ih, *([b_hh] if has_b_hh else []), *extra]
+
+    def on(which: str):
+        def run(x, *rest):
+            state, (w_ih, w_hh, b_ih), rest = tuple(rest[:n]), rest[n : n + 3], rest[n + 3 :]
+            b_hh, extra = (rest[0], rest[1:]) if has_b_hh else (None, rest)
+            y, final = run_path(which, cell, (x, state, w_ih, w_hh, b_ih, b_hh, tuple(extra)), compute_dtype)
+            return (y, *final)
+
+        return run
+
+    return on(path), on("engine"), inputs, selfcheck.tolerance(x.dtype, compute_dtype)

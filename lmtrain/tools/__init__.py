@@ -15,10 +15,10 @@ from lmtrain.tools.synth import (
     write_copy_corpus,
 )
 
-# `bench` is offered as a module (the CLI's bench command: its settings, presets and tables),
-# `from lmtrain.tools import bench`
+# `bench` and `doctor` are offered as modules (the CLI's commands: settings, presets, reports),
+# `from lmtrain.tools import bench, doctor`
 __all__ = [
-    "bench", "GenerationBench", "format_generation_table", "measure_generation",
+    "bench", "doctor", "GenerationBench", "format_generation_table", "measure_generation",
     "DEFAULT_ALPHABET", "DEFAULT_K", "memoryless_perplexity", "optimum_perplexity", "reproduce",
     "results_table", "write_copy_corpus", "write_report"
 ]

@@ -86,15 +86,27 @@ def current_key(here: Path) -> str:
     return build_key(files, flags, torch.__version__, cpu_features())
 
 
+def build_directory() -> Path:
+    """Where this machine's build of the current sources lives (torch's extension cache,
+    TORCH_EXTENSIONS_DIR when set), one directory per build key."""
+    from torch.utils import cpp_extension
+
+    name = f"{EXTENSION}_{current_key(Path(__file__).parent / 'cpu')}"
+    return Path(cpp_extension._get_build_directory(name, False))
+
+
 @cache
 def _load_cpu_ops():
     """Build (once per machine and key) and load our C++ ops; None, with a warning, when that fails."""
     try:
         from torch.utils import cpp_extension
 
+        from lmtrain.model.kernels import selfcheck
+
+        selfcheck.inject("build")
         here = Path(__file__).parent / "cpu"
         name = f"{EXTENSION}_{current_key(here)}"
-        build_dir = Path(cpp_extension._get_build_directory(name, False))
+        build_dir = build_directory()
         build_dir.mkdir(parents=True, exist_ok=True)
 
         def load():

@@ -38,6 +38,10 @@ SWITCHES: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
                            "without inductor (CPU tests), or the cells' functions as they are"),
     "LMTRAIN_CUDA_POINTWISE": ("compile", ("compile", "triton"), "the LSTM's fused steps on CUDA: compiled, or our Triton kernels"),
     "LMTRAIN_PERSISTENT": ("0", None, "1: the LSTM's window in one persistent launch each way (CUDA)"),
+    # lmtrain.model.kernels.selfcheck's; the last two take a comma-separated list of its PATHS
+    "LMTRAIN_SELF_CHECK": ("1", None, "0: no check of a fast path against the reference on first use (benchmarks)"),
+    "LMTRAIN_DISABLE": ("", None, "these paths off from the start, e.g. sequence,cross-entropy"),
+    "LMTRAIN_FAULT": ("", None, "FOR TESTS ONLY: path:raise or path:wrong makes a path fail, to test the fallback"),
 }
 __doc__ += "".join(f"    {name:24} {meaning} (default {default})\n" for name, (default, _, meaning) in SWITCHES.items())
 
@@ -74,35 +78,59 @@ def on_triton(x: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "persistent", "fused", "sequence" or "engine"
+    path: str  # "persistent", "triton", "fused", "sequence" or "engine"
     reason: str
+
+
+def triton_steps(name: str, x: Tensor) -> bool:
+    """Whether the fused loop takes the LSTM's hand-written Triton step kernels for x."""
+    return (name == "lstm" and on_triton(x) and switch("LMTRAIN_CUDA_POINTWISE") == "triton"
+            and switch("LMTRAIN_FUSED_MODE") != "eager")
 
 
 def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
            b_hh: Tensor | None, extra: tuple[Tensor, ...], *, compute_dtype: torch.dtype | None) -> Choice:
-    """The path for one layer's call (lmtrain.model.recurrence.run_layer's arguments), and why."""
+    """The path for one layer's call (lmtrain.model.recurrence.run_layer's arguments), and why.
+    A path lmtrain.model.kernels.selfcheck turned off is passed over for the next one down."""
+    from lmtrain.model.kernels.selfcheck import turned_off
+
+    off = turned_off()
+    passed_over = []
+
+    def usable(path: str) -> bool:
+        if path in off:
+            passed_over.append(f"the {path} path is off: {off[path]}")
+        return path not in off
+
+    def choice(path: str, reason: str) -> Choice:
+        return Choice(path, "; ".join([reason, *passed_over]))
+
     name = cell_name(cell)
     if x.is_cuda or on("LMTRAIN_FUSED"):
         where = "on CUDA" if x.is_cuda else "with LMTRAIN_FUSED=1"
         if on_triton(x) and on("LMTRAIN_PERSISTENT"):
             from lmtrain.model.kernels.cuda import lstm_persistent
 
-            if lstm_persistent.supports(name, x, b_hh, extra):
-                return Choice("persistent", f"{name} {where} with LMTRAIN_PERSISTENT=1")
-        pointwise = "triton" if name == "lstm" and on_triton(x) and switch("LMTRAIN_CUDA_POINTWISE") == "triton" else switch("LMTRAIN_FUSED_MODE")
-        return Choice("fused", f"every cell takes the fused loop {where} (pointwise steps: {pointwise})")
+            if lstm_persistent.supports(name, x, b_hh, extra) and usable("persistent"):
+                return choice("persistent", f"{name} {where} with LMTRAIN_PERSISTENT=1")
+        if triton_steps(name, x) and usable("triton"):
+            return choice("triton", f"the LSTM takes the fused loop {where} with its Triton steps (LMTRAIN_CUDA_POINTWISE=triton)")
+        if usable("fused"):
+            return choice("fused", f"every cell takes the fused loop {where} (pointwise steps: {switch('LMTRAIN_FUSED_MODE')})")
     kernel = getattr(cell, "sequence_kernel", None)
     if kernel is None:
-        return Choice("engine", f"{name} has no sequence kernel of its own")
+        return choice("engine", f"{name} has no sequence kernel of its own")
     if not on("LMTRAIN_KERNELS"):
-        return Choice("engine", "LMTRAIN_KERNELS=0 turns the sequence kernels off")
-    if kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype):
-        from lmtrain.model.kernels.build import cpu_ops
+        return choice("engine", "LMTRAIN_KERNELS=0 turns the sequence kernels off")
+    if not kernel.supports(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype):
+        return choice("engine", f"{name}'s sequence kernel does not take these tensors (a recurrent bias, extras, "
+                                "or bf16 without the CPU's bf16 products)")
+    if not usable("sequence"):
+        return choice("engine", "the generic engine")
+    from lmtrain.model.kernels.build import cpu_ops
 
-        how = "our C++ loops" if x.device.type == "cpu" and cpu_ops() is not None else "their Python version"
-        return Choice("sequence", f"{name}'s own sequence kernel ({how})")
-    return Choice("engine", f"{name}'s sequence kernel does not take these tensors (a recurrent bias, extras, or "
-                            "bf16 without the CPU's bf16 products)")
+    how = "our C++ loops" if x.device.type == "cpu" and cpu_ops() is not None else "their Python version"
+    return choice("sequence", f"{name}'s own sequence kernel ({how})")
 
 
 def explain(cell: ModuleType, device: torch.device, compute_dtype: torch.dtype | None = None, batch: int = 2, hidden: int = 8) -> Choice:

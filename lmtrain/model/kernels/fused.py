@@ -74,16 +74,17 @@ def clear_caches() -> None:
     _SCRATCH.clear()
 
 
-def step_function(cell: ModuleType, which: str, args: tuple, mode: str | None = None) -> Callable:
+def step_function(cell: ModuleType, which: str, args: tuple, mode: str | None = None, triton: bool | None = None) -> Callable:
     """The cell's `which` ("forward" or "backward") step as one fused function, for args like `args`.
 
     mode: compile (traced, then inductor), traced (the functionalized ATen graph, run as it is),
     eager (the cell's function itself). Cached per cell, step, mode, shapes, dtype and device.
+    triton: the LSTM's Triton kernels instead (None: as the switches say, dispatch.triton_steps).
     """
     mode = mode or fused_mode()
     leaves, in_spec = tree_flatten(args)
     # Triton runs on CUDA tensors, or on CPU tensors under its interpreter (tests)
-    if mode != "eager" and dispatch.is_lstm(cell) and dispatch.on_triton(leaves[0]) and cuda_pointwise() == "triton":
+    if triton or (triton is None and dispatch.triton_steps(dispatch.cell_name(cell), leaves[0])):
         from lmtrain.model.kernels.cuda import lstm_triton
 
         return getattr(lstm_triton, f"{which}_step")
@@ -135,8 +136,8 @@ class CompiledSteps:
     compiled: `resolve(which, args)` gives the step function for those arguments' shapes
     (`step_function`), looked up once per sequence."""
 
-    def __init__(self, cell: ModuleType):
-        self.cell = cell
+    def __init__(self, cell: ModuleType, triton: bool = False):
+        self.cell, self.triton = cell, triton
 
     def resolve(self, which: str, args: tuple) -> Callable:
-        return step_function(self.cell, which, args)
+        return step_function(self.cell, which, args, triton=self.triton)

@@ -33,7 +33,8 @@ def operand(t: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
 
 def mm(a: Tensor, b: Tensor, add: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """a (M, K) @ b (K, N) (+ add, (M, N) or (N,)) in float32, the operands from `operand`."""
-    if a.dtype == torch.bfloat16:  # CUDA: bfloat16 operands, float32 output
+    if a.dtype == torch.bfloat16 and a.device.type != "cpu":  # CUDA: bfloat16 operands, float32 output (a bfloat16
+        # operand on the CPU is a bfloat16 tensor's own, whose product stays bfloat16)
         product = torch.mm(a, b, out_dtype=torch.float32, out=out)
         return product if add is None else product.add_(add)
     if add is None:
