@@ -3,11 +3,14 @@ on a GPU, capture and replay against eager."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 from test_determinism import run_once
 from helpers import write_corpus
 
 from lmtrain.config import ModelConfig, TrainConfig
+from lmtrain.model.kernels import fused
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.training.distributed import WindowForward
 from lmtrain.training.graphs import Captured, WindowRunner
@@ -18,9 +21,9 @@ import pytest
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs capture only GPU work")
 
 
-def small_model(device="cpu", dropout=0.0, seed=0):
+def small_model(device="cpu", dropout=0.0, seed=0, cell="lstm"):
     torch.manual_seed(seed)
-    config = ModelConfig(layers=2, embedding_size=8, hidden_size=8, dropout=dropout)
+    config = ModelConfig(layers=2, embedding_size=8, hidden_size=8, dropout=dropout, cell=cell)
     return LanguageModel(config, vocab_size=23).to(device).train()
 
 
@@ -113,6 +116,59 @@ def test_graph_cache_keeps_the_most_recently_used_lengths(monkeypatch):
     run_windows(runner, model, windows([6, 4, 6, 3, 6, 4]))
     assert captured == [6, 4, 3, 4]
     assert [key[0][0] for key in runner.graphs] == [6, 4]  # least recently used first
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's calls in WindowRunner.capture, without a GPU: streams do nothing, the graph's
+    capture runs the window eagerly and its replay does nothing, and the CUDA generator is the CPU's
+    (which the CPU windows' dropout draws from). Yields the calls made, with the generator's state
+    when the capture began. Windows go through `capture` as if on CUDA."""
+    calls = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextmanager
+    def graph(g):
+        calls.append(("capture", torch.get_rng_state()))
+        yield
+
+    def get_rng_state(device):
+        calls.append(("get", device))
+        return torch.get_rng_state()
+
+    def set_rng_state(state, device):
+        calls.append(("set", device))
+        torch.set_rng_state(state)
+
+    for name, value in {"Stream": Stream, "current_stream": Stream, "stream": lambda side: nullcontext(), "CUDAGraph": Graph,
+                        "graph": graph, "get_rng_state": get_rng_state, "set_rng_state": set_rng_state}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(WindowRunner, "graphs_apply", lambda self, x: self.use_graphs)
+    return calls
+
+
+def test_a_graph_keeps_the_scratch_buffers_it_was_captured_with(fake_cuda):
+    """A longer window replaces the recurrences' scratch buffers with larger ones; the graph of the
+    shorter window still writes to the old ones at each replay, so it holds them."""
+    model = small_model(cell="gru")  # the generic engine on the CPU: it takes fused.scratch's buffers
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()), True)
+    fused.clear_caches()
+    short, long = windows([4, 6])
+    runner(*short, model.init_state(3))
+    first = next(iter(runner.graphs.values()))
+    held = {name: buffer for (name, *_), buffer in fused._SCRATCH.items()}
+    runner(*long, model.init_state(3))
+    for name in ("xg", "dxg"):
+        now = [buffer for (n, *_), buffer in fused._SCRATCH.items() if n == name]
+        assert len(now) == 1 and now[0].size(0) == 6 and now[0] is not held[name]
+        assert any(buffer is held[name] for buffer in first.buffers)
 
 
 @needs_cuda

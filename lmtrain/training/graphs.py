@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from lmtrain.model import held_scratch
 
 State = list[tuple[Tensor, ...]]
 Window = Callable[[Tensor, Tensor, State], tuple[Tensor, State]]
@@ -47,6 +49,9 @@ class Captured:
     loss: Tensor  # () the window's loss
     state_out: State
     grads: list[Tensor | None]  # one per parameter, in params order
+    # the recurrences' scratch buffers at capture: the graph writes to their addresses at every
+    # replay, so it keeps them alive after a longer window has replaced them (model.held_scratch)
+    buffers: list[Tensor] = field(default_factory=list)
 
 
 class WindowRunner:
@@ -109,7 +114,7 @@ class WindowRunner:
             loss, state_out = self.window(static_x, static_y, static_state)
         grads = [p.grad for p in self.params]
         state_out = [tuple(s.detach() for s in layer) for layer in state_out]
-        return Captured(graph, static_x, static_y, static_state, loss.detach(), state_out, grads)
+        return Captured(graph, static_x, static_y, static_state, loss.detach(), state_out, grads, held_scratch())
 
     def replay(self, captured: Captured, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, State]:
         captured.x.copy_(x)
