@@ -154,6 +154,25 @@ def fake_cuda(monkeypatch):
     return calls
 
 
+def test_capture_leaves_the_random_numbers_as_an_eager_window_would(fake_cuda):
+    """With dropout the two warm-ups draw masks; the generator is put back before the capture, so the
+    captured window draws what one eager window from the same state draws, and leaves the generator
+    where that window leaves it (a resumed run, which captures afresh, goes on as the uninterrupted one)."""
+    model = small_model(dropout=0.5)
+    (x, y), = windows([6])
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()), True)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loss, _ = runner(x, y, model.init_state(3))
+    after = torch.get_rng_state()
+    assert len(runner.graphs) == 1
+    assert [call[0] for call in fake_cuda] == ["get", "set", "capture"] and fake_cuda[0][1] == fake_cuda[1][1] == x.device
+    assert torch.equal(fake_cuda[2][1], before)
+    torch.set_rng_state(before)
+    loss_eager, _ = runner.eager(x, y, model.init_state(3))
+    assert loss.item() == loss_eager.item() and torch.equal(torch.get_rng_state(), after)
+
+
 def test_a_graph_keeps_the_scratch_buffers_it_was_captured_with(fake_cuda):
     """A longer window replaces the recurrences' scratch buffers with larger ones; the graph of the
     shorter window still writes to the old ones at each replay, so it holds them."""

@@ -15,6 +15,10 @@ each with its own memory pool (replayed in any order, so the pools cannot be sha
 
 The optimizer step and clipping run eagerly after the replay, on the static gradients.
 
+Capturing leaves the random numbers where an eager run would: the eager warm-ups before a capture
+draw dropout masks from the CUDA generator, whose state is put back after them, so a resumed run
+(which captures afresh) draws what the uninterrupted one drew.
+
 Fallback: on the CPU, with train.cuda_graphs = false, or when capture fails (an operation that
 cannot be captured, a CPU synchronisation inside the window), the window runs eagerly; a failed
 capture is reported once through `note` and never retried.
@@ -101,12 +105,18 @@ class WindowRunner:
     def capture(self, x: Tensor, y: Tensor, state: State) -> Captured:
         static_x, static_y = x.clone(), y.clone()
         static_state = [tuple(s.detach().clone() for s in layer) for layer in state]
+        # the warm-ups draw dropout masks: the CUDA generator is put back after them, so that a
+        # capture leaves the random numbers as an eager run would (exact resume, which captures afresh)
+        random_state = torch.cuda.get_rng_state(x.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self.eager(static_x, static_y, static_state)
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    self.eager(static_x, static_y, static_state)
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.set_rng_state(random_state, x.device)
         for p in self.params:
             p.grad = None  # so the captured backward allocates the gradients in the graph's pool
         graph = torch.cuda.CUDAGraph()
