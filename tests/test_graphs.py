@@ -3,17 +3,20 @@ on a GPU, capture and replay against eager."""
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager, nullcontext
 
 import torch
-from test_determinism import run_once
+from test_determinism import SETTINGS, run_once
 from helpers import write_corpus
 
-from lmtrain.config import ModelConfig, TrainConfig
+from lmtrain.config import ModelConfig, TrainConfig, load_config
 from lmtrain.model.kernels import fused
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.progress import QuietProgress
+from lmtrain.training import loop, prepare_run, train
 from lmtrain.training.distributed import WindowForward
-from lmtrain.training.graphs import Captured, WindowRunner
+from lmtrain.training.graphs import Captured, WindowRunner, graphs_for
 from lmtrain.training.loop import train_window
 
 import pytest
@@ -188,6 +191,65 @@ def test_a_graph_keeps_the_scratch_buffers_it_was_captured_with(fake_cuda):
         now = [buffer for (n, *_), buffer in fused._SCRATCH.items() if n == name]
         assert len(now) == 1 and now[0].size(0) == 6 and now[0] is not held[name]
         assert any(buffer is held[name] for buffer in first.buffers)
+
+
+def test_hits_are_counted_and_noted(monkeypatch):
+    """The LRU test's windows: 6 replays, 4 of them after a capture."""
+    model = small_model()
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()),
+                          True, capacity=2)
+    assert runner.hit_note() is None
+    monkeypatch.setattr(runner, "graphs_apply", lambda x: runner.use_graphs)
+    monkeypatch.setattr(runner, "capture", lambda x, y, state: Captured(None, x, y, state, torch.zeros(()), state, []))
+    monkeypatch.setattr(runner, "replay", lambda captured, x, y, state: (captured.loss, state))
+    for x, y in windows([6, 4, 6, 3, 6, 4]):
+        runner(x, y, [])
+    assert (runner.captures, runner.replays) == (4, 6)
+    assert runner.hit_note() == "CUDA graphs: 6 windows replayed, 4 captures; 33% found their graph captured"
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, (True, None)),
+    ({"cuda_graphs": False}, (False, None)),
+    ({"variable_bptt": True}, (False, "CUDA graphs off: train.variable_bptt draws a new window length most windows, "
+                                     "and capturing each costs more than its replays save; running eagerly")),
+])
+def test_when_graphs_are_used(settings, expected):
+    assert graphs_for(TrainConfig(**settings), torch.device("cuda")) == expected
+    assert graphs_for(TrainConfig(**settings), torch.device("cpu")) == (False, None)  # never a note on the CPU
+
+
+class Notes(QuietProgress):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+@pytest.mark.parametrize("variable", [True, False])
+def test_training_notes_why_graphs_are_off_once_or_how_often_they_were_reused(variable, fake_cuda, tmp_path, monkeypatch):
+    """train() on the CPU as if on CUDA (graphs_for told CUDA, capture stubbed): variable BPTT turns
+    graphs off with one note and captures nothing; fixed BPTT captures its two lengths (bptt and the
+    remainder) and ends with the hit note."""
+    def as_if_on_cuda(config, device):
+        return graphs_for(config, torch.device("cuda"))
+
+    monkeypatch.setattr(loop, "graphs_for", as_if_on_cuda)
+    monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", sizes=(60, 10, 10))
+    config = load_config(None, [*SETTINGS, f"train.variable_bptt={str(variable).lower()}", "train.epochs=1"])
+    model, data, info = prepare_run(corpus, config, tmp_path / "run", force=False, default_run_dir=None, say=lambda line: None)
+    info.pop("run_dir")
+    progress = Notes()
+    record = train(model, config, data, tmp_path / "run", info, progress=progress)
+    if variable:
+        assert progress.notes == [graphs_for(config.train, torch.device("cuda"))[1]]
+        assert not any(call[0] == "capture" for call in fake_cuda)
+    else:
+        assert len(progress.notes) == 1
+        hits = re.fullmatch(r"CUDA graphs: (\d+) windows replayed, 2 captures; \d+% found their graph captured", progress.notes[0])
+        assert hits and int(hits[1]) == record["step"]
 
 
 @needs_cuda
