@@ -208,15 +208,18 @@ def test_hits_are_counted_and_noted(monkeypatch):
     assert runner.hit_note() == "CUDA graphs: 6 windows replayed, 4 captures; 33% found their graph captured"
 
 
-@pytest.mark.parametrize("settings, expected", [
-    ({}, (True, None)),
-    ({"cuda_graphs": False}, (False, None)),
-    ({"variable_bptt": True}, (False, "CUDA graphs off: train.variable_bptt draws a new window length most windows, "
-                                     "and capturing each costs more than its replays save; running eagerly")),
+@pytest.mark.parametrize("settings, processes, expected", [
+    ({}, 1, (True, None)),
+    ({"cuda_graphs": False}, 1, (False, None)),
+    ({"variable_bptt": True}, 1, (False, "CUDA graphs off: train.variable_bptt draws a new window length most windows, "
+                                        "and capturing each costs more than its replays save; running eagerly")),
+    ({}, 2, (False, "CUDA graphs off: 2 processes train through DDP, which lmtrain does not set up for capture; running eagerly")),
+    ({"variable_bptt": True}, 4, (False, "CUDA graphs off: 4 processes train through DDP, which lmtrain does not set up for "
+                                         "capture; running eagerly")),
 ])
-def test_when_graphs_are_used(settings, expected):
-    assert graphs_for(TrainConfig(**settings), torch.device("cuda")) == expected
-    assert graphs_for(TrainConfig(**settings), torch.device("cpu")) == (False, None)  # never a note on the CPU
+def test_when_graphs_are_used(settings, processes, expected):
+    assert graphs_for(TrainConfig(**settings), torch.device("cuda"), processes) == expected
+    assert graphs_for(TrainConfig(**settings), torch.device("cpu"), processes) == (False, None)  # never a note on the CPU
 
 
 class Notes(QuietProgress):
@@ -232,8 +235,11 @@ def test_training_notes_why_graphs_are_off_once_or_how_often_they_were_reused(va
     """train() on the CPU as if on CUDA (graphs_for told CUDA, capture stubbed): variable BPTT turns
     graphs off with one note and captures nothing; fixed BPTT captures its two lengths (bptt and the
     remainder) and ends with the hit note."""
-    def as_if_on_cuda(config, device):
-        return graphs_for(config, torch.device("cuda"))
+    asked = []
+
+    def as_if_on_cuda(config, device, processes):
+        asked.append(processes)
+        return graphs_for(config, torch.device("cuda"), processes)
 
     monkeypatch.setattr(loop, "graphs_for", as_if_on_cuda)
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
@@ -243,8 +249,9 @@ def test_training_notes_why_graphs_are_off_once_or_how_often_they_were_reused(va
     info.pop("run_dir")
     progress = Notes()
     record = train(model, config, data, tmp_path / "run", info, progress=progress)
+    assert asked == [1]
     if variable:
-        assert progress.notes == [graphs_for(config.train, torch.device("cuda"))[1]]
+        assert progress.notes == [graphs_for(config.train, torch.device("cuda"), 1)[1]]
         assert not any(call[0] == "capture" for call in fake_cuda)
     else:
         assert len(progress.notes) == 1

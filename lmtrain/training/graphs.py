@@ -20,9 +20,10 @@ Capturing leaves the random numbers where an eager run would: the eager warm-ups
 draw dropout masks from the CUDA generator, whose state is put back after them, so a resumed run
 (which captures afresh) draws what the uninterrupted one drew.
 
-Graphs are off (`graphs_for`, one note): on the CPU, with train.cuda_graphs = false, and with
+Graphs are off (`graphs_for`, one note): on the CPU, with train.cuda_graphs = false, with
 train.variable_bptt (20-30 distinct lengths and a new remainder each epoch: nearly every window
-would capture anew, each capture costing two eager warm-ups, a synchronisation and more). When
+would capture anew, each capture costing two eager warm-ups, a synchronisation and more), and
+with several processes (DDP meets none of PyTorch's conditions for capturing its backward). When
 a capture fails (an operation that cannot be captured, a CPU synchronisation inside the window)
 the window runs eagerly; a failed capture is reported once through `note` and never retried.
 """
@@ -62,11 +63,17 @@ class Captured:
     buffers: list[Tensor] = field(default_factory=list)
 
 
-def graphs_for(config: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
+def graphs_for(config: TrainConfig, device: torch.device, processes: int) -> tuple[bool, str | None]:
     """Whether training windows go through CUDA graphs, and the note that says why not where
-    train.cuda_graphs asks for them on CUDA (see the module docstring)."""
+    train.cuda_graphs asks for them on CUDA (see the module docstring); `processes`: the world size.
+
+    It depends only on the config, the device type and the world size, which every rank shares, so
+    every rank decides alike without asking the others."""
     if not config.cuda_graphs or device.type != "cuda":
         return False, None
+    if processes > 1:
+        return False, (f"CUDA graphs off: {processes} processes train through DDP, which lmtrain does not set up "
+                       "for capture; running eagerly")
     if config.variable_bptt:
         return False, ("CUDA graphs off: train.variable_bptt draws a new window length most windows, and capturing "
                        "each costs more than its replays save; running eagerly")

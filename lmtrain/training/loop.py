@@ -126,7 +126,8 @@ def train(
     optimizer = make_optimizer(model, tc)
     forward = distributed.training_forward(model, tc.seed)  # DDP under torchrun
     # each window's forward + backward, replayed as a CUDA graph where it can be (lmtrain.training.graphs)
-    use_graphs, graphs_note = graphs_for(tc, device)
+    # off under DDP, decided alike on every rank: it depends on the config and the world size alone
+    use_graphs, graphs_note = graphs_for(tc, device, distributed.world_size())
     if graphs_note:
         progress.note(graphs_note)
     run_window = WindowRunner(partial(train_window, forward, tc, compute_dtype), list(model.parameters()),
