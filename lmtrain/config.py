@@ -128,7 +128,8 @@ class TrainConfig:
     seed: int = 1111  # every random generator of the run (python, numpy, torch, the window draws)
     device: str = "auto"  # auto | cpu | cuda
     # on CUDA, capture each window length's forward + backward as a CUDA graph and replay it
-    # (lmtrain/training/graphs.py); falls back to eager if capture fails. Ignored on the CPU
+    # (lmtrain/training/graphs.py); falls back to eager if capture fails. Off with variable_bptt
+    # (too many window lengths) and with several processes (DDP); ignored on the CPU
     cuda_graphs: bool = True
     log_interval: int = 100  # optimizer steps between progress records in metrics.jsonl
     # optimizer steps between checkpoints (last.pt) within an epoch, each one a point that

@@ -99,6 +99,37 @@ def test_scratch_buffers_are_shared_by_layers_of_one_shape_and_gradients_stay_ri
         assert (ours - ref).abs().max().item() <= 1e-12
 
 
+def test_windows_of_several_lengths_share_one_scratch_buffer_per_name(monkeypatch):
+    """Windows of 5, 9 and 7 steps hold one buffer per name (sized for 9, the others its leading
+    rows), not one per length; every loss and gradient is bit-identical to a run that allocates
+    fresh buffers for each window."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=6, hidden_size=6, cell="gru"), vocab_size=17).double()
+    monkeypatch.setenv("LMTRAIN_FUSED", "1")
+    monkeypatch.setenv("LMTRAIN_FUSED_MODE", "traced")
+    windows = [torch.randint(0, 17, (steps, 3)) for steps in (5, 9, 7)]
+
+    def run(fresh_buffers):
+        fused._SCRATCH.clear()
+        results = []
+        for tokens in windows:
+            if fresh_buffers:
+                fused._SCRATCH.clear()
+            model.zero_grad()
+            logits, _ = model(tokens, model.init_state(3))
+            logits.logsumexp(-1).mean().backward()
+            results.append([logits.detach().clone()] + [p.grad.clone() for p in model.parameters()])
+        return results
+
+    reference = run(fresh_buffers=True)
+    ours = run(fresh_buffers=False)
+    names = [key[0] for key in fused._SCRATCH]
+    assert sorted(names) == sorted(set(names)) and {"xg", "hg", "dxg", "dhg"} <= set(names)
+    assert fused._SCRATCH["xg", (3, 18), torch.float64, torch.device("cpu")].shape == (9, 3, 18)
+    for window, window_ref in zip(ours, reference):
+        assert all(torch.equal(a, b) for a, b in zip(window, window_ref))
+
+
 def test_a_step_that_cannot_be_compiled_runs_eagerly_with_a_warning(monkeypatch):
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no compiler here")

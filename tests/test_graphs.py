@@ -3,14 +3,20 @@ on a GPU, capture and replay against eager."""
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager, nullcontext
+
 import torch
-from test_determinism import run_once
+from test_determinism import SETTINGS, run_once
 from helpers import write_corpus
 
-from lmtrain.config import ModelConfig, TrainConfig
+from lmtrain.config import ModelConfig, TrainConfig, load_config
+from lmtrain.model.kernels import fused
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.progress import QuietProgress
+from lmtrain.training import loop, prepare_run, train
 from lmtrain.training.distributed import WindowForward
-from lmtrain.training.graphs import Captured, WindowRunner
+from lmtrain.training.graphs import Captured, WindowRunner, graphs_for
 from lmtrain.training.loop import train_window
 
 import pytest
@@ -18,9 +24,9 @@ import pytest
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs capture only GPU work")
 
 
-def small_model(device="cpu", dropout=0.0, seed=0):
+def small_model(device="cpu", dropout=0.0, seed=0, cell="lstm"):
     torch.manual_seed(seed)
-    config = ModelConfig(layers=2, embedding_size=8, hidden_size=8, dropout=dropout)
+    config = ModelConfig(layers=2, embedding_size=8, hidden_size=8, dropout=dropout, cell=cell)
     return LanguageModel(config, vocab_size=23).to(device).train()
 
 
@@ -113,6 +119,144 @@ def test_graph_cache_keeps_the_most_recently_used_lengths(monkeypatch):
     run_windows(runner, model, windows([6, 4, 6, 3, 6, 4]))
     assert captured == [6, 4, 3, 4]
     assert [key[0][0] for key in runner.graphs] == [6, 4]  # least recently used first
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's calls in WindowRunner.capture, without a GPU: streams do nothing, the graph's
+    capture runs the window eagerly and its replay does nothing, and the CUDA generator is the CPU's
+    (which the CPU windows' dropout draws from). Yields the calls made, with the generator's state
+    when the capture began. Windows go through `capture` as if on CUDA."""
+    calls = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextmanager
+    def graph(g):
+        calls.append(("capture", torch.get_rng_state()))
+        yield
+
+    def get_rng_state(device):
+        calls.append(("get", device))
+        return torch.get_rng_state()
+
+    def set_rng_state(state, device):
+        calls.append(("set", device))
+        torch.set_rng_state(state)
+
+    for name, value in {"Stream": Stream, "current_stream": Stream, "stream": lambda side: nullcontext(), "CUDAGraph": Graph,
+                        "graph": graph, "get_rng_state": get_rng_state, "set_rng_state": set_rng_state}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(WindowRunner, "graphs_apply", lambda self, x: self.use_graphs)
+    return calls
+
+
+def test_capture_leaves_the_random_numbers_as_an_eager_window_would(fake_cuda):
+    """With dropout the two warm-ups draw masks; the generator is put back before the capture, so the
+    captured window draws what one eager window from the same state draws, and leaves the generator
+    where that window leaves it (a resumed run, which captures afresh, goes on as the uninterrupted one)."""
+    model = small_model(dropout=0.5)
+    (x, y), = windows([6])
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()), True)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loss, _ = runner(x, y, model.init_state(3))
+    after = torch.get_rng_state()
+    assert len(runner.graphs) == 1
+    assert [call[0] for call in fake_cuda] == ["get", "set", "capture"] and fake_cuda[0][1] == fake_cuda[1][1] == x.device
+    assert torch.equal(fake_cuda[2][1], before)
+    torch.set_rng_state(before)
+    loss_eager, _ = runner.eager(x, y, model.init_state(3))
+    assert loss.item() == loss_eager.item() and torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_graph_keeps_the_scratch_buffers_it_was_captured_with(fake_cuda):
+    """A longer window replaces the recurrences' scratch buffers with larger ones; the graph of the
+    shorter window still writes to the old ones at each replay, so it holds them."""
+    model = small_model(cell="gru")  # the generic engine on the CPU: it takes fused.scratch's buffers
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()), True)
+    fused.clear_caches()
+    short, long = windows([4, 6])
+    runner(*short, model.init_state(3))
+    first = next(iter(runner.graphs.values()))
+    held = {name: buffer for (name, *_), buffer in fused._SCRATCH.items()}
+    runner(*long, model.init_state(3))
+    for name in ("xg", "dxg"):
+        now = [buffer for (n, *_), buffer in fused._SCRATCH.items() if n == name]
+        assert len(now) == 1 and now[0].size(0) == 6 and now[0] is not held[name]
+        assert any(buffer is held[name] for buffer in first.buffers)
+
+
+def test_hits_are_counted_and_noted(monkeypatch):
+    """The LRU test's windows: 6 replays, 4 of them after a capture."""
+    model = small_model()
+    runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()),
+                          True, capacity=2)
+    assert runner.hit_note() is None
+    monkeypatch.setattr(runner, "graphs_apply", lambda x: runner.use_graphs)
+    monkeypatch.setattr(runner, "capture", lambda x, y, state: Captured(None, x, y, state, torch.zeros(()), state, []))
+    monkeypatch.setattr(runner, "replay", lambda captured, x, y, state: (captured.loss, state))
+    for x, y in windows([6, 4, 6, 3, 6, 4]):
+        runner(x, y, [])
+    assert (runner.captures, runner.replays) == (4, 6)
+    assert runner.hit_note() == "CUDA graphs: 6 windows replayed, 4 captures; 33% found their graph captured"
+
+
+@pytest.mark.parametrize("settings, processes, expected", [
+    ({}, 1, (True, None)),
+    ({"cuda_graphs": False}, 1, (False, None)),
+    ({"variable_bptt": True}, 1, (False, "CUDA graphs off: train.variable_bptt draws a new window length most windows, "
+                                        "and capturing each costs more than its replays save; running eagerly")),
+    ({}, 2, (False, "CUDA graphs off: 2 processes train through DDP, which lmtrain does not set up for capture; running eagerly")),
+    ({"variable_bptt": True}, 4, (False, "CUDA graphs off: 4 processes train through DDP, which lmtrain does not set up for "
+                                         "capture; running eagerly")),
+])
+def test_when_graphs_are_used(settings, processes, expected):
+    assert graphs_for(TrainConfig(**settings), torch.device("cuda"), processes) == expected
+    assert graphs_for(TrainConfig(**settings), torch.device("cpu"), processes) == (False, None)  # never a note on the CPU
+
+
+class Notes(QuietProgress):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+@pytest.mark.parametrize("variable", [True, False])
+def test_training_notes_why_graphs_are_off_once_or_how_often_they_were_reused(variable, fake_cuda, tmp_path, monkeypatch):
+    """train() on the CPU as if on CUDA (graphs_for told CUDA, capture stubbed): variable BPTT turns
+    graphs off with one note and captures nothing; fixed BPTT captures its two lengths (bptt and the
+    remainder) and ends with the hit note."""
+    asked = []
+
+    def as_if_on_cuda(config, device, processes):
+        asked.append(processes)
+        return graphs_for(config, torch.device("cuda"), processes)
+
+    monkeypatch.setattr(loop, "graphs_for", as_if_on_cuda)
+    monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", sizes=(60, 10, 10))
+    config = load_config(None, [*SETTINGS, f"train.variable_bptt={str(variable).lower()}", "train.epochs=1"])
+    model, data, info = prepare_run(corpus, config, tmp_path / "run", force=False, default_run_dir=None, say=lambda line: None)
+    info.pop("run_dir")
+    progress = Notes()
+    record = train(model, config, data, tmp_path / "run", info, progress=progress)
+    assert asked == [1]
+    if variable:
+        assert progress.notes == [graphs_for(config.train, torch.device("cuda"), 1)[1]]
+        assert not any(call[0] == "capture" for call in fake_cuda)
+    else:
+        assert len(progress.notes) == 1
+        hits = re.fullmatch(r"CUDA graphs: (\d+) windows replayed, 2 captures; \d+% found their graph captured", progress.notes[0])
+        assert hits and int(hits[1]) == record["step"]
 
 
 @needs_cuda

@@ -9,6 +9,7 @@ from lmtrain.model.kernels import build, selfcheck
 from lmtrain.model.kernels.build import cpu_ops
 from lmtrain.model.kernels.dispatch import Choice, explain, is_lstm
 from lmtrain.model.kernels.cross_entropy import cross_entropy
+from lmtrain.model.kernels.fused import held_scratch
 from lmtrain.model.language_model import LanguageModel, RecurrentLayer, State, count_parameters, detach_state
 from lmtrain.model.recurrence import run_layer
 from lmtrain.model.payload import (
@@ -26,5 +27,6 @@ from lmtrain.model.saved import load_run
 __all__ = [
     "CELLS", "Checked", "Fields", "LanguageModel", "RecurrentLayer", "State", "WEIGHT_DTYPE", "build",
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
-    "cross_entropy", "detach_state", "get_cell", "load_run", "run_layer", "selfcheck", "show", "Choice", "explain", "is_lstm"
+    "cross_entropy", "detach_state", "get_cell", "held_scratch", "load_run", "run_layer", "selfcheck", "show",
+    "Choice", "explain", "is_lstm"
 ]

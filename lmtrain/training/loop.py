@@ -38,7 +38,7 @@ from lmtrain.progress import QuietProgress
 from lmtrain.text import EOS_ID, TokenFile, lazy_batchify
 from lmtrain.training import distributed
 from lmtrain.training.averaging import WeightAverage, nt_trigger
-from lmtrain.training.graphs import WindowRunner
+from lmtrain.training.graphs import WindowRunner, graphs_for
 from lmtrain.training.resume import LoopState, data_digest
 from lmtrain.training.saver import Saver, restore_loop
 from lmtrain.training.schedule import epoch_lr, lr, plateau_lr
@@ -126,8 +126,12 @@ def train(
     optimizer = make_optimizer(model, tc)
     forward = distributed.training_forward(model, tc.seed)  # DDP under torchrun
     # each window's forward + backward, replayed as a CUDA graph where it can be (lmtrain.training.graphs)
+    # off under DDP, decided alike on every rank: it depends on the config and the world size alone
+    use_graphs, graphs_note = graphs_for(tc, device, distributed.world_size())
+    if graphs_note:
+        progress.note(graphs_note)
     run_window = WindowRunner(partial(train_window, forward, tc, compute_dtype), list(model.parameters()),
-                              tc.cuda_graphs, progress.note)
+                              use_graphs, progress.note)
     window_rng = np.random.default_rng(tc.seed)  # window lengths
     if resume is not None and distributed.world_size() > 1:
         raise distributed.every_rank_error("--resume continues a run in one process: drop --nproc (or torchrun)")
@@ -151,7 +155,8 @@ def train(
             if distributed.any_rank(stop_requested() is not None):
                 if not saved:
                     saver.save(s, average, hidden, clock(), at="step")
-                return {"kind": "interrupted", "epoch": s.epoch, "step": s.step}
+                record = {"kind": "interrupted", "epoch": s.epoch, "step": s.step}
+                break
             if s.lengths is None:  # between epochs
                 reason = finished(tc, s, epochs, clock())
                 if reason is not None:
@@ -205,6 +210,9 @@ def train(
             if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and s.window < len(s.lengths):
                 saver.save(s, average, hidden, clock(), at="step")
                 saved = True
+        hits = run_window.hit_note()
+        if hits:
+            progress.note(hits)
     return record
 
 

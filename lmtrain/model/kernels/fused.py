@@ -8,7 +8,8 @@ CUDA (and on the CPU when forced, for tests). The engine's loop is the same on e
     function, shapes, dtype and device, with fullgraph=True and dynamic=False, and cached;
     for the LSTM on CUDA, hand-written Triton kernels can stand in (LMTRAIN_CUDA_POINTWISE=triton,
     lmtrain/model/kernels/cuda/lstm_triton.py);
-  - every recurrent GEMM writes into a buffer allocated once per shape (cuBLAS on CUDA):
+  - every recurrent GEMM writes into a reused buffer (cuBLAS on CUDA; `scratch`: one per name and
+    trailing shape, sized for the longest window seen):
     hg = h_{t-1} W_hh^T (+ b_hh) per forward step, dh_{t-1} = d hg_t W_hh per backward step;
   - input projections, dX and the weight gradients are one large GEMM each, as in the engine;
   - with train.precision = bf16 every GEMM takes bfloat16 operands and gives float32 sums
@@ -41,7 +42,7 @@ from lmtrain.model.kernels import dispatch
 # (cell, "forward" | "backward", mode, leaf shapes, dtypes, device) -> a callable with the step
 # function's signature. An explicit module-level cache: compiling costs seconds, a call microseconds.
 _STEP_CACHE: dict[tuple, Callable] = {}
-# (name, shape, dtype, device) -> a scratch tensor that holds nothing between calls (see scratch())
+# (name, trailing shape, dtype, device) -> a scratch tensor that holds nothing between calls (see scratch())
 _SCRATCH: dict[tuple, Tensor] = {}
 
 
@@ -54,18 +55,30 @@ def cuda_pointwise() -> str:
 
 
 def scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A buffer allocated once per (name, shape, dtype, device) and reused by every later call.
+    """A (shape) buffer: the leading rows of one kept per (name, shape[1:], dtype, device), which
+    grows to the largest shape[0] asked for and is reused by every later call.
 
     Only for values that are dead when the autograd function returns (the per-step GEMM outputs,
     the input projections, the gradients of the pre-activations): layers of the same shape share
     them, one after the other, which is safe because each call finishes with them before the next
-    starts (same stream on CUDA).
+    starts (same stream on CUDA). Keyed without the leading size, so that windows of many lengths
+    (variable BPTT, each epoch's remainder) hold one buffer, not one each. The slice buf[:n] of a
+    contiguous buffer is contiguous.
+
+    A larger request replaces the buffer; a CUDA graph captured over the old one must keep it
+    alive itself (`held_scratch`), as replays still write to its addresses.
     """
-    key = (name, tuple(shape), like.dtype, like.device)
+    key = (name, tuple(shape[1:]), like.dtype, like.device)
     buffer = _SCRATCH.get(key)
-    if buffer is None:
+    if buffer is None or buffer.size(0) < shape[0]:
         buffer = _SCRATCH[key] = like.new_empty(shape)
-    return buffer
+    return buffer[: shape[0]]
+
+
+def held_scratch() -> list[Tensor]:
+    """The scratch buffers held now: what a CUDA graph captured now reads and writes, which it keeps
+    referenced for as long as it may be replayed (lmtrain.training.graphs)."""
+    return list(_SCRATCH.values())
 
 
 def clear_caches() -> None:

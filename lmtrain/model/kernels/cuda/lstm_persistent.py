@@ -44,13 +44,19 @@ BLOCK_B, BLOCK_N, BLOCK_K = 16, 32, 32  # streams per program; units and reducti
 def _dot(a, b, acc, LOW: tl.constexpr):
     """acc + a @ b, float32 sums: with LOW = 1 bfloat16 operands (tensor cores), with LOW = 2 the
     same values rounded to bfloat16 and multiplied in float32 (the interpreter, whose bfloat16
-    dot is not exact), else float32 operands without TF32."""
+    dot is not exact), else float32 operands without TF32.
+
+    One return, the branches exclusive: the compiler type-checks code after a `return` inside a
+    constexpr `if` too, and a float32-by-bfloat16 tl.dot there does not compile (the interpreter
+    runs Python's return and never sees it; tests/test_triton_aot.py does)."""
     if LOW == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    if LOW == 2:
-        a = _round_bf16(a)
-        b = _round_bf16(b)
-    return tl.dot(a, b, acc, input_precision="ieee")
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        if LOW == 2:
+            a = _round_bf16(a)
+            b = _round_bf16(b)
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    return out
 
 
 @triton.jit
