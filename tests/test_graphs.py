@@ -283,3 +283,20 @@ def test_training_runs_through_graphs_on_cuda(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus", sizes=(60, 10, 10))
     metrics = run_once(corpus, tmp_path / "gpu", monkeypatch, extra=["train.device=cuda", "train.epochs=1"])
     assert b'"kind": "epoch"' in metrics
+
+
+def test_an_injected_capture_failure_is_noted_and_the_run_equals_the_eager_one(fake_cuda, monkeypatch):
+    """LMTRAIN_FAULT=cuda-graphs makes capture raise: noted once, graphs off, every window eager."""
+    monkeypatch.setenv("LMTRAIN_FAULT", "cuda-graphs")
+    data = windows([5, 5, 4])
+    results = {}
+    for graphs in (True, False):
+        model, notes = small_model(seed=2), []
+        runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s),
+                              list(model.parameters()), graphs, notes.append)
+        results[graphs] = run_windows(runner, model, data)
+        if graphs:
+            assert len(notes) == 1 and "capturing a window failed (InjectedFault" in notes[0]
+            assert runner.graphs == {} and not runner.use_graphs and fake_cuda == []
+    for (loss, state, grads), (loss_off, state_off, grads_off) in zip(results[True], results[False]):
+        assert loss == loss_off and all(torch.equal(a, b) for a, b in zip(state + grads, state_off + grads_off))

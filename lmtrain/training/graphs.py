@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.config import TrainConfig
-from lmtrain.model import held_scratch
+from lmtrain.model import held_scratch, selfcheck
 
 State = list[tuple[Tensor, ...]]
 Window = Callable[[Tensor, Tensor, State], tuple[Tensor, State]]
@@ -138,6 +138,7 @@ class WindowRunner:
         return self.window(x, y, state)
 
     def capture(self, x: Tensor, y: Tensor, state: State) -> Captured:
+        selfcheck.inject("cuda-graphs")
         static_x, static_y = x.clone(), y.clone()
         static_state = [tuple(s.detach().clone() for s in layer) for layer in state]
         # the warm-ups draw dropout masks: the CUDA generator is put back after them, so that a
