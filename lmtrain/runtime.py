@@ -3,6 +3,7 @@ training, evaluation, generation and the tools."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -16,10 +17,12 @@ def seed_everything(seed: int) -> None:
 
     On the CPU every op of a run is deterministic for a given machine and thread count, so the
     same config and seed give the same metrics.jsonl. On CUDA, deterministic algorithms also need
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts; ops that have no deterministic
-    CUDA version (the embedding's backward accumulates with atomics) warn instead of failing,
-    and their float sums may differ in the last bits from run to run.
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 before cuBLAS starts: it is set here unless already set (without
+    it torch warns on every cuBLAS call, thousands of times a window). Ops that have no
+    deterministic CUDA version (the embedding's backward accumulates with atomics) warn instead of
+    failing, and their float sums may differ in the last bits from run to run.
     """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 from test_cells import grads_of, layer_inputs, leaves
 
 from lmtrain.config import ModelConfig
@@ -181,3 +182,22 @@ def test_cuda_matches_the_cpu_engine(name):
         assert (a.cpu() - b).abs().max().item() <= 1e-4
     for a, b in zip(weighted_grads(ours, gpu), weighted_grads(ref, cpu)):
         assert (a.cpu() - b).abs().max().item() <= 1e-4
+
+
+def test_a_compiled_step_that_fails_mid_run_runs_eagerly_from_then_on():
+    """A compiled step can fail on a later call (dynamo's recompile limit under fullgraph, say): the
+    step warns once and returns the cell's own result, then and after, never raising mid-sequence.
+    Here the failure is a traced graph called with shapes it was not traced for."""
+
+    def step_args(batch, hidden, seed):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+        return r(batch, 4 * hidden), r(batch, 4 * hidden), (r(batch, hidden), r(batch, hidden)), ()
+
+    fn = fused.step_function(lstm, "forward", step_args(2, 3, 0), mode="traced")
+    with pytest.warns(RuntimeWarning, match="compiled .*lstm forward step failed .*running it eagerly from now on"):
+        out = fn(*step_args(4, 5, 1))
+    for args in (step_args(4, 5, 1), step_args(2, 3, 2)):  # and eagerly after, whatever the shapes
+        got = fn(*args) if args[0].size(0) == 2 else out
+        want = lstm.forward_step(*args)
+        assert all(torch.equal(a, b) for a, b in zip(tree_flatten(got)[0], tree_flatten(want)[0]))

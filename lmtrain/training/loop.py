@@ -238,8 +238,9 @@ def train_step(model: LanguageModel, run_window, optimizer: torch.optim.Optimize
     the next window (zeros in place of a state that is not finite). Every rank runs backward
     (DDP's gradient averaging needs all of them) and the ranks decide together whether to step."""
     loss, hidden = run_window(x, y, detach_state(hidden))
-    loss_value = loss.item()
-    good = math.isfinite(loss_value) and math.isfinite(gradient_norm(model, config.clip))
+    # one synchronisation per step (on CUDA) for both numbers the step decides on
+    loss_value, norm = torch.stack([loss.detach().float(), gradient_norm(model, config.clip).float()]).tolist()
+    good = math.isfinite(loss_value) and math.isfinite(norm)
     if not distributed.any_rank(not good):
         optimizer.step()
         return loss_value, hidden
@@ -266,12 +267,13 @@ def train_window(forward, config: TrainConfig, compute_dtype: torch.dtype | None
     return loss, state
 
 
-def gradient_norm(model: LanguageModel, clip: float) -> float:
-    """The global gradient norm, after clipping it to `clip` when that is set (0: no clipping)."""
+def gradient_norm(model: LanguageModel, clip: float) -> Tensor:
+    """The global gradient norm (a 0-d tensor on the model's device), after clipping the gradients
+    to `clip` when that is set (0: no clipping)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if clip:
-        return torch.nn.utils.clip_grad_norm_(params, clip).item()
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
 def count_step(s: LoopState, config: TrainConfig, loss_value: float | None, *, tokens: int, length: int,

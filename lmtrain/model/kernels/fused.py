@@ -139,7 +139,18 @@ def build_step(eager: Callable, args: tuple, mode: str, key: tuple) -> Callable:
     spec = out_spec[0]
 
     def step(*step_args):
-        return tree_unflatten(list(run(*(t.detach() for t in tree_flatten(step_args)[0]))), spec)
+        if _STEP_CACHE.get(key) is eager:  # a compiled call failed before (below)
+            return eager(*step_args)
+        try:
+            return tree_unflatten(list(run(*(t.detach() for t in tree_flatten(step_args)[0]))), spec)
+        except (torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001  e.g. dynamo's recompile limit under fullgraph: never mid-run
+            warnings.warn(f"lmtrain fused path: the compiled {key[0]} {key[1]} step failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly from now on",
+                          RuntimeWarning, stacklevel=2)
+            _STEP_CACHE[key] = eager
+            return eager(*step_args)
 
     return step
 
