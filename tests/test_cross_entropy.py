@@ -53,3 +53,27 @@ def test_fallback_computes_the_same(monkeypatch):
     monkeypatch.setenv("LMTRAIN_COMPILE", "1")
     if cpu_ops() is not None:
         assert torch.allclose(cross_entropy(logits, targets), fallback, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_form_for_cuda_computes_what_torch_does(dtype, monkeypatch):
+    """ChunkedCrossEntropy (CUDA's fused form: a block of rows at a time, only the log-sum-exp
+    saved) against F.cross_entropy on float32 logits, on the CPU, over several blocks."""
+    from lmtrain.model.kernels import cross_entropy as module
+
+    monkeypatch.setattr(module, "CHUNK_ROWS", 7)
+    torch.manual_seed(3)
+    logits = (torch.randn(30, 50) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (30,))
+    targets[[2, 9, 29]] = -1
+    losses = module.ChunkedCrossEntropy.apply(logits, targets)
+    weights = torch.rand(30)
+    (losses * weights).sum().backward()
+    reference = logits.detach().clone().requires_grad_()
+    want = F.cross_entropy(reference.float(), targets, ignore_index=-1, reduction="none")
+    (want * weights).sum().backward()
+    assert losses.dtype == torch.float32 and logits.grad.dtype == dtype
+    assert torch.allclose(losses, want, atol=1e-5) and (losses[[2, 9, 29]] == 0).all()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(logits.grad.float(), reference.grad.float(), atol=tol)
+    assert (logits.grad[[2, 9, 29]] == 0).all()

@@ -1,12 +1,15 @@
-"""Per-token cross-entropy of logits, fused on the CPU (cross_entropy_cpu.cpp).
+"""Per-token cross-entropy of logits, fused: on the CPU one compiled op (cross_entropy_cpu.cpp),
+on CUDA the same plan in torch operations, a block of rows at a time (ChunkedCrossEntropy).
 
     losses = cross_entropy(logits (N, V), targets (N,))  ->  (N,) float32, 0 where target < 0
 
-The compiled op keeps only each row's log-sum-exp from the forward and writes the gradient of
-the logits in their own type in one pass: for the bfloat16 decoder that is the operand its
-backward GEMMs need, with no float32 copy of the logits, no log-softmax tensor and no cast
-(lmtrain.model.language_model.LanguageModel.decode). Elsewhere (CUDA, float64, no compiled ops) it is
-F.cross_entropy on the logits in float32, which computes the same.
+Both keep only each row's log-sum-exp from the forward and write the gradient of the logits in
+their own type: for the bfloat16 decoder that is the operand its backward GEMMs need, with no
+float32 copy of the whole logits (about 0.75 GB per window at WikiText-2 AWD-LSTM's size), no
+log-softmax tensor and no cast (lmtrain.model.language_model.LanguageModel.decode). Elsewhere
+(float64, the CPU without compiled ops, LMTRAIN_KERNELS=0) it is F.cross_entropy on the logits
+in float32, which computes the same, and which each fused form is checked against on first use
+(lmtrain.model.kernels.selfcheck).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lmtrain.model.kernels import kernels_enabled, selfcheck
 from lmtrain.model.kernels.build import cpu_ops
 
 CHECK_ROWS = 8  # rows of the first call's logits the fused op is checked on (selfcheck)
+CHUNK_ROWS = 1024  # ChunkedCrossEntropy's block: its float32 working copy is CHUNK_ROWS x V
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -37,10 +41,38 @@ class CrossEntropy(torch.autograd.Function):
         return cpu_ops().cross_entropy_backward(logits, targets, lse, grad), None
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The compiled op's plan in torch operations, for devices without it (CUDA): the log-sum-exp
+    per block of CHUNK_ROWS rows in float32, only (N,) of it saved; the backward recomputes each
+    block's softmax and writes that block's gradient in the logits' type."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.size(0), CHUNK_ROWS):
+            lse[start : start + CHUNK_ROWS] = torch.logsumexp(logits[start : start + CHUNK_ROWS].float(), dim=1)
+        picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        return torch.where(targets >= 0, lse - picked, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        weight = torch.where(targets >= 0, grad.float(), 0.0)  # (N,): ignored rows get no gradient
+        safe = targets.clamp(min=0)
+        out = torch.empty_like(logits)
+        for start in range(0, logits.size(0), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            block = (logits[rows].float() - lse[rows, None]).exp_().mul_(weight[rows, None])  # softmax x weight
+            block.scatter_add_(1, safe[rows, None], -weight[rows, None])  # minus the target's one-hot
+            out[rows] = block
+        return out, None
+
+
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """logits (N, V) float32 or bfloat16, targets (N,) int64 (-1: ignored) -> losses (N,) float32."""
-    if (kernels_enabled() and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
-            and cpu_ops() is not None and checked(logits, targets)):
+    if (kernels_enabled() and logits.dtype in (torch.float32, torch.bfloat16)
+            and (logits.device.type != "cpu" or cpu_ops() is not None) and checked(logits, targets)):
         try:
             return fused(logits.contiguous(), targets.contiguous())
         except (torch.OutOfMemoryError, LmtrainError):
@@ -52,7 +84,11 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def fused(logits: Tensor, targets: Tensor) -> Tensor:
-    return selfcheck.distort("cross-entropy", [CrossEntropy.apply(logits, targets)])[0]
+    """The fused form for the logits' device: the compiled op on the CPU, ChunkedCrossEntropy elsewhere."""
+    fused_form = CrossEntropy if logits.device.type == "cpu" else ChunkedCrossEntropy
+    if fused_form is ChunkedCrossEntropy:
+        selfcheck.inject("cross-entropy")  # the compiled op's forward does so itself
+    return selfcheck.distort("cross-entropy", [fused_form.apply(logits, targets)])[0]
 
 
 def reference(logits: Tensor, targets: Tensor) -> Tensor:
@@ -65,7 +101,7 @@ def checked(logits: Tensor, targets: Tensor) -> bool:
     if selfcheck.is_off("cross-entropy"):
         return False
     rows = slice(0, CHECK_ROWS)
-    failure = selfcheck.check("cross-entropy", ("cross-entropy", logits.dtype, logits.size(-1)),
+    failure = selfcheck.check("cross-entropy", ("cross-entropy", logits.device, logits.dtype, logits.size(-1)),
                               lambda l, t: [fused(l, t)], lambda l, t: [reference(l, t)],
                               [logits[rows].contiguous(), targets[rows].contiguous()], selfcheck.tolerance(logits.dtype))
     if failure is not None:
