@@ -94,3 +94,16 @@ def test_bench_generate_times_every_precision_and_the_step_op_by_op():
     assert generated == expected
     assert all(r["tokens_per_s"] > 0 for r in records)
     assert {r["what"] for r in records} - {w for w, _, _ in generated} == {"evaluate", "train forward"}
+
+
+def test_fp32_benchmarks_run_without_tf32_and_put_the_switches_back(monkeypatch):
+    """cuDNN's LSTM takes TF32 by default in fp32; ours never does: the benchmark turns it off for
+    both while it runs, and restores what was set."""
+    from lmtrain.tools import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "stack_records", lambda *a, **k: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or [])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    bench.bench_stacks(["lstm"], [8], ["fp32"], layers=1, batch=2, bptt=3, repeats=1, warmup=0, device=torch.device("cpu"))
+    assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32 is True

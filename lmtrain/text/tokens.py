@@ -246,7 +246,11 @@ class Streams:
         out[inside] = self.tokens[source[inside]]
         if self.shift:
             out[positions == 0] = self.start_id
-        return torch.from_numpy(out).to(self.device)
+        window = torch.from_numpy(out)
+        if self.device.type == "cuda":  # from pinned memory the copy needs no synchronisation: it runs
+            # beside the GPU's work (torch's pinned-memory cache keeps the block until the copy is done)
+            return window.pin_memory().to(self.device, non_blocking=True)
+        return window.to(self.device)
 
 
 def lazy_batchify(tokens: np.ndarray, batch_size: int, start_id: int, pad: bool = False) -> tuple[Streams, Streams]:

@@ -19,9 +19,13 @@ reference runs under torch.autocast(bfloat16), PyTorch's own mixed precision for
 
 `bench --preset issue7` runs the settings issue 7 asks about (PRESETS below).
 
+fp32 is IEEE float32 for every candidate: TF32 is off for cuDNN (which uses it by default for
+torch.nn.LSTM) and cuBLAS while a benchmark runs (`full_fp32`), as it is for our products.
+
 Peak memory is the highest amount of tensor memory held during one forward + backward, above
 what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
-allocator's peak).
+allocator's peak); for "ours+graphs" it adds what the captured graph holds between replays (its
+private pool: a window's activations and gradients), measured around the capture.
 
 `bench --generate` times sampling instead (lmtrain.tools.bench_generate).
 """
@@ -32,6 +36,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -170,11 +175,28 @@ def graphed_timed_step(model: LanguageModel, tokens: torch.Tensor, targets: torc
     runner = WindowRunner(window, list(model.parameters()), True, note)
 
     def run():
+        capturing = not runner.graphs and runner.use_graphs
+        before = torch.cuda.memory_allocated() if capturing else 0
         runner(tokens, targets, model.init_state(tokens.size(1)))
+        if capturing and runner.graphs:  # the pool the graph keeps: not seen by a replay's peak
+            run.held_mb = (torch.cuda.memory_allocated() - before) / 2**20
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
 
+    run.held_mb = 0.0
     return run
+
+
+@contextmanager
+def full_fp32():
+    """TF32 off for cuDNN and cuBLAS for the block (cuDNN's LSTM takes it by default; ours never),
+    so that fp32 compares float32 arithmetic with float32 arithmetic. Restored after."""
+    kept = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = kept
 
 
 def with_env(name: str, value: str, run: Callable[[], None]) -> Callable[[], None]:
@@ -242,6 +264,13 @@ def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
 
 def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], *, layers: int, batch: int, bptt: int,
                  repeats: int, warmup: int, device: torch.device) -> list[Record]:
+    with full_fp32():
+        return stack_records(cells, sizes, dtypes, layers=layers, batch=batch, bptt=bptt, repeats=repeats,
+                             warmup=warmup, device=device)
+
+
+def stack_records(cells: list[str], sizes: list[int], dtypes: list[str], *, layers: int, batch: int, bptt: int,
+                  repeats: int, warmup: int, device: torch.device) -> list[Record]:
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
@@ -272,6 +301,13 @@ def bench_train_steps(sizes: list[int], dtypes: list[str], *, layers: int, batch
                       note: Callable[[str], None] = lambda message: None) -> list[Record]:
     """The whole training step, ours (and on CUDA ours through a CUDA graph) against
     torch.nn.LSTM's; `note` hears of a CUDA graph capture that failed."""
+    with full_fp32():
+        return step_records(sizes, dtypes, layers=layers, batch=batch, bptt=bptt, vocab=vocab, repeats=repeats,
+                            warmup=warmup, device=device, note=note)
+
+
+def step_records(sizes: list[int], dtypes: list[str], *, layers: int, batch: int, bptt: int, vocab: int,
+                 repeats: int, warmup: int, device: torch.device, note: Callable[[str], None]) -> list[Record]:
     records = []
     for hidden in sizes:
         for dtype_name in dtypes:
@@ -293,7 +329,8 @@ def bench_train_steps(sizes: list[int], dtypes: list[str], *, layers: int, batch
             for impl, run in runs.items():
                 records.append(Record(
                     "step", "lstm", impl, layers, hidden, batch, bptt, dtype_name, device.type,
-                    bptt * batch / medians[impl], peak_memory_mb(run, device), medians["torch"] / medians[impl],
+                    bptt * batch / medians[impl], peak_memory_mb(run, device) + getattr(run, "held_mb", 0.0),
+                    medians["torch"] / medians[impl],
                 ))
     return records
 
