@@ -72,12 +72,15 @@ def test_gpus_are_found_by_nvidia_smi_or_the_driver_files_not_by_torch(tmp_path)
 
 def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path):
     steps = [
-        Step("fails", [python_says("import sys; print('it broke', file=sys.stderr); sys.exit(3)")], 30),
+        Step("fails", [python_says("import sys; print('it broke', file=sys.stderr); sys.exit(3)"),
+                       python_says("import sys; sys.exit('and then this')")], 30),  # the first failure is the one told
         Step("cannot_start", [[str(tmp_path / "no-such-python")]], 30),
         Step("slow", [python_says("import time; time.sleep(60)")], 1),
         Step("doctor", [python_says("import sys; sys.exit(\"Error: No such command 'doctor'.\")")], 30, missing_when="No such command"),
         Step("unreadable", [python_says("print('not json')")], 30, read=json.loads),
         Step("skipped", [python_says("")], 30, skip="no CUDA"),
+        Step("judged", [python_says("print(2)")], 30, read=lambda out: {"skipped": int(out)},
+             judge=lambda figures: f"{figures['skipped']} skipped"),
         Step("fine", [python_says("print('{\"tokens_per_s\": 5.0}')"), python_says("print('second')")], 30,
              read=lambda out: json.loads(out.splitlines()[0])),
     ]
@@ -88,8 +91,10 @@ def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path):
     assert (results["doctor"].status, results["doctor"].note) == ("missing", "this lmtrain has no `doctor` command yet")
     assert results["unreadable"].status == "ok" and "could not be read (JSONDecodeError" in results["unreadable"].note
     assert (results["skipped"].status, results["skipped"].note) == ("skipped", "no CUDA")
+    assert (results["judged"].status, results["judged"].note, results["judged"].figures) == ("failed", "2 skipped", {"skipped": 2})
     assert (results["fine"].status, results["fine"].figures) == ("ok", {"tokens_per_s": 5.0})
     assert (tmp_path / "logs" / "fine.out").read_text().splitlines() == ['{"tokens_per_s": 5.0}', "second"]
+    assert (tmp_path / "logs" / "fails.err").read_text().splitlines() == ["it broke", "and then this"]
 
 
 def test_the_time_limits_add_up_to_eight_minutes_at_most(tmp_path):
@@ -109,6 +114,10 @@ def test_the_steps_run_doctor_the_cuda_tests_bench_and_ptb_medium(tmp_path):
     assert train[3:5] == ["train", str(tmp_path / "data" / "ptb")]
     assert f"train.max_steps={TRAIN_STEPS}" in train and "configs/ptb-medium.toml" in train and "train.device=cuda" in train
     assert not any(s.skip for s in steps.values())
+    judge = steps["cuda_tests"].judge
+    assert judge({"passed": 8, "deselected": 1140}) == ""
+    assert judge({"passed": 6, "skipped": 2}) == "2 skipped on a GPU machine (logs/cuda_tests.out says why)"
+    assert judge({"deselected": 1140}) == "no test ran"
     no_data = {s.name: s for s in check_steps("py", tmp_path, None)}
     assert no_data["train"].skip.startswith("no PTB here")
     no_cuda = [s.name for s in check_steps("py", tmp_path, tmp_path, no_cuda="no CUDA torch") if s.skip]

@@ -72,6 +72,7 @@ class Step:
     commands: list[list[str]]  # run in order under one time limit
     limit_s: float
     read: Callable[[str], dict] | None = None  # the step's figures, from its stdout
+    judge: Callable[[dict], str] | None = None  # what is wrong in figures read from a step that ran, if anything
     env: dict[str, str] = field(default_factory=dict)
     missing_when: str | None = None  # a failure whose stderr says this is recorded as "missing"
     skip: str = ""  # why the step cannot run here, if it cannot
@@ -167,40 +168,48 @@ def run_step(step: Step, logs: Path) -> StepResult:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
-    status, code, note = "ok", None, ""
+    status, code, note = "ok", None, ""  # the first failure's: a later command's is a consequence, often
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         for command in step.commands:
-            left = step.limit_s - (time.monotonic() - started)
+            left, before = step.limit_s - (time.monotonic() - started), err_path.stat().st_size
             try:
                 # a session of its own, so that a timeout ends the command's children (torch's compile workers) too
                 process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
             except OSError as e:
-                status, note = "failed", f"could not start {command[0]}: {e.strerror or e}"
+                if status == "ok":
+                    status, note = "failed", f"could not start {command[0]}: {e.strerror or e}"
                 continue
             try:
-                code = process.wait(timeout=max(0.1, left))
+                exit_code = process.wait(timeout=max(0.1, left))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):  # it may have ended since
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 status, code, note = "timeout", None, f"stopped at its limit of {step.limit_s:.0f} s"
                 break
-            if code != 0 and status == "ok":
-                status = "failed"
+            if status == "ok":
+                code = exit_code
+                if exit_code != 0:
+                    status, note = "failed", last_line(err_path.read_bytes()[before:]) or f"exit code {exit_code}"
     result = StepResult(step.name, status, round(time.monotonic() - started, 1), step.limit_s, code, note,
                         commands=step.commands)
-    stderr = err_path.read_text(encoding="utf-8", errors="replace")
-    if status == "failed" and step.missing_when and step.missing_when in stderr:
+    if status == "failed" and step.missing_when and step.missing_when in err_path.read_text(errors="replace"):
         result.status, result.note = "missing", f"this lmtrain has no `{step.name}` command yet"
-    elif status == "failed" and not note:
-        result.note = ([line.strip()[:300] for line in stderr.splitlines() if line.strip()] or [f"exit code {code}"])[-1]
     if step.read is not None:
         try:
             result.figures = step.read(out_path.read_text(encoding="utf-8", errors="replace"))
         except Exception as e:  # a step's output is whatever it printed: a reader that trips only loses the figures
             if result.status == "ok":  # (a step that failed is expected to leave no figures)
                 result.note = f"its output could not be read ({type(e).__name__}: {e})"
+    wrong = step.judge(result.figures) if step.judge is not None and result.status == "ok" else ""
+    if wrong:
+        result.status, result.note = "failed", wrong
     return result
+
+
+def last_line(text: bytes) -> str:
+    lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def run_steps(steps: list[Step], logs: Path, say=lambda message: None) -> list[StepResult]:
@@ -219,6 +228,13 @@ def read_pytest(text: str) -> dict:
         for number, kind in re.findall(r"(\d+) (passed|failed|skipped|error|deselected)", line):  # "errors" too
             counts[kind] = counts.get(kind, 0) + int(number)
     return counts
+
+
+def judge_cuda_tests(counts: dict) -> str:
+    """On a GPU machine a `cuda` test that skips is one that saw no GPU: the step has failed."""
+    if counts.get("skipped"):
+        return f"{counts['skipped']} skipped on a GPU machine (logs/cuda_tests.out says why)"
+    return "" if counts.get("passed") else "no test ran"
 
 
 def read_training(run_dir: Path) -> dict:
@@ -257,7 +273,8 @@ def check_steps(python: str, out_dir: Path, data: Path | None, no_cuda: str = ""
         Step("doctor", [lmtrain + ["doctor", "--json"]], STEP_LIMITS_S["doctor"],
              lambda out: {"report": json.loads(out)}, missing_when="No such command"),
         # the CPU references run their Python versions: building our C++ ops would take a minute of the budget
-        Step("cuda_tests", tests, STEP_LIMITS_S["cuda_tests"], read_pytest, env={"LMTRAIN_COMPILE": "0"}, skip=no_cuda),
+        Step("cuda_tests", tests, STEP_LIMITS_S["cuda_tests"], read_pytest, env={"LMTRAIN_COMPILE": "0"}, skip=no_cuda,
+             judge=judge_cuda_tests),
         Step("bench", [lmtrain + ["bench", "--preset", "issue7", "--device", "cuda", "--json"]], STEP_LIMITS_S["bench"],
              lambda out: {"records": [json.loads(line) for line in out.splitlines() if line.startswith("{")]}, skip=no_cuda),
         Step("train", train, STEP_LIMITS_S["train"], lambda _: read_training(run_dir),
@@ -288,7 +305,7 @@ def prepare_python(venv: Path, cpu_venv: Path, version: str, index: str | None, 
     install = Step("install", install_commands(venv, version, None if wheels else source, wheels), STEP_LIMITS_S["install"])
     result = run_step(install, logs)
     python, found, after = choose_python([gpu_python], max(probes_until, started + STEP_LIMITS_S["install"]))
-    result.note = "; ".join(filter(None, [result.note, f"torch=={version} from {source}", *notes, *after]))
+    result.note = "; ".join(filter(None, [result.note, f"torch=={version} from {source}", *dict.fromkeys(notes + after)]))
     if result.status == "ok" and python is None:
         result.status = "failed"
     return python, found, result

@@ -28,7 +28,7 @@ def summary(result: StepResult) -> str:
     f = result.figures
     if result.name == "cuda_tests":
         return ", ".join(f"{n} {kind}" for kind, n in f.items())
-    if result.name == "bench" and "records" in f:
+    if result.name == "bench" and f.get("records"):
         return f"{len(f['records'])} measurements (below)"
     if result.name == "train" and "valid_ppl" in f:
         return f"{f['steps']:,} steps, valid ppl {cell(f['valid_ppl'])}, {cell(f['tokens_per_s'])} tokens/s"
