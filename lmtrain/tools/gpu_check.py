@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Seconds each step may take. A GPU machine's call is cut at 10 minutes; the whole check keeps to 8
 # (TOTAL_LIMIT_S), the install of torch's CUDA wheel included (skipped when a CUDA torch is there).
-# "probe": importing torch in each candidate Python; the report itself takes milliseconds.
-STEP_LIMITS_S = {"probe": 20, "install": 100, "doctor": 30, "cuda_tests": 100, "bench": 110, "train": 120}
+# "probe": importing torch in each candidate Python. OVERHEAD_S: nvidia-smi, ending a step at its
+# limit, starting each Python, the report.
+STEP_LIMITS_S = {"probe": 15, "install": 100, "doctor": 25, "cuda_tests": 100, "bench": 110, "train": 120}
+OVERHEAD_S = 10
 TOTAL_LIMIT_S = 8 * 60
 
 # ptb-medium (2 x 650 LSTM, vocab 10,000: 19.8 M parameters) takes 20 x 35 = 700 tokens a step, one
@@ -83,7 +85,7 @@ def find_gpus(smi: str = "nvidia-smi", device_files=("/dev/nvidia0", "/proc/driv
     machine): nvidia-smi's name, driver and memory of each, else each device file the driver made."""
     try:
         listed = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=15)
+                                capture_output=True, text=True, timeout=5)
         if listed.returncode == 0 and listed.stdout.strip():
             return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
     except (OSError, subprocess.TimeoutExpired):
@@ -147,14 +149,14 @@ def install_commands(venv: Path, version: str, index: str | None, wheels: Path |
     return [pip + source + [f"torch=={version}"], pip + rest + requirements()[0]]
 
 
-def make_venv(venv: Path) -> None:
+def make_venv(venv: Path, limit_s: float) -> None:
     """A venv that sees this Python's packages behind its own: where no registry answers, typer, numpy
     and the rest come from the Python that runs the check, and only torch has to be installed.
     (`--system-site-packages` would not do: made from a venv's Python, it shows the base install's.)"""
     if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=60)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=limit_s)
     own = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                         check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+                         check=True, capture_output=True, text=True, timeout=limit_s).stdout.strip()
     Path(own, "lmtrain-gpu-check-base.pth").write_text("\n".join(site.getsitepackages()) + "\n", encoding="utf-8")
 
 
@@ -297,14 +299,16 @@ def prepare_python(venv: Path, cpu_venv: Path, version: str, index: str | None, 
         note = f"{python} has torch {found['torch']}" + ("" if found["torch"].startswith(version) else f", not the pinned {version}")
         return python, found, StepResult("install", "present", round(time.monotonic() - started, 1), STEP_LIMITS_S["install"], note=note)
     source = str(wheels) if wheels else index or DEFAULT_TORCH_INDEX
+    begun = time.monotonic()  # the install's own clock: the venv, pip, and the probe after them
     try:
-        make_venv(venv)
+        make_venv(venv, STEP_LIMITS_S["install"] / 2)
     except (OSError, subprocess.SubprocessError) as e:
         return None, {}, StepResult("install", "failed", round(time.monotonic() - started, 1), STEP_LIMITS_S["install"],
                                     note=f"could not make {venv}: {e}")
-    install = Step("install", install_commands(venv, version, None if wheels else source, wheels), STEP_LIMITS_S["install"])
-    result = run_step(install, logs)
-    python, found, after = choose_python([gpu_python], max(probes_until, started + STEP_LIMITS_S["install"]))
+    left = STEP_LIMITS_S["install"] - (time.monotonic() - begun)
+    result = run_step(Step("install", install_commands(venv, version, None if wheels else source, wheels), left), logs)
+    python, found, after = choose_python([gpu_python], max(probes_until, begun + STEP_LIMITS_S["install"]))
+    result.seconds, result.limit_s = round(time.monotonic() - started, 1), STEP_LIMITS_S["install"]
     result.note = "; ".join(filter(None, [result.note, f"torch=={version} from {source}", *dict.fromkeys(notes + after)]))
     if result.status == "ok" and python is None:
         result.status = "failed"
