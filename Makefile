@@ -8,7 +8,7 @@ DATA_MIRROR ?=
 RUN ?= runs/demo
 DATA ?= data
 
-.PHONY: help install demo test check docs data clean compare-cells results bench-distributed bench-gpu bench-encode
+.PHONY: help install demo test check docs data clean compare-cells results bench-distributed bench-gpu bench-encode gpu-check
 
 help:
 	@echo "make demo   train, evaluate and sample on the built-in corpus (creates $(VENV))"
@@ -21,6 +21,8 @@ help:
 	@echo "make results   the table of every result beside the published numbers"
 	@echo "make bench-distributed   training tokens/s of one process against --nproc 2 (about 10 minutes on 2 CPU cores)"
 	@echo "make bench-gpu   our LSTM against cuDNN at issue 7's sizes, fp32 and bf16 (needs a CUDA GPU), a markdown table"
+	@echo "make gpu-check   on a GPU machine, within 8 minutes: doctor, the CUDA tests, bench-gpu's sizes, ptb-medium for 2,000 steps;"
+	@echo "                 a report in runs/gpu-check-TIME (GPU_CHECK_DIR=DIR); TORCH_INDEX=URL or TORCH_WHEELS=DIR install the CUDA torch; DATA=DIR holds ptb/"
 	@echo "make bench-encode   encoding MB/s (1 vs 2 workers) and peak memory on generated 0.25-1 GB corpora"
 
 # torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
@@ -64,6 +66,19 @@ bench-distributed: install
 # issue 7's settings (lmtrain.tools.bench.PRESETS) on the GPU: the markdown table of docs/gpu.md
 bench-gpu: install
 	$(BIN)/lmtrain bench --preset issue7 --device cuda --dtypes fp32,bf16
+
+# everything the first GPU machine should tell, within 8 minutes (lmtrain/tools/gpu_check.py, docs/gpu.md): no
+# `install` first, as that machine may reach no registry. A Python whose torch has CUDA is used as it is;
+# else torch==$(TORCH_VERSION)'s CUDA build goes into $(GPU_VENV), from TORCH_INDEX or the wheels in TORCH_WHEELS.
+# Without a GPU: one line, exit code 2.
+GPU_VENV ?= .venv-gpu
+TORCH_INDEX ?=
+TORCH_WHEELS ?=
+GPU_CHECK_DIR ?=
+gpu-check:
+	@$(PYTHON) lmtrain/tools/gpu_check.py --torch-version $(TORCH_VERSION) --venv $(GPU_VENV) --cpu-venv $(VENV) \
+		$(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX)) $(if $(TORCH_WHEELS),--torch-wheels $(TORCH_WHEELS)) \
+		$(if $(GPU_CHECK_DIR),--out $(GPU_CHECK_DIR)) $(if $(filter-out file,$(origin DATA)),--data $(DATA))
 
 # the config reference is generated: its meanings are the comments of lmtrain/config.py
 docs: install

@@ -6,6 +6,9 @@ import random
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+import torch
+
 WORDS = (
     "the a one every some cat dog bird fish child teacher farmer river house garden market "
     "sees finds likes carries follows watches builds sells near under over beside with "
@@ -127,3 +130,10 @@ def cli(*args):
 def ok(result):
     assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
     return result
+
+
+def needs_cuda(why: str):
+    """Skip a test where torch sees no GPU, and mark it `cuda`: `pytest -m cuda` (make gpu-check) runs
+    every test so marked, as the first thing a GPU machine checks."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs CUDA: {why}")
+    return lambda test: pytest.mark.cuda(skip(test))

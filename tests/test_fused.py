@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
+from helpers import needs_cuda
 from test_cells import grads_of, layer_inputs, leaves
 
 from lmtrain.config import ModelConfig
@@ -156,7 +157,7 @@ def test_cpu_takes_the_fused_path_only_when_asked(monkeypatch):
     assert dispatch.explain(get_cell("gru"), torch.device("cpu")).path == "fused"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused path compiled to Triton kernels on a GPU")
+@needs_cuda("the fused path compiled to Triton kernels on a GPU")
 @pytest.mark.parametrize("name", CELL_NAMES)
 def test_cuda_matches_the_cpu_engine(name):
     cell = CELLS[name]

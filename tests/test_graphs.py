@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager, nullcontext
 
+import pytest
 import torch
 from test_determinism import SETTINGS, run_once
-from helpers import write_corpus
+from helpers import needs_cuda, write_corpus
 
 from lmtrain.config import ModelConfig, TrainConfig, load_config
 from lmtrain.model.kernels import fused
@@ -19,9 +20,7 @@ from lmtrain.training.distributed import WindowForward
 from lmtrain.training.graphs import Captured, WindowRunner, graphs_for
 from lmtrain.training.loop import train_window
 
-import pytest
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs capture only GPU work")
+on_gpu = needs_cuda("CUDA graphs capture only GPU work")
 
 
 def small_model(device="cpu", dropout=0.0, seed=0, cell="lstm"):
@@ -259,7 +258,7 @@ def test_training_notes_why_graphs_are_off_once_or_how_often_they_were_reused(va
         assert hits and int(hits[1]) == record["step"]
 
 
-@needs_cuda
+@on_gpu
 def test_replayed_windows_match_eager_across_lengths_and_evictions():
     """Four windows of three lengths with room for two graphs: the third length evicts the first,
     which is captured again when it comes back. Dropout off, so eager and graphs see the same numbers."""
@@ -278,7 +277,7 @@ def test_replayed_windows_match_eager_across_lengths_and_evictions():
             assert (a - b).abs().max().item() <= 1e-5
 
 
-@needs_cuda
+@on_gpu
 def test_training_runs_through_graphs_on_cuda(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus", sizes=(60, 10, 10))
     metrics = run_once(corpus, tmp_path / "gpu", monkeypatch, extra=["train.device=cuda", "train.epochs=1"])
