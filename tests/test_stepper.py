@@ -8,6 +8,7 @@ import torch
 from lmtrain.config import ModelConfig
 from lmtrain.generation.stepper import Stepper, available_precisions
 from lmtrain.model.cells import CELLS
+from lmtrain.model.kernels.build import cpu_ops
 from lmtrain.model.language_model import LanguageModel
 
 # worst error of the logits relative to their largest magnitude, per precision
@@ -18,6 +19,12 @@ def need(precision: str) -> None:
     """Skip the test where this machine's compiled products do not offer `precision`."""
     if precision not in available_precisions(torch.device("cpu")):
         pytest.skip(f"{precision} products need CPU features this machine lacks")
+
+
+def need_whole_step() -> None:
+    """Skip the test without the compiled ops: the whole-step op is one of them."""
+    if cpu_ops() is None:
+        pytest.skip("the whole-step op needs the compiled ops (LMTRAIN_COMPILE=0, or no compiler)")
 
 
 def run_both(model: LanguageModel, precision: str, steps: int = 6, batch: int = 3):
@@ -79,6 +86,7 @@ def random_state(layers: int, batch: int, hidden: int, seed: int):
 @pytest.mark.parametrize("layers", [1, 3])
 def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
     need(precision)
+    need_whole_step()
     torch.manual_seed(0)
     # odd sizes: partial panels, a K that is not a multiple of 4, and 1 or 2 blocks of rows
     model = LanguageModel(ModelConfig(layers=layers, embedding_size=40, hidden_size=37), 101).eval()
@@ -100,6 +108,7 @@ def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_the_whole_step_op_draws_what_pick_draws(precision):
     need(precision)
+    need_whole_step()
     from lmtrain.generation.sampler import pick
 
     torch.manual_seed(0)
