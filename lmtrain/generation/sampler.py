@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.generation.stepper import Stepper
-from lmtrain.model import LanguageModel, cpu_ops
+from lmtrain.model import LanguageModel, step_ops
 from lmtrain.text import EOS_ID
 
 UNIFORM_CHUNK = 256  # uniforms drawn per stream at a time (the same chunks whatever the batch)
@@ -142,9 +142,8 @@ def pick(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms:
     greedy (argmax), and needs no uniforms."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    ops = cpu_ops() if logits.device.type == "cpu" else None
-    if ops is not None and not 0 < top_k < logits.size(-1) and top_p >= 1.0:  # the same draw in one compiled pass
-        return ops.sample_rows(logits.float(), uniforms.float(), temperature)
+    if step_ops.ops_for(logits.device) is not None and not 0 < top_k < logits.size(-1) and top_p >= 1.0:
+        return step_ops.sample_rows(logits.float(), uniforms.float(), temperature)  # the same draw in one compiled pass
     logits = logits / temperature
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

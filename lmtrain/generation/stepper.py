@@ -16,7 +16,7 @@ on the CPU, the same equations in one compiled pass, `lstm_cell_step`). For an L
 this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
 compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
 product (at one stream, a fifth to a quarter of the op-by-op step's time). The
-products' weights are held as float32, bfloat16 or int8 (`WEIGHT_PRECISIONS`, lmtrain/model/kernels/cpu/step_cpu.cpp):
+products' weights are held as float32, bfloat16 or int8 (`WEIGHT_PRECISIONS`, lmtrain/model/kernels/step_ops.py):
 smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
 computed on its own, so a stream's logits do not depend on the streams beside it.
 
@@ -32,17 +32,14 @@ import torch
 from torch import Tensor
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel, State, cpu_ops, is_lstm, selfcheck
+from lmtrain.model import WEIGHT_PRECISIONS, LanguageModel, State, is_lstm, selfcheck, step_ops
 
-WEIGHT_PRECISIONS = ("fp32", "bf16", "int8")
-KIND = {"fp32": 0, "bf16": 1, "int8": 2}
 TABLE_BUDGET_BYTES = 256 * 2**20  # above this, layer 0 multiplies the embedding row instead
 
 
 def available_precisions(device: torch.device) -> list[str]:
     """The weight precisions this machine's compiled ops offer on `device` (fp32 always)."""
-    ops = cpu_ops() if device.type == "cpu" else None
-    return [p for p in WEIGHT_PRECISIONS if p == "fp32" or (ops is not None and ops.step_available(KIND[p]))]
+    return [p for p in WEIGHT_PRECISIONS if p == "fp32" or step_ops.offers(p, device)]
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -73,18 +70,14 @@ class Product:
     def prepare(cls, weight: Tensor, bias: Tensor | None, precision: str) -> Product:
         weight = weight.detach().float().contiguous()
         bias = torch.zeros(weight.size(0), device=weight.device) if bias is None else bias.detach().float().contiguous()
-        ops = cpu_ops() if weight.device.type == "cpu" else None
-        empty = weight.new_empty(0)
-        if ops is None or not ops.step_available(KIND[precision]):
+        if not step_ops.offers(precision, weight.device):
+            empty = weight.new_empty(0)
             return cls(weight, empty, empty, bias, False)
-        if precision == "int8":
-            return cls(*ops.step_pack_int8(weight), bias, True)
-        panels = ops.pack_panels(weight.bfloat16() if precision == "bf16" else weight)
-        return cls(panels, empty, empty, bias, True)
+        return cls(*step_ops.pack(weight, precision), bias, True)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.compiled:
-            return torch.ops.lmtrain.step_linear(x, self.weight, self.scales, self.sums, self.bias, self.bias.numel())
+            return step_ops.linear(x, self.weight, self.scales, self.sums, self.bias)
         # one product per row, as the compiled op does, so rows never depend on the batch
         rows = x.shape[0]
         return torch.baddbmm(self.bias.view(1, 1, -1).expand(rows, 1, -1), x.unsqueeze(1),
@@ -128,8 +121,7 @@ class Stepper:
                 self.inputs.append(None if folded else Product.prepare(layer.w_ih, layer.b_ih, precision))
                 self.recurrent.append(Product.prepare(layer.w_hh, b_hh, precision))
         self.decoder = Product.prepare(model.decoder.weight, model.decoder.bias, precision)
-        ops = cpu_ops() if embedding.device.type == "cpu" else None
-        self.lstm_step = ops.lstm_cell_step if ops is not None else None
+        self.lstm_step = step_ops.lstm_cell_step if step_ops.ops_for(embedding.device) is not None else None
         # an LSTM stack in the layout above, all of it compiled: the whole step as one op
         products = self.recurrent + [self.decoder]
         self.stack = None
@@ -194,9 +186,8 @@ class Stepper:
         `out` (new_outputs, none of them an input) receives the logits and state; fresh ones by default."""
         out = self.new_outputs(logits.size(0)) if out is None else out
         selfcheck.inject("step-op")
-        tokens = torch.ops.lmtrain.lstm_stack_draw(logits.float(), uniforms.float(), temperature, self.table, *self.stack,
-                                                   [s[0].float() for s in state], [s[1].float() for s in state], out,
-                                                   self.scratch)
+        tokens = step_ops.stack_draw(logits.float(), uniforms.float(), temperature, self.table, self.stack,
+                                     [s[0].float() for s in state], [s[1].float() for s in state], out, self.scratch)
         out[0] = selfcheck.distort("step-op", out[:1])[0]
         return (tokens, *self.unpack(out))
 
@@ -206,8 +197,8 @@ class Stepper:
         if self.stack is not None and not self.unfused:
             out = self.new_outputs(tokens.size(0))
             selfcheck.inject("step-op")
-            torch.ops.lmtrain.lstm_stack_step(tokens, self.table, *self.stack, [s[0].float() for s in state],
-                                              [s[1].float() for s in state], out, self.scratch)
+            step_ops.stack_step(tokens, self.table, self.stack, [s[0].float() for s in state],
+                                [s[1].float() for s in state], out, self.scratch)
             out[0] = selfcheck.distort("step-op", out[:1])[0]
             return self.unpack(out)
         x = None

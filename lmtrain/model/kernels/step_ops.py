@@ -1,0 +1,77 @@
+"""One generation step's C++ ops (cpu/step_cpu.cpp) behind Python functions: what lmtrain.generation
+calls, so that no caller names torch.ops.lmtrain itself.
+
+A product's weight W (N, K) is held in one of WEIGHT_PRECISIONS (cpu/step_products.h):
+
+    fp32   float32 panels, exact
+    bf16   bfloat16 pair panels; x is rounded to bfloat16 too, sums in float32 (AVX512-BF16)
+    int8   int8 quad panels with one scale per output row; x is quantised per row (AVX512-VNNI)
+
+and multiplied by `linear`. `lstm_cell_step` is the LSTM's pointwise step; `stack_step` and
+`stack_draw` an LSTM stack's whole step (with the draw of its tokens before it, for stack_draw)
+as one op; `sample_rows` the draw alone. Every function here needs the compiled ops on the CPU
+(`ops_for(device)` is not None); lmtrain.generation.stepper chooses which to use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmtrain.model.kernels.build import cpu_ops
+
+WEIGHT_PRECISIONS = ("fp32", "bf16", "int8")
+KIND = {"fp32": 0, "bf16": 1, "int8": 2}  # step_cpu.cpp's step_available(kind)
+
+
+def ops_for(device: torch.device):
+    """The compiled ops for tensors on `device`: torch.ops.lmtrain on the CPU when built, else None."""
+    return cpu_ops() if torch.device(device).type == "cpu" else None
+
+
+def offers(precision: str, device: torch.device) -> bool:
+    """Whether weights in `precision` have compiled products on `device` (needs the CPU's features)."""
+    ops = ops_for(device)
+    return ops is not None and ops.step_available(KIND[precision])
+
+
+def pack(weight: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """weight (N, K) float32 contiguous -> (panels, scales, sums) for `linear`; scales and sums are
+    empty except for int8. Only where `offers(precision, weight.device)`."""
+    ops = ops_for(weight.device)
+    if precision == "int8":
+        return ops.step_pack_int8(weight)
+    empty = weight.new_empty(0)
+    return ops.pack_panels(weight.bfloat16() if precision == "bf16" else weight), empty, empty
+
+
+def linear(x: Tensor, panels: Tensor, scales: Tensor, sums: Tensor, bias: Tensor) -> Tensor:
+    """x (B, K) float32 -> x W^T + bias (B, N) float32, W as `pack` left it; bias (N,)."""
+    return torch.ops.lmtrain.step_linear(x, panels, scales, sums, bias, bias.numel())
+
+
+def lstm_cell_step(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM's pointwise step: pre-activations gates (B, 4H) (i, f, g, o) and c (B, H) -> h', c'."""
+    return torch.ops.lmtrain.lstm_cell_step(gates, c)
+
+
+def sample_rows(logits: Tensor, uniforms: Tensor, temperature: float) -> Tensor:
+    """logits (B, V), uniforms (B,) float32 -> (B,) int64: per row, the first token whose cumulative
+    probability under softmax(logits / temperature) exceeds uniforms[b]."""
+    return torch.ops.lmtrain.sample_rows(logits, uniforms, temperature)
+
+
+def stack_step(tokens: Tensor, table: Tensor, stack: tuple[list[Tensor], ...], h: list[Tensor], c: list[Tensor],
+               out: list[Tensor], scratch: Tensor) -> None:
+    """An LSTM stack's whole step on tokens (B,) into out = [logits (B, V), h'_0.., c'_0..].
+
+    table (V, 4 H_0): layer 0's E W_ih^T + b_ih; stack: the L + 1 products (layer 0's W_hh, each
+    later layer's [W_ih, W_hh], the decoder) as four lists (panels, scales, sums, biases); h, c: L
+    float32 states (B, H_l); scratch: uint8 working memory, grown by the op. No output may be an input."""
+    torch.ops.lmtrain.lstm_stack_step(tokens, table, *stack, h, c, out, scratch)
+
+
+def stack_draw(logits: Tensor, uniforms: Tensor, temperature: float, table: Tensor, stack: tuple[list[Tensor], ...],
+               h: list[Tensor], c: list[Tensor], out: list[Tensor], scratch: Tensor) -> Tensor:
+    """The tokens (B,) drawn from logits (B, V) as sample_rows draws them, then stack_step on them."""
+    return torch.ops.lmtrain.lstm_stack_draw(logits, uniforms, temperature, table, *stack, h, c, out, scratch)
