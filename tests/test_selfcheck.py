@@ -168,12 +168,14 @@ def test_a_failing_build_leaves_the_python_loops(monkeypatch):
         build._load_cpu_ops.cache_clear()
 
 
-@pytest.mark.parametrize("path", ["sequence", "cross-entropy"])
+@pytest.mark.parametrize("path", ["sequence", "cross-entropy", "fused"])
 def test_a_training_run_with_a_failing_path_equals_one_with_it_off(path, tmp_path, monkeypatch):
     """The check runs before the path's first real use and draws no random numbers, so the
     run's metrics.jsonl is byte for byte that of a run with the path off from the start."""
-    if build.cpu_ops() is None:
+    if build.cpu_ops() is None and path != "fused":
         pytest.skip("needs the compiled ops")
+    if path == "fused":
+        on_path(monkeypatch, "fused")
     corpus = write_small_corpus(tmp_path / "corpus")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
