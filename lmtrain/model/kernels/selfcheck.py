@@ -173,9 +173,10 @@ def capturing() -> bool:
 
 
 def outputs_and_grads(fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor]) -> list[tuple[str, Tensor | None]]:
-    """fn's outputs on fresh copies of `inputs`, then the gradients of a fixed random projection
-    of all of them with respect to every floating-point input: [(what, tensor or None)]."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    """fn's outputs on fresh leaves of `inputs` (sharing their memory: no path writes to its
+    inputs), then the gradients of a fixed random projection of all of them with respect to every
+    floating-point input: [(what, tensor or None)]."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
     with torch.enable_grad():
         outputs = list(fn(*leaves))
         found = [(f"output {i}", out.detach()) for i, out in enumerate(outputs)]
@@ -197,13 +198,16 @@ def disagreement(a: Tensor | None, b: Tensor | None, tol: float) -> str | None:
         return None if a is None and b is None else "is missing" if a is None else "is there where the reference has none"
     if a.shape != b.shape:
         return f"has shape {tuple(a.shape)}, the reference {tuple(b.shape)}"
-    a, b = a.double().cpu(), b.double().cpu()
-    if not torch.isfinite(b).all():  # the reference's own numbers overflowed: nothing to hold the path to
+    if not b.numel():
         return None
-    if not torch.isfinite(a).all():
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # on their device
+    a, b = a.to(wide), b.to(wide)
+    scale, error, finite_a, finite_b = torch.stack([b.abs().max(), (a - b).abs().max(), torch.isfinite(a).all().to(wide),
+                                                    torch.isfinite(b).all().to(wide)]).tolist()
+    if not finite_b:  # the reference's own numbers overflowed: nothing to hold the path to
+        return None
+    if not finite_a:
         return "is not finite"
-    scale = b.abs().max().item() if b.numel() else 0.0
-    error = (a - b).abs().max().item() if b.numel() else 0.0
     if error > tol * max(scale, 1e-6):
         return f"differs from the reference by {error:.3g} (largest value {scale:.3g}, tolerance {tol:g} of it)"
     return None
