@@ -134,12 +134,12 @@ def test_a_skipped_step_changes_no_weight_and_carries_a_finite_state():
     x, y = torch.randint(0, 50, (6, 4)), torch.randint(0, 50, (6, 4))
     before = [p.detach().clone() for p in model.parameters()]
     poisoned = [tuple(torch.full_like(t, math.nan) for t in layer) for layer in model.init_state(4)]
-    loss, state = train_step(model, runner, optimizer, config.train, x, y, hidden=poisoned)
+    loss, state = train_step(model, runner, optimizer, config.train, x, y, state=poisoned)
     assert loss is None
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.isfinite(t).all() for layer in state for t in layer)  # zeros, not NaN, go on
-    loss, state = train_step(model, runner, optimizer, config.train, x, y, hidden=state)
+    loss, state = train_step(model, runner, optimizer, config.train, x, y, state=state)
     assert loss is not None and math.isfinite(loss)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 

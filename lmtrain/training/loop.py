@@ -136,9 +136,9 @@ def train(
     if resume is not None and distributed.world_size() > 1:
         raise distributed.every_rank_error("--resume continues a run in one process: drop --nproc (or torchrun)")
     if resume is None:
-        s, average, hidden = LoopState(lr=tc.lr), None, None
+        s, average, state = LoopState(lr=tc.lr), None, None
     else:
-        s, average, hidden = restore_loop(resume, model, optimizer, window_rng, device)
+        s, average, state = restore_loop(resume, model, optimizer, window_rng, device)
     model.train()
     if device.type == "cpu":
         build.cpu_ops()  # the one-time C++ build (a minute or so) is not training time: before the clock starts
@@ -154,7 +154,7 @@ def train(
         while True:
             if distributed.any_rank(stop_requested() is not None):
                 if not saved:
-                    saver.save(s, average, hidden, clock(), at="step")
+                    saver.save(s, average, state, clock(), at="step")
                 record = {"kind": "interrupted", "epoch": s.epoch, "step": s.step}
                 break
             if s.lengths is None:  # between epochs
@@ -163,7 +163,7 @@ def train(
                     if "max_minutes" in reason:
                         progress.note(f"stopping before epoch {s.epoch}: {reason}")
                     break
-                hidden = start_epoch(s, tc, model, rows=inputs.size(0), streams=inputs.size(1), window_rng=window_rng,
+                state = start_epoch(s, tc, model, rows=inputs.size(0), streams=inputs.size(1), window_rng=window_rng,
                                      elapsed_s=clock())
                 progress.start_epoch(s.epoch, epochs, steps_left(tc, s))
                 interval_start = time.perf_counter()
@@ -173,7 +173,7 @@ def train(
                 if tc.optimizer == "ntasgd" and average is None and nt_trigger(s.valid_history, tc.nonmono):
                     average = WeightAverage(model)
                     progress.note(f"epoch {record['epoch']}: validation has not improved for {tc.nonmono} checks; averaging the weights from here on (NT-ASGD)")
-                saver.save(s, average, hidden, clock(), at="epoch", epoch=record["epoch"],
+                saver.save(s, average, state, clock(), at="epoch", epoch=record["epoch"],
                            valid_nll=record["valid_loss"], best=improved)
                 saved = True
                 continue
@@ -181,7 +181,7 @@ def train(
                 logs_at = saver.log_sizes()
                 record = validate_and_record(s, tc, model, data["valid"], average=average, compute_dtype=compute_dtype,
                                              log=log, timing=timing, clock=clock, progress=progress, kind="stop")
-                saver.save(s, average, hidden, clock(), at="stop", valid_nll=record["valid_loss"],
+                saver.save(s, average, state, clock(), at="stop", valid_nll=record["valid_loss"],
                            best=record["valid_loss"] < s.best_valid_nll, logs_at=logs_at)
                 break
             length = s.lengths[s.window]
@@ -189,7 +189,7 @@ def train(
             step_rate = lr(tc, s.lr, s.step, total_steps, length)
             for group in optimizer.param_groups:
                 group["lr"] = step_rate
-            loss_value, hidden = train_step(model, run_window, optimizer, tc, x, y, hidden=hidden)
+            loss_value, state = train_step(model, run_window, optimizer, tc, x, y, state=state)
             if loss_value is not None and average is not None:
                 average.update()
             count_step(s, tc, loss_value, tokens=y.numel(), length=length, step_rate=step_rate, run_dir=run_dir)
@@ -208,7 +208,7 @@ def train(
                 s.interval_bad = 0
                 interval_start = now
             if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and s.window < len(s.lengths):
-                saver.save(s, average, hidden, clock(), at="step")
+                saver.save(s, average, state, clock(), at="step")
                 saved = True
         hits = run_window.hit_note()
         if hits:
@@ -231,23 +231,23 @@ def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, *, rows
 
 
 def train_step(model: LanguageModel, run_window, optimizer: torch.optim.Optimizer, config: TrainConfig, x: Tensor,
-               y: Tensor, *, hidden) -> tuple[float | None, list]:
+               y: Tensor, *, state) -> tuple[float | None, list]:
     """One window: x, y (T, B). Forward and backward (`run_window`: lmtrain.training.graphs.WindowRunner
     over `train_window`), clip, and the optimizer step when the loss and the gradient norm are
     finite. Returns the window's mean loss (None: the step was skipped) and the state to carry to
     the next window (zeros in place of a state that is not finite). Every rank runs backward
     (DDP's gradient averaging needs all of them) and the ranks decide together whether to step."""
-    loss, hidden = run_window(x, y, detach_state(hidden))
+    loss, state = run_window(x, y, detach_state(state))
     # one synchronisation per step (on CUDA) for both numbers the step decides on
     loss_value, norm = torch.stack([loss.detach().float(), gradient_norm(model, config.clip).float()]).tolist()
     good = math.isfinite(loss_value) and math.isfinite(norm)
     if not distributed.any_rank(not good):
         optimizer.step()
-        return loss_value, hidden
+        return loss_value, state
     optimizer.zero_grad(set_to_none=True)
-    if not all(torch.isfinite(t).all() for layer in hidden for t in layer):
-        hidden = model.init_state(x.size(1))
-    return None, hidden
+    if not all(torch.isfinite(t).all() for layer in state for t in layer):
+        state = model.init_state(x.size(1))
+    return None, state
 
 
 def train_window(forward, config: TrainConfig, compute_dtype: torch.dtype | None,

@@ -7,7 +7,8 @@ last.pt holds, besides the model and the optimizer:
 
     loop      LoopState: epoch, step, the epoch's window lengths and how many are done, the
               lr schedule's state, the validation history, the running loss sums
-    hidden    the recurrent state carried into the next window
+    hidden    the recurrent state carried into the next window (the key's old name, kept so that
+              older checkpoints resume; in the code it is `state`, and `hidden` means a layer's outputs h)
     average   NT-ASGD's averaged weights and their count, once averaging has started
     trained   the trained weights while `model` holds the average (else None: `model` is them)
     rng       python `random`, numpy's global generator, torch's CPU (and CUDA) generators, and
@@ -97,11 +98,11 @@ def set_rng_states(states: dict[str, Any], window_rng: np.random.Generator) -> N
     window_rng.bit_generator.state = states["window_lengths"]
 
 
-def hidden_to_lists(hidden) -> list[list[torch.Tensor]] | None:
-    return None if hidden is None else [[t.detach() for t in layer] for layer in hidden]
+def state_to_lists(state) -> list[list[torch.Tensor]] | None:
+    return None if state is None else [[t.detach() for t in layer] for layer in state]
 
 
-def hidden_from_lists(stored, device: torch.device):
+def state_from_lists(stored, device: torch.device):
     return None if stored is None else [tuple(t.to(device) for t in layer) for layer in stored]
 
 

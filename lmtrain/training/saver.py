@@ -17,7 +17,7 @@ from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
 from lmtrain.training import distributed
 from lmtrain.training.averaging import WeightAverage
-from lmtrain.training.resume import LoopState, hidden_from_lists, hidden_to_lists, loop_from_dict, rng_states, set_rng_states
+from lmtrain.training.resume import LoopState, state_from_lists, state_to_lists, loop_from_dict, rng_states, set_rng_states
 
 
 class Saver:
@@ -41,7 +41,7 @@ class Saver:
             sizes.append(os.fstat(f.fileno()).st_size)
         return sizes[0], sizes[1]
 
-    def save(self, s: LoopState, average: WeightAverage | None, hidden, elapsed_s: float, at: str, *,
+    def save(self, s: LoopState, average: WeightAverage | None, state, elapsed_s: float, at: str, *,
              epoch: int | None = None, valid_nll: float | None = None, best: bool = False,
              logs_at: tuple[int, int] | None = None) -> None:
         """`at`: "epoch" (an epoch end; `epoch` is the one that ended), "stop" (train.max_steps
@@ -69,7 +69,7 @@ class Saver:
                 save_checkpoint(self.run_dir / "best.pt", payload)
             save_checkpoint(last, {**payload, "resume": {
                 "loop": dataclasses.asdict(s),
-                "hidden": hidden_to_lists(hidden),
+                "hidden": state_to_lists(state),
                 "average": average.state() if average is not None else None,
                 "trained": trained,
                 "rng": rng_states(self.window_rng),
@@ -89,4 +89,4 @@ def restore_loop(payload: dict[str, Any], model: LanguageModel, optimizer: torch
         average = WeightAverage(model)
         average.load(entry["average"])
     set_rng_states(entry["rng"], window_rng)
-    return loop_from_dict(entry["loop"]), average, hidden_from_lists(entry["hidden"], device)
+    return loop_from_dict(entry["loop"]), average, state_from_lists(entry["hidden"], device)
