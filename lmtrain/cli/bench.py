@@ -34,12 +34,18 @@ def bench(
     streams: Annotated[str, typer.Option(help="With --generate: stream counts, comma-separated.")] = "1,32",
     tokens: Annotated[int, typer.Option(help="With --generate: tokens drawn per stream per timed repeat.")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per measurement, one per line.")] = False,
+    loop: Annotated[bool, typer.Option("--loop", help="Time lmtrain train's whole loop against a plain loop written as the PyTorch example writes its own, at the example's configuration (lmtrain.tools.bench_loop); --repeats rounds, --dtypes for ours.")] = False,
+    corpus: Annotated[Optional[Path], typer.Option(help="With --loop: the corpus (a directory with train/valid/test.txt); default a generated one with the example's 10,000-word vocabulary.")] = None,
+    steps: Annotated[int, typer.Option(help="With --loop: timed training steps per round.")] = 500,
+    warmup_steps: Annotated[int, typer.Option(help="With --loop: untimed training steps first in each round.")] = 100,
     preset: Annotated[Optional[str], typer.Option(help="A named set of settings instead of --cells, --sizes, --layers, --batch-size and --bptt: issue7 (the LSTM at 2 x 650 and 2 x 1500, batch 20, bptt 35, and 1 x 512, batch 64, bptt 100).")] = None,
 ) -> None:
     """Training throughput and peak memory of our cells against PyTorch's own LSTM module, interleaved (--generate: sampling)."""
     from lmtrain.tools import bench as benchmarks
     from lmtrain.model import CELLS
 
+    if loop:
+        return bench_loop(corpus, dtypes, steps, warmup_steps, repeats, as_json)
     if generate:
         return bench_generate(run, sizes, layers, vocab_size, batch_size, bptt, precisions, streams, tokens, repeats, warmup, as_json)
     with user_errors():
@@ -79,6 +85,27 @@ def bench(
         else:
             typer.echo(f"device {dev} | torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats}")
             typer.echo(benchmarks.format_table(records))
+
+
+def bench_loop(corpus: Path | None, dtypes: str, steps: int, warmup_steps: int, repeats: int, as_json: bool) -> None:
+    """`lmtrain bench --loop`: lmtrain train's loop against the PyTorch example's, interleaved."""
+    from lmtrain.tools import bench_loop as loops
+
+    with user_errors():
+        precisions = [d.strip() for d in dtypes.split(",")]
+        require(
+            (all(p in ("fp32", "bf16") for p in precisions), f"--dtypes must be fp32 and/or bf16, got '{dtypes}'"),
+            (steps >= 1 and warmup_steps >= 1 and repeats >= 1, "--steps, --warmup-steps and --repeats must be positive"),
+            (corpus is None or corpus.is_dir(), f"--corpus must be a directory with train.txt, valid.txt and test.txt: {corpus}"),
+        )
+        records = loops.bench_loop(corpus, precisions, steps=steps, warmup=warmup_steps, rounds=repeats, say=say)
+    if as_json:
+        for record in records:
+            typer.echo(json.dumps(dataclasses.asdict(record)))
+    else:
+        typer.echo(f"torch {torch.__version__} | {torch.get_num_threads()} threads | median of {repeats} rounds, "
+                   f"{steps} steps after {warmup_steps}")
+        typer.echo(loops.format_loop_table(records))
 
 
 def bench_generate(run: Path | None, sizes: str, layers: int, vocab_size: int, batch_size: int, bptt: int,

@@ -18,7 +18,7 @@ from lmtrain.tools.synth import (
 # `bench` and `doctor` are offered as modules (the CLI's commands: settings, presets, reports),
 # `from lmtrain.tools import bench, doctor`
 __all__ = [
-    "bench", "doctor", "GenerationBench", "format_generation_table", "measure_generation",
+    "bench", "bench_loop", "doctor", "GenerationBench", "format_generation_table", "measure_generation",
     "DEFAULT_ALPHABET", "DEFAULT_K", "memoryless_perplexity", "optimum_perplexity", "reproduce",
     "results_table", "write_copy_corpus", "write_report"
 ]
