@@ -18,10 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmtrain.model.kernels.cell_sequence import SequenceKernel
+
 GATES = 3
 STATE = ("h",)
 RECURRENT_BIAS = True
 EXTRA: dict[str, int] = {}
+sequence_kernel = SequenceKernel("gru")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):

@@ -40,8 +40,8 @@ from lmtrain.locks import exclusive
 from lmtrain.model.kernels import dispatch
 
 EXTENSION = "lmtrain_cpu"
-SOURCES = ("lstm_cpu.cpp", "cross_entropy_cpu.cpp", "step_cpu.cpp")
-HEADERS = ("fast_math.h", "panel_gemm.h", "step_products.h", "step_sampling.h")
+SOURCES = ("lstm_cpu.cpp", "cell_cpu.cpp", "cross_entropy_cpu.cpp", "step_cpu.cpp")
+HEADERS = ("fast_math.h", "panel_gemm.h", "recurrent_gemm.h", "step_products.h", "step_sampling.h")
 # -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
 CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

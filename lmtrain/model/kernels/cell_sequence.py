@@ -1,0 +1,88 @@
+"""Every cell but the LSTM over a whole sequence on the CPU: the generic engine's plan with its
+time loops in C++ (cpu/cell_cpu.cpp), the cell's pointwise step inlined there.
+
+    cell.sequence_kernel = SequenceKernel(name)     (the kernel interface of lmtrain.model.kernels:
+                                                     supports(...) and run(...) -> y, final state)
+
+Forward: one GEMM for the input projections of all steps (as the engine), then the C++ loop:
+per step the recurrent product h_{t-1} W_hh^T into a reused buffer (our AVX-512 panels where the
+CPU has them, else at::mm) and one vectorised pass of the cell's step. Backward: the C++ loop in
+reverse (the step's gradients, then dh_{t-1} = d hg_t W_hh + its direct part), then one GEMM
+each for dX, dW_ih and dW_hh (lmtrain.model.kernels.mixed.sequence_grads, as the engine).
+
+Which cells have a loop here: CELL_KINDS (the functors of cell_cpu.cpp). float32 and float64;
+mixed precision keeps the engine for now.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmtrain.model.kernels import mixed
+from lmtrain.model.kernels.build import cpu_ops
+
+CELL_KINDS = {"rnn": 0, "gru": 1}  # cell_cpu.cpp's CellKind
+SAVED = {"rnn": 0, "gru": 4}  # H-wide blocks each step saves for its backward (the functor's kSaved)
+
+
+def recurrent_form(ops, weight: Tensor) -> tuple[Tensor, int]:
+    """W (N, K) as the loops take it: our panels (mode 2) for float32 where the CPU has them,
+    else the tensor itself (mode 0, at::mm)."""
+    if weight.dtype == torch.float32 and ops.panels_available(False):
+        return ops.pack_panels(weight.detach()), 2
+    return weight.detach().contiguous(), 0
+
+
+class CellSequence(torch.autograd.Function):
+    """outputs = CellSequence.apply(name, n_state, x, w_ih, w_hh, b_ih, b_hh, *state):
+    y (T, B, H) followed by the final state tensors, as lmtrain.model.recurrence.Recurrence."""
+
+    @staticmethod
+    def forward(ctx, name: str, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *state):
+        ops = cpu_ops()
+        steps, batch, inputs = x.shape
+        width, hidden = w_hh.shape
+        xg = torch.addmm(b_ih, x.reshape(steps * batch, inputs), w_ih.t()).view(steps, batch, width)
+        states = [x.new_empty(steps + 1, batch, hidden) for _ in range(n_state)]
+        for buffer, initial in zip(states, state):
+            buffer[0] = initial
+        saved = x.new_empty(steps, batch, SAVED[name] * hidden)
+        w_form, mode = recurrent_form(ops, w_hh)
+        ops.cell_forward_loop(CELL_KINDS[name], xg, states, saved, w_form, mode,
+                              b_hh.detach().contiguous() if b_hh is not None else None)
+        ctx.name, ctx.has_b_hh = name, b_hh is not None
+        ctx.save_for_backward(x, w_ih, w_hh, saved, *states)
+        return (states[0][1:].clone(), *(s[-1].clone() for s in states))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *d_final):
+        x, w_ih, w_hh, saved, *states = ctx.saved_tensors
+        ops = cpu_ops()
+        steps, batch, _ = x.shape
+        width, hidden = w_hh.shape
+        dxg = x.new_empty(steps, batch, width)
+        # one gradient for both pre-activations where the cell's are the same (the RNN's)
+        dhg = dxg if ctx.name == "rnn" else x.new_empty(steps, batch, width)
+        w_form, mode = recurrent_form(ops, w_hh.t())
+        d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(),
+                                         [torch.zeros(batch, hidden, dtype=x.dtype) if d is None else d for d in d_final],
+                                         w_form, mode, dxg, dhg)
+        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, states[0][:-1], w_ih, None, ctx.needs_input_grad[2])
+        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh if ctx.has_b_hh else None, *d_first)
+
+
+class SequenceKernel:
+    """The whole-sequence kernel interface of lmtrain.model.kernels (`cell.sequence_kernel`) for
+    one cell's loop here."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def supports(self, x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=None) -> bool:
+        return (not extra and compute_dtype is None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and cpu_ops() is not None)
+
+    def run(self, x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), compute_dtype=None):
+        outputs = CellSequence.apply(self.name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state)
+        return outputs[0], tuple(outputs[1:])

@@ -1,0 +1,88 @@
+"""The C++ time loops of the cells other than the LSTM (lmtrain/model/kernels/cell_sequence.py,
+cpu/cell_cpu.cpp) against each cell's plain-autograd reference and the generic engine: outputs,
+final state and every gradient, float64 to 1e-10, float32 (our panels) to 1e-5, and gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtrain.model.cells import CELLS
+from lmtrain.model.kernels import dispatch
+from lmtrain.model.kernels.build import cpu_ops
+from lmtrain.model.kernels.cell_sequence import CELL_KINDS, CellSequence
+from lmtrain.model.recurrence import Recurrence
+
+pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the loops are compiled C++ (LMTRAIN_COMPILE=0, or no compiler)")
+NAMES = sorted(CELL_KINDS)
+
+
+def inputs(cell, dtype, steps=9, batch=5, input_size=6, hidden=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gates = cell.GATES * hidden
+    r = lambda *shape: (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.4).to(dtype).requires_grad_()
+    b_hh = r(gates) if cell.RECURRENT_BIAS else None
+    return r(steps, batch, input_size), (r(batch, hidden),), r(gates, input_size), r(gates, hidden), r(gates), b_hh
+
+
+def outputs_and_grads(run, x, state, w_ih, w_hh, b_ih, b_hh):
+    y, final = run(x, state, w_ih, w_hh, b_ih, b_hh)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + sum((s * 1.7).sum() for s in final)
+    leaves = [t for t in (x, *state, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    return [y, *final, *torch.autograd.grad(loss, leaves)]
+
+
+def ours(name):
+    def run(x, state, w_ih, w_hh, b_ih, b_hh):
+        out = CellSequence.apply(name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state)
+        return out[0], tuple(out[1:])
+    return run
+
+
+def engine(cell):
+    def run(x, state, w_ih, w_hh, b_ih, b_hh):
+        out = Recurrence.apply(cell, len(state), None, x, w_ih, w_hh, b_ih, b_hh, *state)
+        return out[0], tuple(out[1:])
+    return run
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", NAMES)
+def test_the_loop_computes_what_the_reference_and_the_engine_compute(name, dtype, tol):
+    cell = CELLS[name]
+    args = inputs(cell, dtype)
+    got = outputs_and_grads(ours(name), *args)
+    for want in (outputs_and_grads(cell.reference, *args), outputs_and_grads(engine(cell), *args)):
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == dtype and (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck(name):
+    cell = CELLS[name]
+    x, state, w_ih, w_hh, b_ih, b_hh = inputs(cell, torch.float64, steps=4, batch=2, input_size=3, hidden=3)
+    leaves = [t for t in (x, *state, w_ih, w_hh, b_ih, b_hh) if t is not None]
+
+    def run(*tensors):
+        x, h0, w_ih, w_hh, b_ih, *rest = tensors
+        out = CellSequence.apply(name, 1, x, w_ih, w_hh, b_ih, rest[0] if rest else None, h0)
+        return out
+
+    assert torch.autograd.gradcheck(run, leaves)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dispatch_takes_the_loop_in_float32_and_the_engine_in_mixed_precision(name):
+    cell, cpu = CELLS[name], torch.device("cpu")
+    assert dispatch.explain(cell, cpu).path == "sequence"
+    assert dispatch.explain(cell, cpu, torch.bfloat16).path == "engine"
+
+
+def test_windows_of_several_lengths_and_batches_in_turn():
+    """No state kept between calls: each call's numbers are those of a fresh one."""
+    cell = CELLS["gru"]
+    for steps, batch in ((3, 2), (11, 6), (1, 1), (3, 2)):
+        args = inputs(cell, torch.float64, steps=steps, batch=batch, seed=steps)
+        for a, b in zip(outputs_and_grads(ours("gru"), *args), outputs_and_grads(cell.reference, *args)):
+            assert (a - b).abs().max() <= 1e-10
