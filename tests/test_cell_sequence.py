@@ -18,31 +18,37 @@ NAMES = sorted(CELL_KINDS)
 
 
 def inputs(cell, dtype, steps=9, batch=5, input_size=6, hidden=7, seed=0):
+    """A layer's call: x, state, w_ih, w_hh, b_ih, b_hh, extra, all leaves; the sLSTM's normaliser
+    positive, as every state it reaches is."""
     g = torch.Generator().manual_seed(seed)
     gates = cell.GATES * hidden
-    r = lambda *shape: (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.4).to(dtype).requires_grad_()
+    r = lambda *shape, scale=0.4: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    state = [r(batch, hidden) for _ in cell.STATE]
+    if len(state) == 4:  # h, c, n, m
+        state[2] = (state[2].detach().abs() + 0.5).requires_grad_()
     b_hh = r(gates) if cell.RECURRENT_BIAS else None
-    return r(steps, batch, input_size), (r(batch, hidden),), r(gates, input_size), r(gates, hidden), r(gates), b_hh
+    extra = tuple(r(blocks * hidden) for blocks in cell.EXTRA.values())
+    return r(steps, batch, input_size, scale=1.0), tuple(state), r(gates, input_size), r(gates, hidden), r(gates), b_hh, extra
 
 
-def outputs_and_grads(run, x, state, w_ih, w_hh, b_ih, b_hh):
-    y, final = run(x, state, w_ih, w_hh, b_ih, b_hh)
+def outputs_and_grads(run, x, state, w_ih, w_hh, b_ih, b_hh, extra):
+    y, final = run(x, state, w_ih, w_hh, b_ih, b_hh, extra)
     g = torch.Generator().manual_seed(1)
     loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + sum((s * 1.7).sum() for s in final)
-    leaves = [t for t in (x, *state, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    leaves = [t for t in (x, *state, w_ih, w_hh, b_ih, b_hh, *extra) if t is not None]
     return [y, *final, *torch.autograd.grad(loss, leaves)]
 
 
 def ours(name):
-    def run(x, state, w_ih, w_hh, b_ih, b_hh):
-        out = CellSequence.apply(name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state)
+    def run(x, state, w_ih, w_hh, b_ih, b_hh, extra):
+        out = CellSequence.apply(name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
         return out[0], tuple(out[1:])
     return run
 
 
 def engine(cell):
-    def run(x, state, w_ih, w_hh, b_ih, b_hh):
-        out = Recurrence.apply(cell, len(state), None, x, w_ih, w_hh, b_ih, b_hh, *state)
+    def run(x, state, w_ih, w_hh, b_ih, b_hh, extra):
+        out = Recurrence.apply(cell, len(state), None, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
         return out[0], tuple(out[1:])
     return run
 
@@ -61,14 +67,14 @@ def test_the_loop_computes_what_the_reference_and_the_engine_compute(name, dtype
 @pytest.mark.parametrize("name", NAMES)
 def test_gradcheck(name):
     cell = CELLS[name]
-    x, state, w_ih, w_hh, b_ih, b_hh = inputs(cell, torch.float64, steps=4, batch=2, input_size=3, hidden=3)
-    leaves = [t for t in (x, *state, w_ih, w_hh, b_ih, b_hh) if t is not None]
+    x, state, w_ih, w_hh, b_ih, b_hh, extra = inputs(cell, torch.float64, steps=4, batch=2, input_size=3, hidden=3)
+    n = len(state)
 
-    def run(*tensors):
-        x, h0, w_ih, w_hh, b_ih, *rest = tensors
-        out = CellSequence.apply(name, 1, x, w_ih, w_hh, b_ih, rest[0] if rest else None, h0)
-        return out
+    def run(x, w_ih, w_hh, b_ih, *rest):
+        b_hh, rest = (rest[0], rest[1:]) if cell.RECURRENT_BIAS else (None, rest)
+        return CellSequence.apply(name, n, x, w_ih, w_hh, b_ih, b_hh, *rest)
 
+    leaves = [t for t in (x, w_ih, w_hh, b_ih, b_hh, *state, *extra) if t is not None]
     assert torch.autograd.gradcheck(run, leaves)
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmtrain.model.kernels.cell_sequence import SequenceKernel
+
 GATES = 4
 STATE = ("h", "c")
 RECURRENT_BIAS = False
 FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
 EXTRA: dict[str, int] = {"peephole": 3}  # p_i, p_f, p_o, each (H,)
+sequence_kernel = SequenceKernel("peephole")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):

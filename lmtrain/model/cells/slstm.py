@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmtrain.model.kernels.cell_sequence import SequenceKernel
+
 GATES = 4
 STATE = ("h", "c", "n", "m")
 RECURRENT_BIAS = False
 FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
 EXTRA: dict[str, int] = {}
+sequence_kernel = SequenceKernel("slstm")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):

@@ -22,8 +22,9 @@ from torch import Tensor
 from lmtrain.model.kernels import mixed
 from lmtrain.model.kernels.build import cpu_ops
 
-CELL_KINDS = {"rnn": 0, "gru": 1}  # cell_cpu.cpp's CellKind
-SAVED = {"rnn": 0, "gru": 4}  # H-wide blocks each step saves for its backward (the functor's kSaved)
+CELL_KINDS = {"rnn": 0, "gru": 1, "peephole": 2, "coupled": 3, "slstm": 4}  # cell_cpu.cpp's CellKind
+SAVED = {"rnn": 0, "gru": 4, "peephole": 5, "coupled": 4, "slstm": 6}  # H-wide blocks a step saves (kSaved)
+SEPARATE_DHG = ("gru",)  # cells whose two pre-activations get different gradients
 
 
 def recurrent_form(ops, weight: Tensor) -> tuple[Tensor, int]:
@@ -35,11 +36,12 @@ def recurrent_form(ops, weight: Tensor) -> tuple[Tensor, int]:
 
 
 class CellSequence(torch.autograd.Function):
-    """outputs = CellSequence.apply(name, n_state, x, w_ih, w_hh, b_ih, b_hh, *state):
+    """outputs = CellSequence.apply(name, n_state, x, w_ih, w_hh, b_ih, b_hh, *state, *extra):
     y (T, B, H) followed by the final state tensors, as lmtrain.model.recurrence.Recurrence."""
 
     @staticmethod
-    def forward(ctx, name: str, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *state):
+    def forward(ctx, name: str, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
+        state, extra = rest[:n_state], [e.detach().contiguous() for e in rest[n_state:]]
         ops = cpu_ops()
         steps, batch, inputs = x.shape
         width, hidden = w_hh.shape
@@ -50,24 +52,25 @@ class CellSequence(torch.autograd.Function):
         saved = x.new_empty(steps, batch, SAVED[name] * hidden)
         w_form, mode = recurrent_form(ops, w_hh)
         ops.cell_forward_loop(CELL_KINDS[name], xg, states, saved, w_form, mode,
-                              b_hh.detach().contiguous() if b_hh is not None else None)
-        ctx.name, ctx.has_b_hh = name, b_hh is not None
-        ctx.save_for_backward(x, w_ih, w_hh, saved, *states)
+                              b_hh.detach().contiguous() if b_hh is not None else None, extra)
+        ctx.name, ctx.has_b_hh, ctx.n_state, ctx.n_extra = name, b_hh is not None, n_state, len(extra)
+        ctx.save_for_backward(x, w_ih, w_hh, saved, *states, *extra)
         return (states[0][1:].clone(), *(s[-1].clone() for s in states))
 
     @staticmethod
     def backward(ctx, dy: Tensor, *d_final):
-        x, w_ih, w_hh, saved, *states = ctx.saved_tensors
+        x, w_ih, w_hh, saved, *rest = ctx.saved_tensors
+        states, extra = rest[: ctx.n_state], rest[ctx.n_state :]
         ops = cpu_ops()
         steps, batch, _ = x.shape
         width, hidden = w_hh.shape
         dxg = x.new_empty(steps, batch, width)
-        # one gradient for both pre-activations where the cell's are the same (the RNN's)
-        dhg = dxg if ctx.name == "rnn" else x.new_empty(steps, batch, width)
+        # one gradient for both pre-activations where the cell's are the same (all but the GRU's)
+        dhg = x.new_empty(steps, batch, width) if ctx.name in SEPARATE_DHG else dxg
         w_form, mode = recurrent_form(ops, w_hh.t())
         d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(),
                                          [torch.zeros(batch, hidden, dtype=x.dtype) if d is None else d for d in d_final],
-                                         w_form, mode, dxg, dhg)
+                                         w_form, mode, dxg, dhg, list(extra))
         dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, states[0][:-1], w_ih, None, ctx.needs_input_grad[2])
         return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh if ctx.has_b_hh else None, *d_first)
 
@@ -80,9 +83,9 @@ class SequenceKernel:
         self.name = name
 
     def supports(self, x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=None) -> bool:
-        return (not extra and compute_dtype is None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        return (compute_dtype is None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and cpu_ops() is not None)
 
     def run(self, x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), compute_dtype=None):
-        outputs = CellSequence.apply(self.name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state)
+        outputs = CellSequence.apply(self.name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
         return outputs[0], tuple(outputs[1:])
