@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from lmtrain.cli import app
-from lmtrain.tools.bench import peak_memory_mb, time_round_robin
+from lmtrain.tools.bench_timing import peak_memory_mb, time_round_robin
 
 FIELDS = {"cell", "impl", "layers", "hidden_size", "batch_size", "bptt", "dtype", "tokens_per_s", "peak_mem_mb", "ratio_vs_torch"}
 
