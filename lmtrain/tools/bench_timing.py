@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import contextmanager
 
 import torch
@@ -45,12 +45,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_round_robin(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each run, interleaved: one call of each per round."""
+def time_round_robin(runs: dict[Hashable, Callable[[], None]], repeats: int, warmup: int,
+                     device: torch.device) -> dict[Hashable, float]:
+    """Median seconds per call of each run, by its key, interleaved: one call of each per round."""
     for _ in range(warmup):
         for run in runs.values():
             run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    seconds: dict[Hashable, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             synchronize(device)
