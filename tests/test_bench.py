@@ -6,26 +6,68 @@ import torch
 from typer.testing import CliRunner
 
 from lmtrain.cli import app
-from lmtrain.tools.bench import peak_memory_mb, time_round_robin
+from lmtrain.tools.bench_timing import peak_memory_mb, time_round_robin
 
-FIELDS = {"cell", "impl", "layers", "hidden_size", "batch_size", "bptt", "dtype", "tokens_per_s", "peak_mem_mb", "ratio_vs_torch"}
+FIELDS = {"cell", "impl", "layers", "hidden_size", "batch_size", "bptt", "dtype", "tokens_per_s", "peak_mem_mb",
+          "reference", "ratio_vs_reference", "ratio_vs_our_lstm"}
 
 
-def test_bench_json_records():
-    args = ["bench", "--json", "--sizes", "16", "--dtypes", "fp32", "--cells", "lstm,gru", "--repeats", "5",
-            "--warmup", "1", "--bptt", "4", "--batch-size", "2", "--vocab-size", "50", "--device", "cpu"]
+def test_bench_json_records_name_their_reference_and_both_ratios():
+    args = ["bench", "--json", "--sizes", "16", "--dtypes", "fp32", "--cells", "lstm,gru,rnn,peephole", "--repeats", "1",
+            "--warmup", "0", "--bptt", "4", "--batch-size", "2", "--vocab-size", "50", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert all(FIELDS <= set(r) for r in records)
-    stack = {(r["cell"], r["impl"]) for r in records if r["what"] == "stack"}
-    assert stack == {("lstm", "torch"), ("lstm", "ours"), ("gru", "ours")}
-    steps = [r for r in records if r["what"] == "step"]
-    assert {r["impl"] for r in steps} == {"ours", "torch"}
+    stack = {(r["cell"], r["impl"]): r for r in records if r["what"] == "stack"}
+    assert set(stack) == {("lstm", "torch"), ("gru", "torch"), ("rnn", "torch"),
+                          ("lstm", "ours"), ("gru", "ours"), ("rnn", "ours"), ("peephole", "ours")}
+    torch_rate = {cell: r["tokens_per_s"] for (cell, impl), r in stack.items() if impl == "torch"}
+    for cell, reference, reference_cell in [("lstm", "torch.nn.LSTM", "lstm"), ("gru", "torch.nn.GRU", "gru"),
+                                            ("rnn", "torch.nn.RNN", "rnn"), ("peephole", "torch.nn.LSTM", "lstm")]:
+        r = stack[cell, "ours"]
+        assert r["reference"] == reference
+        assert r["ratio_vs_reference"] == r["tokens_per_s"] / torch_rate[reference_cell]
+        assert r["ratio_vs_our_lstm"] == r["tokens_per_s"] / stack["lstm", "ours"]["tokens_per_s"]
+    steps = {r["impl"]: r for r in records if r["what"] == "step"}
+    assert set(steps) == {"ours", "torch"} and steps["ours"]["reference"] == "torch.nn.LSTM"
+    assert steps["ours"]["ratio_vs_reference"] == steps["ours"]["tokens_per_s"] / steps["torch"]["tokens_per_s"]
     for r in records:
         assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
-        torch_rate = next(t["tokens_per_s"] for t in records if t["what"] == r["what"] and t["impl"] == "torch")
-        assert abs(r["ratio_vs_torch"] - r["tokens_per_s"] / torch_rate) < 1e-9 * r["ratio_vs_torch"] + 1e-12
+        if r["impl"] == "torch":
+            assert r["reference"] is r["ratio_vs_reference"] is r["ratio_vs_our_lstm"] is None
+
+
+def test_only_the_references_of_the_cells_asked_for_are_timed():
+    """gru and rnn alone: torch.nn.GRU and torch.nn.RNN (tanh) run, torch.nn.LSTM does not, and
+    with no lstm of ours timed there is no ratio to it."""
+    from lmtrain.tools import bench
+
+    records = bench.bench_stacks(["rnn", "gru"], [8], ["fp32"], layers=1, batch=2, bptt=3, repeats=1, warmup=0,
+                                 device=torch.device("cpu"))
+    assert [(r.cell, r.impl, r.reference) for r in records] == [
+        ("gru", "torch", None), ("rnn", "torch", None), ("rnn", "ours", "torch.nn.RNN"), ("gru", "ours", "torch.nn.GRU")]
+    gru = {r.impl: r for r in records if r.cell == "gru"}
+    assert gru["ours"].ratio_vs_reference == gru["ours"].tokens_per_s / gru["torch"].tokens_per_s
+    assert all(r.ratio_vs_our_lstm is None for r in records)
+    torch_rnn = bench.TorchStack("rnn", 1, 8).rnn
+    assert isinstance(torch_rnn, torch.nn.RNN) and torch_rnn.nonlinearity == "tanh"
+
+
+def test_the_table_shows_the_reference_and_both_ratios():
+    from lmtrain.tools.bench import Record, compared, format_table
+
+    def record(cell, impl, tokens_per_s):
+        return Record("stack", cell, impl, 2, 200, 20, 35, "bf16", "cpu", tokens_per_s, 10.0)
+
+    records = compared([record("lstm", "torch", 1000.0), record("lstm", "ours", 1500.0), record("slstm", "ours", 600.0)])
+    lines = format_table(records).splitlines()
+    assert lines[0].split(" | ")[-3:] == ["reference", "ours / reference", "ours / our lstm |"]
+    assert lines[2:] == [
+        "| stack | lstm | torch | 2 × 200 | 20 | 35 | bf16 | 1,000 | 10.0 |  |  |  |",
+        "| stack | lstm | ours | 2 × 200 | 20 | 35 | bf16 | 1,500 | 10.0 | torch.nn.LSTM | 1.50 | 1.00 |",
+        "| stack | slstm | ours | 2 × 200 | 20 | 35 | bf16 | 600 | 10.0 | torch.nn.LSTM | 0.60 | 0.40 |",
+    ]
 
 
 def test_bench_rejects_unknown_cell():

@@ -17,9 +17,9 @@ from lmtrain.runtime import resolve_device
 
 @app.command()
 def bench(
-    cells: Annotated[str, typer.Option(help="Our cells to time, comma-separated, or 'all'.")] = "all",
+    cells: Annotated[str, typer.Option(help="Our cells to time, comma-separated, or 'all'; each against its torch module (lstm: torch.nn.LSTM, gru: torch.nn.GRU, rnn: torch.nn.RNN with tanh; the others torch.nn.LSTM) and our lstm.")] = "all",
     sizes: Annotated[str, typer.Option(help="Hidden sizes (= input sizes), comma-separated.")] = "200,650",
-    dtypes: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision: ours with train.precision = bf16, PyTorch's LSTM module under torch.autocast) or both, comma-separated.")] = "fp32,bf16",
+    dtypes: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision: ours with train.precision = bf16, PyTorch's modules under torch.autocast) or both, comma-separated.")] = "fp32,bf16",
     layers: Annotated[int, typer.Option(help="Stacked layers.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Parallel streams.")] = 20,
     bptt: Annotated[int, typer.Option(help="Time steps per window.")] = 35,
@@ -40,7 +40,7 @@ def bench(
     warmup_steps: Annotated[int, typer.Option(help="With --loop: untimed training steps first in each round.")] = 100,
     preset: Annotated[Optional[str], typer.Option(help="A named set of settings instead of --cells, --sizes, --layers, --batch-size and --bptt: issue7 (the LSTM at 2 x 650 and 2 x 1500, batch 20, bptt 35, and 1 x 512, batch 64, bptt 100).")] = None,
 ) -> None:
-    """Training throughput and peak memory of our cells against PyTorch's own LSTM module, interleaved (--generate: sampling)."""
+    """Training throughput and peak memory of our cells against PyTorch's own modules, interleaved (--generate: sampling)."""
     from lmtrain.tools import bench as benchmarks
     from lmtrain.model import CELLS
 

@@ -1,10 +1,13 @@
-"""Speed and memory of our recurrent stacks against torch.nn.LSTM, measured in one process.
+"""Speed and memory of our recurrent stacks against torch's own modules, measured in one process.
 
 Every candidate of one setting (layers × hidden, batch, bptt, dtype) runs round-robin: one
 repeat of each in turn, after warm-up, so a slow moment of a shared machine hits all of them
 alike; the figure is the median over the repeats. Two things are timed:
 
-  stack: forward + backward of the recurrent layers alone on a random (T, B, H) input;
+  stack: forward + backward of the recurrent layers alone on a random (T, B, H) input, each cell
+         against the torch module computing its equations (REFERENCES: lstm against torch.nn.LSTM,
+         gru against torch.nn.GRU, rnn against torch.nn.RNN with tanh); the cells torch lacks
+         (peephole, coupled, slstm) against torch.nn.LSTM, and every cell against our lstm too;
   step:  a whole training step (embedding, stack, decoder, loss, backward, clipping, SGD) of a
          language model, ours against the same model with torch.nn.LSTM as its stack.
 
@@ -15,12 +18,12 @@ window in one persistent kernel launch each way (lmtrain.model.kernels.cuda.lstm
 
 dtype bf16 is mixed precision as training runs it (train.precision = bf16): float32 weights,
 bfloat16 GEMM operands, float32 state and gradients. Ours gets compute_dtype bfloat16; the
-reference runs under torch.autocast(bfloat16), PyTorch's own mixed precision for its LSTM.
+references run under torch.autocast(bfloat16), PyTorch's own mixed precision for its modules.
 
 `bench --preset issue7` runs the settings issue 7 asks about (PRESETS below).
 
 fp32 is IEEE float32 for every candidate: TF32 is off for cuDNN (which uses it by default for
-torch.nn.LSTM) and cuBLAS while a benchmark runs (`full_fp32`), as it is for our products.
+torch's modules) and cuBLAS while a benchmark runs (`full_fp32`), as it is for our products.
 
 Peak memory is the highest amount of tensor memory held during one forward + backward, above
 what was held before it (on CPU from the profiler's allocation timeline, on CUDA from the caching
@@ -32,11 +35,7 @@ private pool: a window's activations and gradients), measured around the capture
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,8 +44,13 @@ from torch import nn
 
 from lmtrain.config import ModelConfig
 from lmtrain.model import LanguageModel, RecurrentLayer
+from lmtrain.tools.bench_timing import full_fp32, peak_memory_mb, time_round_robin, with_env
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the compute dtype of each; weights stay float32
+
+# our cells that a torch module computes too, with that module (nn.RNN with tanh, as our rnn, which
+# has one bias where it has two). The others (peephole, coupled, slstm) have no counterpart.
+REFERENCES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 @dataclass(frozen=True)
@@ -80,18 +84,32 @@ class Record:
     device: str
     tokens_per_s: float
     peak_mem_mb: float
-    ratio_vs_torch: float | None = None  # ours / torch.nn.LSTM, same setting and dtype
+    reference: str | None = None  # the torch module ours is compared with; None on a torch row
+    ratio_vs_reference: float | None = None  # ours / the reference's tokens/s, same benchmark, setting and dtype
+    ratio_vs_our_lstm: float | None = None  # ours / our lstm's ("ours"), same benchmark, setting and dtype
 
 
-class TorchLSTMStack(nn.Module):
-    """The reference: torch.nn.LSTM (oneDNN on CPU, cuDNN on CUDA)."""
+def reference_cell(cell: str) -> str:
+    """The cell whose torch module `cell` is compared with: its own, else the LSTM's."""
+    return cell if cell in REFERENCES else "lstm"
 
-    def __init__(self, layers: int, hidden: int):
+
+def reference_name(cell: str) -> str:
+    """'torch.nn.GRU' for gru; 'torch.nn.LSTM' for the cells torch lacks."""
+    return f"torch.nn.{REFERENCES[reference_cell(cell)].__name__}"
+
+
+class TorchStack(nn.Module):
+    """A reference: torch.nn.LSTM, GRU or RNN (oneDNN or ATen on CPU, cuDNN on CUDA) for `cell`."""
+
+    def __init__(self, cell: str, layers: int, hidden: int):
         super().__init__()
-        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers)
+        module = REFERENCES[cell]
+        options = {"nonlinearity": "tanh"} if module is nn.RNN else {}  # our rnn's (also nn.RNN's default)
+        self.rnn = module(hidden, hidden, num_layers=layers, **options)
 
     def forward(self, x):
-        return self.lstm(x)[0]
+        return self.rnn(x)[0]
 
 
 class OurStack(nn.Module):
@@ -187,81 +205,6 @@ def graphed_timed_step(model: LanguageModel, tokens: torch.Tensor, targets: torc
     return run
 
 
-@contextmanager
-def full_fp32():
-    """TF32 off for cuDNN and cuBLAS for the block (cuDNN's LSTM takes it by default; ours never),
-    so that fp32 compares float32 arithmetic with float32 arithmetic. Restored after."""
-    kept = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = kept
-
-
-def with_env(name: str, value: str, run: Callable[[], None]) -> Callable[[], None]:
-    """run with the environment variable set for its duration."""
-    def wrapped():
-        before = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            run()
-        finally:
-            if before is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = before
-
-    return wrapped
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_round_robin(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each run, interleaved: one call of each per round."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
-
-
-def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
-    """Peak tensor memory (MB) allocated by one call of `run`, above what was held before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                record_shapes=True, with_stack=True) as prof:
-        run()
-    try:  # the profiler's allocation timeline: every tensor's creation and destruction, in order
-        from torch.profiler._memory_profiler import Action
-
-        changes = [(size if action == Action.CREATE else -size) for _, action, _, size in prof._memory_profile().timeline
-                   if action in (Action.CREATE, Action.DESTROY)]
-    except (ImportError, AttributeError, RuntimeError):  # a torch without it: per-operator accounting
-        changes = [e.self_cpu_memory_usage for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
-    held = peak = 0
-    for change in changes:
-        held += change
-        peak = max(peak, held)
-    return peak / 2**20
-
-
 def bench_stacks(cells: list[str], sizes: list[int], dtypes: list[str], *, layers: int, batch: int, bptt: int,
                  repeats: int, warmup: int, device: torch.device) -> list[Record]:
     with full_fp32():
@@ -277,22 +220,32 @@ def stack_records(cells: list[str], sizes: list[int], dtypes: list[str], *, laye
             compute_dtype = DTYPES[dtype_name]
             torch.manual_seed(0)
             x = torch.randn(bptt, batch, hidden, device=device, requires_grad=True)
-            stacks = {"torch.nn.LSTM": TorchLSTMStack(layers, hidden)}
-            stacks.update({cell: OurStack(cell, layers, hidden) for cell in cells})
-            runs = {name: stack_step(stack.to(device), x, compute_dtype, name != "torch.nn.LSTM") for name, stack in stacks.items()}
+            needed = {reference_cell(cell) for cell in cells}
+            stacks = {(cell, "torch"): TorchStack(cell, layers, hidden) for cell in REFERENCES if cell in needed}
+            stacks.update({(cell, "ours"): OurStack(cell, layers, hidden) for cell in cells})
+            runs = {key: stack_step(stack.to(device), x, compute_dtype, key[1] != "torch") for key, stack in stacks.items()}
             if device.type == "cuda" and "lstm" in cells:  # the LSTM's window in one launch each way
-                runs["lstm+persistent"] = with_env("LMTRAIN_PERSISTENT", "1", stack_step(stacks["lstm"], x, compute_dtype, True))
+                runs["lstm", "ours+persistent"] = with_env("LMTRAIN_PERSISTENT", "1",
+                                                           stack_step(stacks["lstm", "ours"], x, compute_dtype, True))
             medians = time_round_robin(runs, repeats, warmup, device)
-            base = medians["torch.nn.LSTM"]
-            for name, run in runs.items():
-                ours = name != "torch.nn.LSTM"
-                cell, _, variant = name.partition("+")
-                records.append(Record(
-                    "stack", cell if ours else "lstm", f"ours+{variant}" if variant else "ours" if ours else "torch",
-                    layers, hidden, batch, bptt,
-                    dtype_name, device.type, bptt * batch / medians[name], peak_memory_mb(run, device),
-                    base / medians[name],
-                ))
+            records += compared([
+                Record("stack", cell, impl, layers, hidden, batch, bptt, dtype_name, device.type,
+                       bptt * batch / medians[cell, impl], peak_memory_mb(run, device))
+                for (cell, impl), run in runs.items()
+            ])
+    return records
+
+
+def compared(records: list[Record]) -> list[Record]:
+    """Records of one benchmark, setting and dtype, each of ours given its reference's name and its
+    tokens/s over the reference's and over our lstm's (where our lstm was timed)."""
+    torch_rates = {reference_name(r.cell): r.tokens_per_s for r in records if r.impl == "torch"}
+    our_lstm = next((r.tokens_per_s for r in records if (r.cell, r.impl) == ("lstm", "ours")), None)
+    for r in records:
+        if r.impl != "torch":
+            r.reference = reference_name(r.cell)
+            r.ratio_vs_reference = r.tokens_per_s / torch_rates[r.reference]
+            r.ratio_vs_our_lstm = None if our_lstm is None else r.tokens_per_s / our_lstm
     return records
 
 
@@ -326,12 +279,11 @@ def step_records(sizes: list[int], dtypes: list[str], *, layers: int, batch: int
                 graphed.load_state_dict(ours.state_dict())
                 runs["ours+graphs"] = graphed_timed_step(graphed.to(device), tokens, targets, compute_dtype, note)
             medians = time_round_robin(runs, repeats, warmup, device)
-            for impl, run in runs.items():
-                records.append(Record(
-                    "step", "lstm", impl, layers, hidden, batch, bptt, dtype_name, device.type,
-                    bptt * batch / medians[impl], peak_memory_mb(run, device) + getattr(run, "held_mb", 0.0),
-                    medians["torch"] / medians[impl],
-                ))
+            records += compared([
+                Record("step", "lstm", impl, layers, hidden, batch, bptt, dtype_name, device.type,
+                       bptt * batch / medians[impl], peak_memory_mb(run, device) + getattr(run, "held_mb", 0.0))
+                for impl, run in runs.items()
+            ])
     return records
 
 
@@ -340,17 +292,22 @@ def as_dicts(records: list[Record]) -> list[dict]:
 
 
 def format_table(records: list[Record]) -> str:
-    """A markdown table of the records."""
+    """A markdown table of the records; a torch row leaves the reference and the ratios blank."""
     lines = [
-        "| what | cell | impl | layers × hidden | batch | bptt | dtype | tokens/s | peak MB | ours / torch |",
-        "|---|---|---|---|---|---|---|---:|---:|---:|",
+        "| what | cell | impl | layers × hidden | batch | bptt | dtype | tokens/s | peak MB | reference | ours / reference "
+        "| ours / our lstm |",
+        "|---|---|---|---|---|---|---|---:|---:|---|---:|---:|",
     ]
     for r in records:
-        ratio = "" if r.impl == "torch" else f"{r.ratio_vs_torch:.2f}"
         lines.append(
             f"| {r.what} | {r.cell} | {r.impl} | {r.layers} × {r.hidden_size} | {r.batch_size} | {r.bptt} | "
-            f"{r.dtype} | {r.tokens_per_s:,.0f} | {r.peak_mem_mb:,.1f} | {ratio} |"
+            f"{r.dtype} | {r.tokens_per_s:,.0f} | {r.peak_mem_mb:,.1f} | {r.reference or ''} | "
+            f"{ratio(r.ratio_vs_reference)} | {ratio(r.ratio_vs_our_lstm)} |"
         )
     return "\n".join(lines)
+
+
+def ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 

@@ -19,7 +19,7 @@ from lmtrain.evaluation import total_nll
 from lmtrain.generation import SampleSettings, Sampler, Stepper, StreamRandom
 from lmtrain.model import LanguageModel, cross_entropy, load_run
 from lmtrain.text import BUILTIN, EOS_ID, batchify, encode_split, load_corpus
-from lmtrain.tools.bench import time_round_robin
+from lmtrain.tools.bench_timing import time_round_robin
 
 
 @dataclass

@@ -35,8 +35,9 @@ def summary(result: StepResult) -> str:
     return "below" if result.name == "doctor" and "report" in f else ""
 
 
+# lmtrain.tools.bench.Record's fields, as `bench --json` prints them
 BENCH_COLUMNS = ("what", "cell", "impl", "layers", "hidden_size", "batch_size", "bptt", "dtype", "tokens_per_s",
-                 "peak_mem_mb", "ratio_vs_torch")  # lmtrain.tools.bench.Record's fields, as `bench --json` prints them
+                 "peak_mem_mb", "reference", "ratio_vs_reference", "ratio_vs_our_lstm")
 
 
 def markdown(report: dict, results: list[StepResult]) -> str:
