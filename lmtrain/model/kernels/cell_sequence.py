@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmtrain.model.kernels import mixed
 from lmtrain.model.kernels.build import cpu_ops
+from lmtrain.model.kernels.gemm import linear, plain, sequence_grads
+from lmtrain.model.kernels.lstm import SEQUENCE_PANELS_MIN_HIDDEN
 
 CELL_KINDS = {"rnn": 0, "gru": 1, "peephole": 2, "coupled": 3, "slstm": 4}  # cell_cpu.cpp's CellKind
 SAVED = {"rnn": 0, "gru": 4, "peephole": 5, "coupled": 4, "slstm": 6}  # H-wide blocks a step saves (kSaved)
@@ -45,7 +46,7 @@ class CellSequence(torch.autograd.Function):
         ops = cpu_ops()
         steps, batch, inputs = x.shape
         width, hidden = w_hh.shape
-        xg = torch.addmm(b_ih, x.reshape(steps * batch, inputs), w_ih.t()).view(steps, batch, width)
+        xg = linear(x.reshape(steps * batch, inputs), plain(w_ih), bias=b_ih).view(steps, batch, width)
         states = [x.new_empty(steps + 1, batch, hidden) for _ in range(n_state)]
         for buffer, initial in zip(states, state):
             buffer[0] = initial
@@ -71,8 +72,14 @@ class CellSequence(torch.autograd.Function):
         d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(),
                                          [torch.zeros(batch, hidden, dtype=x.dtype) if d is None else d for d in d_final],
                                          w_form, mode, dxg, dhg, list(extra))
-        dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, states[0][:-1], w_ih, None, ctx.needs_input_grad[2])
-        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh if ctx.has_b_hh else None, *d_first)
+        flat_xg = dxg.view(steps * batch, width)
+        flat_hg = flat_xg if dhg is dxg else dhg.view(steps * batch, width)
+        dx, dw_ih, dw_hh = sequence_grads(ops, flat_xg, flat_hg, x.reshape(steps * batch, -1),
+                                          states[0][:-1].reshape(steps * batch, hidden), w_ih, ctx.needs_input_grad[2],
+                                          mode == 2 and hidden >= SEQUENCE_PANELS_MIN_HIDDEN)
+        db_ih = flat_xg.sum(0)
+        db_hh = (db_ih if flat_hg is flat_xg else flat_hg.sum(0)) if ctx.has_b_hh else None
+        return (None, None, dx.view_as(x) if dx is not None else None, dw_ih, dw_hh, db_ih, db_hh, *d_first)
 
 
 class SequenceKernel:

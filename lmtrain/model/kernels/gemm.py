@@ -85,3 +85,21 @@ def weight_grad(grad_out: Tensor, inputs: Tensor) -> Tensor:
     if _use_onednn(inputs) and grad_out.size(1) >= 1024:
         return torch.ops.mkldnn._linear_pointwise(grad_out.t(), inputs.t(), None, "none", [], "")
     return grad_out.t() @ inputs
+
+
+def sequence_grads(ops, flat_xg: Tensor, flat_hg: Tensor, inputs: Tensor, h_prev: Tensor, w_ih: Tensor, need_dx: bool,
+                   panels: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """A recurrent layer's sequence-wide GEMMs on the CPU, from the gradients of its two
+    pre-activations (T·B, GH) (one tensor where they are equal): dX = dXG W_ih, dW_ih = dXG^T X,
+    dW_hh = dHG^T H_prev -> (dx (T·B, I) or None, dw_ih, dw_hh).
+
+    panels (our ops, float32 on AVX-512, hidden sizes from SEQUENCE_PANELS_MIN_HIDDEN): our panel
+    GEMM with one transposing copy per gradient; else oneDNN or at::mm (linear, weight_grad)."""
+    if panels:
+        dx = ops.panels_matmul(flat_xg, ops.pack_panels(w_ih.t()), w_ih.size(1)) if need_dx else None
+        xg_t = ops.transpose(flat_xg)  # (GH, T·B)
+        hg_t = xg_t if flat_hg is flat_xg else ops.transpose(flat_hg)
+        return dx, ops.panels_matmul(xg_t, ops.pack_panels(inputs.t()), inputs.size(1)), \
+            ops.panels_matmul(hg_t, ops.pack_panels(h_prev.t()), h_prev.size(1))
+    dx = linear(flat_xg, plain(w_ih.t())) if need_dx else None
+    return dx, weight_grad(flat_xg, inputs), weight_grad(flat_hg, h_prev)

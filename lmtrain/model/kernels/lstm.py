@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.model.kernels.build import cpu_ops
-from lmtrain.model.kernels.gemm import Weight, linear, pack, plain, weight_grad
+from lmtrain.model.kernels.gemm import Weight, linear, pack, plain, sequence_grads
 
 PLAIN, ONEDNN, PANELS = 0, 1, 2  # the weight forms of lstm_cpu.cpp
 LOW = torch.bfloat16  # mixed precision's operand type
@@ -98,16 +98,9 @@ class LSTMSequence(torch.autograd.Function):
             dh, dc = backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, w_hh_t, dgates)
         flat = dgates.view(steps * batch, 4 * hidden)
         inputs, h_prev = x.reshape(steps * batch, -1), hs[:-1].reshape(steps * batch, hidden)
-        if mode == PANELS and hidden >= SEQUENCE_PANELS_MIN_HIDDEN:  # no transposing copies but one
-            dx = ops.panels_matmul(flat, ops.pack_panels(w_ih.t()), w_ih.size(1)).view_as(x) if ctx.needs_input_grad[0] else None
-            flat_t = ops.transpose(flat)  # (4H, T·B)
-            dw_ih = ops.panels_matmul(flat_t, ops.pack_panels(inputs.t()), inputs.size(1))
-            dw_hh = ops.panels_matmul(flat_t, ops.pack_panels(h_prev.t()), hidden)
-        else:
-            dx = linear(flat, plain(w_ih.t())).view_as(x) if ctx.needs_input_grad[0] else None
-            dw_ih = weight_grad(flat, inputs)
-            dw_hh = weight_grad(flat, h_prev)
-        return dx, dh, dc, dw_ih, dw_hh, flat.sum(0)
+        dx, dw_ih, dw_hh = sequence_grads(ops, flat, flat, inputs, h_prev, w_ih, ctx.needs_input_grad[0],
+                                          mode == PANELS and hidden >= SEQUENCE_PANELS_MIN_HIDDEN)
+        return dx.view_as(x) if dx is not None else None, dh, dc, dw_ih, dw_hh, flat.sum(0)
 
 
 class MixedLSTMSequence(torch.autograd.Function):
