@@ -175,10 +175,11 @@ def test_capture_leaves_the_random_numbers_as_an_eager_window_would(fake_cuda):
     assert loss.item() == loss_eager.item() and torch.equal(torch.get_rng_state(), after)
 
 
-def test_a_graph_keeps_the_scratch_buffers_it_was_captured_with(fake_cuda):
+def test_a_graph_keeps_the_scratch_buffers_it_was_captured_with(fake_cuda, monkeypatch):
     """A longer window replaces the recurrences' scratch buffers with larger ones; the graph of the
     shorter window still writes to the old ones at each replay, so it holds them."""
-    model = small_model(cell="gru")  # the generic engine on the CPU: it takes fused.scratch's buffers
+    monkeypatch.setenv("LMTRAIN_KERNELS", "0")  # the generic engine on the CPU: it takes fused.scratch's buffers
+    model = small_model(cell="gru")
     runner = WindowRunner(lambda x, y, s: train_window(WindowForward(model), TrainConfig(), None, x, y, s), list(model.parameters()), True)
     fused.clear_caches()
     short, long = windows([4, 6])
