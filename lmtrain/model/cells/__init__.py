@@ -3,7 +3,8 @@ per-step pointwise forward and backward that the engine in `lmtrain.model.recurr
 for the interface.
 
 The cells are the names of lmtrain.config.CELLS (what `model.cell` may be), each the module of
-that name here. Adding a cell means adding its module here and its name to config.CELLS."""
+that name here. Adding a cell means adding its module here and its name to config.CELLS (and,
+for its fast loop on the CPU, a step functor in lmtrain/model/kernels/cpu/cell_cpu.cpp: docs/cells.md)."""
 
 import importlib
 from types import ModuleType

@@ -10,8 +10,10 @@ CPU has them, else at::mm) and one vectorised pass of the cell's step. Backward:
 reverse (the step's gradients, then dh_{t-1} = d hg_t W_hh + its direct part), then one GEMM
 each for dX, dW_ih and dW_hh (lmtrain.model.kernels.mixed.sequence_grads, as the engine).
 
-Which cells have a loop here: CELL_KINDS (the functors of cell_cpu.cpp). float32 and float64;
-mixed precision keeps the engine for now.
+Which cells have a loop here: CELL_KINDS (the functors of cell_cpu.cpp). float32 and float64
+(CellSequence), and mixed precision (MixedCellSequence: every GEMM on bfloat16 operands with
+float32 sums, on a CPU with AVX512-BF16; the states, the step and every gradient float32: the
+arithmetic of the engine with compute_dtype = torch.bfloat16).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from lmtrain.model.kernels.build import cpu_ops
 from lmtrain.model.kernels.gemm import linear, plain, sequence_grads
-from lmtrain.model.kernels.lstm import SEQUENCE_PANELS_MIN_HIDDEN
+from lmtrain.model.kernels.lstm import LOW, SEQUENCE_PANELS_MIN_HIDDEN, mixed_available
 
 CELL_KINDS = {"rnn": 0, "gru": 1, "peephole": 2, "coupled": 3, "slstm": 4}  # cell_cpu.cpp's CellKind
 SAVED = {"rnn": 0, "gru": 4, "peephole": 5, "coupled": 4, "slstm": 6}  # H-wide blocks a step saves (kSaved)
@@ -82,6 +84,57 @@ class CellSequence(torch.autograd.Function):
         return (None, None, dx.view_as(x) if dx is not None else None, dw_ih, dw_hh, db_ih, db_hh, *d_first)
 
 
+class MixedCellSequence(torch.autograd.Function):
+    """CellSequence in mixed precision: the weights rounded to bfloat16 once per call, x, each
+    h_{t-1} and each step's dhg as they are used; float32 sums, states and gradients."""
+
+    @staticmethod
+    def forward(ctx, name: str, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
+        state, extra = rest[:n_state], [e.detach().contiguous() for e in rest[n_state:]]
+        ops = cpu_ops()
+        steps, batch, inputs = x.shape
+        width, hidden = w_hh.shape
+        x_low = x.detach().reshape(steps * batch, inputs).to(LOW)
+        w_ih_low, w_hh_low = w_ih.detach().to(LOW), w_hh.detach().to(LOW)
+        xg = ops.panels_matmul(x_low, ops.pack_panels(w_ih_low), width, torch.float32).add_(b_ih.detach())
+        states = [x.new_empty(steps + 1, batch, hidden) for _ in range(n_state)]
+        for buffer, initial in zip(states, state):
+            buffer[0] = initial
+        hs_low = x_low.new_empty(steps + 1, batch, hidden)  # h_t rounded: the products' operands
+        hs_low[0] = state[0]
+        saved = x.new_empty(steps, batch, SAVED[name] * hidden)
+        ops.cell_forward_loop(CELL_KINDS[name], xg.view(steps, batch, width), states, saved, ops.pack_panels(w_hh_low), 2,
+                              b_hh.detach().contiguous() if b_hh is not None else None, extra, hs_low)
+        ctx.name, ctx.has_b_hh, ctx.n_state, ctx.input_shape = name, b_hh is not None, n_state, x.shape
+        ctx.save_for_backward(x_low, w_ih_low, w_hh_low, hs_low, saved, *states, *extra)
+        return (states[0][1:].clone(), *(s[-1].clone() for s in states))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *d_final):
+        x_low, w_ih_low, w_hh_low, hs_low, saved, *rest = ctx.saved_tensors
+        states, extra = rest[: ctx.n_state], rest[ctx.n_state :]
+        ops = cpu_ops()
+        steps, batch, inputs = ctx.input_shape
+        width, hidden = w_hh_low.shape
+        dxg = dy.new_empty(steps, batch, width)
+        dhg = dy.new_empty(steps, batch, width) if ctx.name in SEPARATE_DHG else dxg
+        d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(), list(d_final),
+                                         ops.pack_panels(w_hh_low.t()), 2, dxg, dhg, list(extra),
+                                         x_low.new_empty(batch, width))
+        flat_xg = dxg.view(steps * batch, width)
+        flat_hg = flat_xg if dhg is dxg else dhg.view(steps * batch, width)
+        xg_low = flat_xg.to(LOW)
+        dx = ops.panels_matmul(xg_low, ops.pack_panels(w_ih_low.t()), inputs, torch.float32).view(ctx.input_shape) \
+            if ctx.needs_input_grad[2] else None
+        xg_t = ops.transpose(xg_low)  # (GH, T·B)
+        hg_t = xg_t if flat_hg is flat_xg else ops.transpose(flat_hg.to(LOW))
+        dw_ih = ops.panels_matmul(xg_t, ops.pack_panels(x_low.t()), inputs, torch.float32)
+        dw_hh = ops.panels_matmul(hg_t, ops.pack_panels(hs_low[:-1].reshape(steps * batch, hidden).t()), hidden, torch.float32)
+        db_ih = flat_xg.sum(0)
+        db_hh = (db_ih if flat_hg is flat_xg else flat_hg.sum(0)) if ctx.has_b_hh else None
+        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_first)
+
+
 class SequenceKernel:
     """The whole-sequence kernel interface of lmtrain.model.kernels (`cell.sequence_kernel`) for
     one cell's loop here."""
@@ -90,9 +143,11 @@ class SequenceKernel:
         self.name = name
 
     def supports(self, x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype=None) -> bool:
-        return (compute_dtype is None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and cpu_ops() is not None)
+        if compute_dtype is not None:
+            return mixed_available(x)
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_ops() is not None
 
     def run(self, x, state, w_ih, w_hh, b_ih, b_hh=None, extra=(), compute_dtype=None):
-        outputs = CellSequence.apply(self.name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
+        sequence = MixedCellSequence if compute_dtype is not None else CellSequence
+        outputs = sequence.apply(self.name, len(state), x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
         return outputs[0], tuple(outputs[1:])

@@ -10,9 +10,9 @@ An operand is carried in the form its device multiplies fastest:
   CUDA: bfloat16 tensors, multiplied by cuBLAS with float32 output (torch.mm's out_dtype);
   CPU:  float32 tensors holding bfloat16 values. A product of two bfloat16 values is exact in
         float32, so the float32 GEMM gives the sums the bfloat16 one would, in its own order.
-        This is the generic engine's path (any cell) and the tests' reference; the LSTM's CPU
-        kernel takes bfloat16 itself (lmtrain.model.kernels.lstm, AVX512-BF16), which is where the
-        speed is on a CPU.
+        This is the generic engine's path (any cell) and the tests' reference; the cells' CPU
+        loops take bfloat16 themselves (lmtrain.model.kernels.lstm and cell_sequence, AVX512-BF16),
+        which is where the speed is on a CPU.
 
 With `compute_dtype` None every function is the float32 operation the engine always ran.
 """

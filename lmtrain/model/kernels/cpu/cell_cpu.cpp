@@ -13,8 +13,12 @@
 //     saved (T, B, S·H): filled with what the backward step needs (S per cell; 1 element if none)
 //     w_hh: (GH, H) in the form `mode` names; b_hh (GH,) or None (the cell's recurrent bias);
 //     extra: [] or the cell's one per-unit parameter (the peepholes, 3H)
+//     hs_low (T+1, B, H) bfloat16, mixed precision only (float32 buffers, bfloat16 panels): h_0 set
+//       on entry; filled with h_t rounded, the operand of the next step's product (and of dW_hh)
 //   cell_backward_loop(cell, states, saved, dy, d_final, w_hh_t, mode, dxg, dhg, extra)
 //     -> the gradients of the initial states, then of the extra (if any)
+//     dhg_low (B, GH) bfloat16, mixed precision only: each step's dhg rounded, the operand of
+//       dh_{t-1} = dhg_t W_hh
 //     dy (T, B, H); d_final: the gradients of the final states (each (B, H))
 //     w_hh_t: W_hh^T (H, GH) in the form `mode` names
 //     dxg, dhg (T, B, GH): filled with the gradients of the two pre-activations (one tensor where
@@ -227,13 +231,17 @@ void step_product(const at::Tensor& x, const at::Tensor& w, at::Tensor out, int6
 
 template <typename Cell, typename T>
 void forward_loop(const at::Tensor& xg, std::vector<at::Tensor>& states, at::Tensor& saved, const at::Tensor& w_hh, int64_t mode,
-                  const c10::optional<at::Tensor>& b_hh, const T* extra) {
+                  const c10::optional<at::Tensor>& b_hh, const T* extra, const c10::optional<at::Tensor>& hs_low) {
   using M = typename Math<T>::type;
   int64_t steps = xg.size(0), batch = xg.size(1), width = xg.size(2), hidden = states[0].size(2);
   at::Tensor hg = at::empty({batch, width}, xg.options());
   const T* bias = b_hh ? b_hh->const_data_ptr<T>() : nullptr;
   for (int64_t t = 0; t < steps; ++t) {
-    step_product(states[0][t], w_hh, hg, mode);
+    if (hs_low) {  // mixed precision: h_t rounded to bfloat16 (kept for dW_hh), float32 sums
+      panels_product((*hs_low)[t], w_hh, hg, false);
+    } else {
+      step_product(states[0][t], w_hh, hg, mode);
+    }
     const T* xg_t = xg[t].const_data_ptr<T>();
     const T* hg_p = hg.const_data_ptr<T>();
     T* saved_t = saved[t].data_ptr<T>();
@@ -252,13 +260,14 @@ void forward_loop(const at::Tensor& xg, std::vector<at::Tensor>& states, at::Ten
         for (int64_t j = 0; j < hidden; ++j) Cell::template forward<M, T>(j, hidden, x, h, bias, extra, p, n, s);
       }
     });
+    if (hs_low) (*hs_low)[t + 1].copy_(states[0][t + 1]);
   }
 }
 
 template <typename Cell, typename T>
 std::vector<at::Tensor> backward_loop(const std::vector<at::Tensor>& states, const at::Tensor& saved, const at::Tensor& dy,
                                       std::vector<at::Tensor> d, const at::Tensor& w_hh_t, int64_t mode, at::Tensor& dxg,
-                                      at::Tensor& dhg, const T* extra) {
+                                      at::Tensor& dhg, const T* extra, const c10::optional<at::Tensor>& dhg_low) {
   using M = typename Math<T>::type;
   int64_t steps = dy.size(0), batch = dy.size(1), width = dxg.size(2), hidden = dy.size(2);
   // each row's sums of the extras' gradients over the steps (a row is one thread's), summed over
@@ -300,7 +309,10 @@ std::vector<at::Tensor> backward_loop(const std::vector<at::Tensor>& states, con
       }
     });
     // dh_{t-1} = dhg_t W_hh + its direct part
-    if (mode == kPanels) {
+    if (dhg_low) {  // mixed precision: the step's gradient rounded to bfloat16, float32 sums
+      dhg_low->copy_(dhg[t]);
+      panels_product(*dhg_low, w_hh_t, d_prev[0], true);
+    } else if (mode == kPanels) {
       panels_product(dhg[t], w_hh_t, d_prev[0], true);
     } else {
       d_prev[0].add_(linear(dhg[t], w_hh_t, c10::nullopt, mode));
@@ -331,13 +343,14 @@ const T* extra_of(const std::vector<at::Tensor>& extra) {
 }
 
 void cell_forward_loop(int64_t cell, at::Tensor xg, std::vector<at::Tensor> states, at::Tensor saved, at::Tensor w_hh,
-                       int64_t mode, const c10::optional<at::Tensor>& b_hh, std::vector<at::Tensor> extra) {
+                       int64_t mode, const c10::optional<at::Tensor>& b_hh, std::vector<at::Tensor> extra,
+                       const c10::optional<at::Tensor>& hs_low) {
   TORCH_CHECK(xg.is_contiguous() && saved.is_contiguous(), "cell_forward_loop: buffers must be contiguous");
   for (auto& s : states) TORCH_CHECK(s.is_contiguous() && s.scalar_type() == xg.scalar_type(), "cell_forward_loop: states");
-  check_panels(w_hh, xg, mode);
+  hs_low ? check_mixed(w_hh, xg, *hs_low, mode) : check_panels(w_hh, xg, mode);
   AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "cell_forward_loop", [&] {
     by_cell(cell, [&](auto c) {
-      forward_loop<decltype(c), scalar_t>(xg, states, saved, w_hh, mode, b_hh, extra_of<scalar_t>(extra));
+      forward_loop<decltype(c), scalar_t>(xg, states, saved, w_hh, mode, b_hh, extra_of<scalar_t>(extra), hs_low);
       return 0;
     });
   });
@@ -345,14 +358,16 @@ void cell_forward_loop(int64_t cell, at::Tensor xg, std::vector<at::Tensor> stat
 
 std::vector<at::Tensor> cell_backward_loop(int64_t cell, std::vector<at::Tensor> states, at::Tensor saved, at::Tensor dy,
                                            std::vector<at::Tensor> d_final, at::Tensor w_hh_t, int64_t mode, at::Tensor dxg,
-                                           at::Tensor dhg, std::vector<at::Tensor> extra) {
+                                           at::Tensor dhg, std::vector<at::Tensor> extra,
+                                           const c10::optional<at::Tensor>& dhg_low) {
   TORCH_CHECK(dxg.is_contiguous() && dhg.is_contiguous(), "cell_backward_loop: buffers must be contiguous");
-  check_panels(w_hh_t, dxg, mode);
+  dhg_low ? check_mixed(w_hh_t, dxg, *dhg_low, mode) : check_panels(w_hh_t, dxg, mode);
   dy = dy.contiguous();
   std::vector<at::Tensor> d_first;
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "cell_backward_loop", [&] {
     d_first = by_cell(cell, [&](auto c) {
-      return backward_loop<decltype(c), scalar_t>(states, saved, dy, d_final, w_hh_t, mode, dxg, dhg, extra_of<scalar_t>(extra));
+      return backward_loop<decltype(c), scalar_t>(states, saved, dy, d_final, w_hh_t, mode, dxg, dhg, extra_of<scalar_t>(extra),
+                                                  dhg_low);
     });
   });
   return d_first;
@@ -362,9 +377,9 @@ std::vector<at::Tensor> cell_backward_loop(int64_t cell, std::vector<at::Tensor>
 
 TORCH_LIBRARY_FRAGMENT(lmtrain, m) {
   m.def("cell_forward_loop(int cell, Tensor xg, Tensor(a!)[] states, Tensor(b!) saved, Tensor w_hh, int mode, "
-        "Tensor? b_hh, Tensor[] extra) -> ()",
+        "Tensor? b_hh, Tensor[] extra, Tensor(c!)? hs_low=None) -> ()",
         &cell_forward_loop);
   m.def("cell_backward_loop(int cell, Tensor[] states, Tensor saved, Tensor dy, Tensor[] d_final, Tensor w_hh_t, int mode, "
-        "Tensor(a!) dxg, Tensor(b!) dhg, Tensor[] extra) -> Tensor[]",
+        "Tensor(a!) dxg, Tensor(b!) dhg, Tensor[] extra, Tensor(c!)? dhg_low=None) -> Tensor[]",
         &cell_backward_loop);
 }
