@@ -38,6 +38,32 @@ def recurrent_form(ops, weight: Tensor) -> tuple[Tensor, int]:
     return weight.detach().contiguous(), 0
 
 
+def state_buffers(state: tuple[Tensor, ...], steps: int) -> list[Tensor]:
+    """One (T+1, B, H) buffer per state tensor, its row 0 the initial state: what the loops fill."""
+    buffers = [s.new_empty(steps + 1, *s.shape) for s in state]
+    for buffer, initial in zip(buffers, state):
+        buffer[0] = initial
+    return buffers
+
+
+def gradient_buffers(name: str, like: Tensor, steps: int, batch: int, width: int) -> tuple[Tensor, Tensor]:
+    """dxg, dhg (T, B, GH) for the backward loop: one tensor for both pre-activations where the
+    cell's gradients are the same (all but the GRU's)."""
+    dxg = like.new_empty(steps, batch, width)
+    return dxg, (like.new_empty(steps, batch, width) if name in SEPARATE_DHG else dxg)
+
+
+def flat(dxg: Tensor, dhg: Tensor) -> tuple[Tensor, Tensor]:
+    """The two gradients as (T·B, GH) matrices, one object where they are one tensor."""
+    flat_xg = dxg.view(-1, dxg.size(-1))
+    return flat_xg, (flat_xg if dhg is dxg else dhg.view(-1, dhg.size(-1)))
+
+
+def bias_grads(flat_xg: Tensor, flat_hg: Tensor, has_b_hh: bool) -> tuple[Tensor, Tensor | None]:
+    db_ih = flat_xg.sum(0)
+    return db_ih, ((db_ih if flat_hg is flat_xg else flat_hg.sum(0)) if has_b_hh else None)
+
+
 class CellSequence(torch.autograd.Function):
     """outputs = CellSequence.apply(name, n_state, x, w_ih, w_hh, b_ih, b_hh, *state, *extra):
     y (T, B, H) followed by the final state tensors, as lmtrain.model.recurrence.Recurrence."""
@@ -45,13 +71,9 @@ class CellSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name: str, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
         state, extra = rest[:n_state], [e.detach().contiguous() for e in rest[n_state:]]
-        ops = cpu_ops()
-        steps, batch, inputs = x.shape
-        width, hidden = w_hh.shape
+        ops, (steps, batch, inputs), (width, hidden) = cpu_ops(), x.shape, w_hh.shape
         xg = linear(x.reshape(steps * batch, inputs), plain(w_ih), bias=b_ih).view(steps, batch, width)
-        states = [x.new_empty(steps + 1, batch, hidden) for _ in range(n_state)]
-        for buffer, initial in zip(states, state):
-            buffer[0] = initial
+        states = state_buffers(state, steps)
         saved = x.new_empty(steps, batch, SAVED[name] * hidden)
         w_form, mode = recurrent_form(ops, w_hh)
         ops.cell_forward_loop(CELL_KINDS[name], xg, states, saved, w_form, mode,
@@ -67,21 +89,17 @@ class CellSequence(torch.autograd.Function):
         ops = cpu_ops()
         steps, batch, _ = x.shape
         width, hidden = w_hh.shape
-        dxg = x.new_empty(steps, batch, width)
-        # one gradient for both pre-activations where the cell's are the same (all but the GRU's)
-        dhg = x.new_empty(steps, batch, width) if ctx.name in SEPARATE_DHG else dxg
+        dxg, dhg = gradient_buffers(ctx.name, dy, steps, batch, width)
         w_form, mode = recurrent_form(ops, w_hh.t())
         d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(),
                                          [torch.zeros(batch, hidden, dtype=x.dtype) if d is None else d for d in d_final],
                                          w_form, mode, dxg, dhg, list(extra))
-        flat_xg = dxg.view(steps * batch, width)
-        flat_hg = flat_xg if dhg is dxg else dhg.view(steps * batch, width)
+        flat_xg, flat_hg = flat(dxg, dhg)
         dx, dw_ih, dw_hh = sequence_grads(ops, flat_xg, flat_hg, x.reshape(steps * batch, -1),
                                           states[0][:-1].reshape(steps * batch, hidden), w_ih, ctx.needs_input_grad[2],
                                           mode == 2 and hidden >= SEQUENCE_PANELS_MIN_HIDDEN)
-        db_ih = flat_xg.sum(0)
-        db_hh = (db_ih if flat_hg is flat_xg else flat_hg.sum(0)) if ctx.has_b_hh else None
-        return (None, None, dx.view_as(x) if dx is not None else None, dw_ih, dw_hh, db_ih, db_hh, *d_first)
+        return (None, None, dx.view_as(x) if dx is not None else None, dw_ih, dw_hh,
+                *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *d_first)
 
 
 class MixedCellSequence(torch.autograd.Function):
@@ -91,15 +109,11 @@ class MixedCellSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name: str, n_state: int, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh, *rest):
         state, extra = rest[:n_state], [e.detach().contiguous() for e in rest[n_state:]]
-        ops = cpu_ops()
-        steps, batch, inputs = x.shape
-        width, hidden = w_hh.shape
+        ops, (steps, batch, inputs), (width, hidden) = cpu_ops(), x.shape, w_hh.shape
         x_low = x.detach().reshape(steps * batch, inputs).to(LOW)
         w_ih_low, w_hh_low = w_ih.detach().to(LOW), w_hh.detach().to(LOW)
         xg = ops.panels_matmul(x_low, ops.pack_panels(w_ih_low), width, torch.float32).add_(b_ih.detach())
-        states = [x.new_empty(steps + 1, batch, hidden) for _ in range(n_state)]
-        for buffer, initial in zip(states, state):
-            buffer[0] = initial
+        states = state_buffers(state, steps)
         hs_low = x_low.new_empty(steps + 1, batch, hidden)  # h_t rounded: the products' operands
         hs_low[0] = state[0]
         saved = x.new_empty(steps, batch, SAVED[name] * hidden)
@@ -116,13 +130,11 @@ class MixedCellSequence(torch.autograd.Function):
         ops = cpu_ops()
         steps, batch, inputs = ctx.input_shape
         width, hidden = w_hh_low.shape
-        dxg = dy.new_empty(steps, batch, width)
-        dhg = dy.new_empty(steps, batch, width) if ctx.name in SEPARATE_DHG else dxg
+        dxg, dhg = gradient_buffers(ctx.name, dy, steps, batch, width)
         d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(), list(d_final),
                                          ops.pack_panels(w_hh_low.t()), 2, dxg, dhg, list(extra),
                                          x_low.new_empty(batch, width))
-        flat_xg = dxg.view(steps * batch, width)
-        flat_hg = flat_xg if dhg is dxg else dhg.view(steps * batch, width)
+        flat_xg, flat_hg = flat(dxg, dhg)
         xg_low = flat_xg.to(LOW)
         dx = ops.panels_matmul(xg_low, ops.pack_panels(w_ih_low.t()), inputs, torch.float32).view(ctx.input_shape) \
             if ctx.needs_input_grad[2] else None
@@ -130,9 +142,7 @@ class MixedCellSequence(torch.autograd.Function):
         hg_t = xg_t if flat_hg is flat_xg else ops.transpose(flat_hg.to(LOW))
         dw_ih = ops.panels_matmul(xg_t, ops.pack_panels(x_low.t()), inputs, torch.float32)
         dw_hh = ops.panels_matmul(hg_t, ops.pack_panels(hs_low[:-1].reshape(steps * batch, hidden).t()), hidden, torch.float32)
-        db_ih = flat_xg.sum(0)
-        db_hh = (db_ih if flat_hg is flat_xg else flat_hg.sum(0)) if ctx.has_b_hh else None
-        return (None, None, dx, dw_ih, dw_hh, db_ih, db_hh, *d_first)
+        return (None, None, dx, dw_ih, dw_hh, *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *d_first)
 
 
 class SequenceKernel:
