@@ -153,7 +153,7 @@ class Stepper:
 
             return run
 
-        key = ("step-op", precision, tuple(hidden), self.embedding.shape, self.stack[3][-1].numel())
+        key = (precision, tuple(hidden), self.embedding.shape, self.stack[3][-1].numel())
         failure = selfcheck.check("step-op", key, step(False), step(True), zeros, selfcheck.tolerance(torch.float32))
         if failure is not None:
             selfcheck.turn_off("step-op", failure, lambda: "the op-by-op step")

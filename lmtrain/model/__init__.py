@@ -5,7 +5,7 @@ as saved on disk (saved, payload).
 This is the stage's face: other stages import from `lmtrain.model` only."""
 
 from lmtrain.model.cells import CELLS, get_cell
-from lmtrain.model.kernels import build, selfcheck, step_ops
+from lmtrain.model.kernels import build, dispatch, selfcheck, step_ops
 from lmtrain.model.kernels.step_ops import WEIGHT_PRECISIONS
 from lmtrain.model.kernels.build import cpu_ops
 from lmtrain.model.kernels.dispatch import Choice, explain, is_lstm
@@ -28,6 +28,6 @@ from lmtrain.model.saved import load_run
 __all__ = [
     "CELLS", "Checked", "Fields", "LanguageModel", "RecurrentLayer", "State", "WEIGHT_DTYPE", "build",
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
-    "cross_entropy", "detach_state", "get_cell", "held_scratch", "load_run", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
+    "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
     "Choice", "explain", "is_lstm"
 ]

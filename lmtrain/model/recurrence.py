@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lmtrain.errors import LmtrainError, one_line
+from lmtrain.errors import LmtrainError
 from lmtrain.model.kernels import dispatch, fused, mixed, selfcheck
 
 
@@ -147,7 +147,7 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
     except Exception as error:  # noqa: BLE001  a fast path that fails after its check: the next one down
         if choice.path == "engine":
             raise
-        selfcheck.turn_off(choice.path, f"it raised {type(error).__name__}: {one_line(str(error), 160)}",
+        selfcheck.turn_off(choice.path, selfcheck.raised(error),
                            lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype).path} path")
         return run_path(checked_choice(cell, args, compute_dtype).path, cell, args, compute_dtype)
 
@@ -179,8 +179,10 @@ def checked_choice(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | N
     taken (and checked), down to the engine, which is the reference."""
     choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype)
     while choice.path != "engine":
-        failure = selfcheck.check(choice.path, check_key(choice.path, cell, args, compute_dtype),
-                                  *check_calls(choice.path, cell, args, compute_dtype))
+        key = check_key(cell, args, compute_dtype)
+        if not selfcheck.pending(choice.path, key):  # checked before: the usual case, no check built
+            return choice
+        failure = selfcheck.check(choice.path, key, *check_calls(choice.path, cell, args, compute_dtype))
         if failure is None:
             return choice
         selfcheck.turn_off(choice.path, failure, lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype).path} path")
@@ -188,10 +190,10 @@ def checked_choice(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | N
     return choice
 
 
-def check_key(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None) -> tuple:
+def check_key(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None) -> tuple:
     """What a check holds for: everything about a call but its window length."""
     x, state, w_ih, w_hh, b_ih, b_hh, extra = args
-    return (path, dispatch.cell_name(cell), x.device, x.dtype, compute_dtype, tuple(x.shape[1:]),
+    return (dispatch.cell_name(cell), x.device, x.dtype, compute_dtype, tuple(x.shape[1:]),
             tuple(w_hh.shape), b_hh is not None, len(extra))
 
 

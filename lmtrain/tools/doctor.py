@@ -23,7 +23,7 @@ import torch
 
 from lmtrain import __version__
 from lmtrain.config import PRECISIONS, ModelConfig
-from lmtrain.model import CELLS, LanguageModel, build, cross_entropy, explain, get_cell, run_layer, selfcheck
+from lmtrain.model import CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, run_layer, selfcheck
 
 # the CPU features lmtrain's kernels look for: /proc/cpuinfo's flag -> what it gives
 CPU_FEATURES = {
@@ -56,15 +56,11 @@ def devices_available() -> list[str]:
 
 
 def cpu_report() -> dict:
-    flags, model = set(), platform.processor() or platform.machine()
+    flags = set(build.cpu_features().partition(": ")[2].split())  # what the C++ build key holds too
+    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
-                    flags = set(value.split())
+            model = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
     return {"model": model, "architecture": platform.machine(), "cores": os.cpu_count(),
@@ -95,7 +91,7 @@ def extension_report() -> dict:
         directory = str(build.build_directory())
     except Exception as error:  # noqa: BLE001  torch's extension machinery itself is broken
         directory = f"unknown ({type(error).__name__})"
-    if os.environ.get("LMTRAIN_COMPILE", "1") == "0":
+    if not dispatch.on("LMTRAIN_COMPILE"):
         return {"status": "off", "detail": "LMTRAIN_COMPILE=0", "cache": directory}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmtrain.errors import LmtrainError, one_line
+from lmtrain.errors import LmtrainError
 from lmtrain.model.kernels import kernels_enabled, selfcheck
 from lmtrain.model.kernels.build import cpu_ops
 
@@ -29,7 +29,6 @@ CHUNK_ROWS = 1024  # ChunkedCrossEntropy's block: its float32 working copy is CH
 class CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        selfcheck.inject("cross-entropy")
         ops = cpu_ops()
         losses, lse = ops.cross_entropy_forward(logits, targets)
         ctx.save_for_backward(logits, targets, lse)
@@ -78,16 +77,14 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
         except (torch.OutOfMemoryError, LmtrainError):
             raise
         except Exception as error:  # noqa: BLE001  a failure after the check: plain torch from now on
-            selfcheck.turn_off("cross-entropy", f"it raised {type(error).__name__}: {one_line(str(error), 160)}",
-                               lambda: "F.cross_entropy")
+            selfcheck.turn_off("cross-entropy", selfcheck.raised(error), lambda: "F.cross_entropy")
     return reference(logits, targets)
 
 
 def fused(logits: Tensor, targets: Tensor) -> Tensor:
     """The fused form for the logits' device: the compiled op on the CPU, ChunkedCrossEntropy elsewhere."""
     fused_form = CrossEntropy if logits.device.type == "cpu" else ChunkedCrossEntropy
-    if fused_form is ChunkedCrossEntropy:
-        selfcheck.inject("cross-entropy")  # the compiled op's forward does so itself
+    selfcheck.inject("cross-entropy")
     return selfcheck.distort("cross-entropy", [fused_form.apply(logits, targets)])[0]
 
 
@@ -100,8 +97,11 @@ def checked(logits: Tensor, targets: Tensor) -> bool:
     (selfcheck; a failure turns it off, and F.cross_entropy takes over)."""
     if selfcheck.is_off("cross-entropy"):
         return False
+    key = (logits.device, logits.dtype, logits.size(-1))
+    if not selfcheck.pending("cross-entropy", key):  # checked before: the usual case, no check built
+        return True
     rows = slice(0, CHECK_ROWS)
-    failure = selfcheck.check("cross-entropy", ("cross-entropy", logits.device, logits.dtype, logits.size(-1)),
+    failure = selfcheck.check("cross-entropy", key,
                               lambda l, t: [fused(l, t)], lambda l, t: [reference(l, t)],
                               [logits[rows].contiguous(), targets[rows].contiguous()], selfcheck.tolerance(logits.dtype))
     if failure is not None:

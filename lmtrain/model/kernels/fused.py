@@ -137,9 +137,11 @@ def build_step(eager: Callable, args: tuple, mode: str, key: tuple) -> Callable:
                       f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly", RuntimeWarning, stacklevel=2)
         return eager
     spec = out_spec[0]
+    broken = False  # a compiled call failed (below): the eager step from then on
 
     def step(*step_args):
-        if _STEP_CACHE.get(key) is eager:  # a compiled call failed before (below)
+        nonlocal broken
+        if broken:
             return eager(*step_args)
         try:
             return tree_unflatten(list(run(*(t.detach() for t in tree_flatten(step_args)[0]))), spec)
@@ -149,6 +151,7 @@ def build_step(eager: Callable, args: tuple, mode: str, key: tuple) -> Callable:
             warnings.warn(f"lmtrain fused path: the compiled {key[0]} {key[1]} step failed ({type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly from now on",
                           RuntimeWarning, stacklevel=2)
+            broken = True
             _STEP_CACHE[key] = eager
             return eager(*step_args)
 

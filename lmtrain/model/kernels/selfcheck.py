@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 PROJECTION_SEED = 20170  # the check's own generator: the run's random numbers are left alone
 
 _off: dict[str, str] = {}  # path -> why it was turned off in this process
-_passed: set[tuple] = set()  # keys whose check passed
+_passed: set[tuple] = set()  # (path, key) whose check passed
 
 
 class InjectedFault(RuntimeError):
@@ -61,9 +62,15 @@ class InjectedFault(RuntimeError):
 
 
 def names(switch: str) -> dict[str, str]:
-    """A list switch ("a,b:wrong") -> {path: fault}; an unknown path or fault is one error line."""
+    """A list switch ("a,b:wrong") -> {path: fault}; an unknown path or fault is one error line.
+    Read at every call (tests set them), parsed once per value: every layer call asks."""
+    return parsed_names(switch, dispatch.switch(switch))
+
+
+@cache
+def parsed_names(switch: str, value: str) -> dict[str, str]:
     parsed = {}
-    for item in filter(None, (part.strip() for part in dispatch.switch(switch).split(","))):
+    for item in filter(None, (part.strip() for part in value.split(","))):
         path, _, fault = item.partition(":")
         if path not in PATHS:
             raise LmtrainError(f"{switch}: unknown path '{path}' (known: {', '.join(PATHS)})")
@@ -99,7 +106,12 @@ def failures() -> dict[str, str]:
 
 def passed() -> set[str]:
     """The paths that passed a check in this process (for lmtrain doctor)."""
-    return {key[0] for key in _passed}
+    return {path for path, _ in _passed}
+
+
+def raised(error: Exception) -> str:
+    """Why a path failed when it raised `error`, in the words of the warning line."""
+    return f"it raised {type(error).__name__}: {one_line(str(error), 160) or 'no message'}"
 
 
 def turn_off(path: str, why: str, instead: Callable[[], str] | None = None) -> None:
@@ -135,12 +147,18 @@ def tolerance(*dtypes: torch.dtype | None) -> float:
     return max(TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes if d is not None)
 
 
+def pending(path: str, key: tuple) -> bool:
+    """Whether `path` is still to be checked for calls of kind `key`: checks on, not checked
+    before, and not inside a CUDA graph capture. Cheap: every call asks before it builds a check."""
+    return (path, key) not in _passed and dispatch.on("LMTRAIN_SELF_CHECK") and not capturing()
+
+
 def check(path: str, key: tuple, fast: Callable[..., Sequence[Tensor]], reference: Callable[..., Sequence[Tensor]],
           inputs: Sequence[Tensor], tol: float) -> str | None:
     """Why `fast` disagrees with `reference` on `inputs` (both: tensors -> a sequence of tensors),
     or None when it agrees, was checked before for `key`, or checks are off. An error that is
     not the path's (out of memory, a user error, an interrupt) propagates."""
-    if key in _passed or not dispatch.on("LMTRAIN_SELF_CHECK") or capturing():
+    if not pending(path, key):
         return None
     try:
         got = outputs_and_grads(fast, inputs)
@@ -151,19 +169,19 @@ def check(path: str, key: tuple, fast: Callable[..., Sequence[Tensor]], referenc
             outputs_and_grads(reference, inputs)
         except Exception:  # noqa: BLE001  both refuse the call: the input is at fault, not the path
             raise error from None
-        return f"it raised {type(error).__name__}: {one_line(str(error), 160) or 'no message'}"
+        return raised(error)
     try:
         want = outputs_and_grads(reference, inputs)
     except (torch.OutOfMemoryError, LmtrainError):
         raise
     except Exception:  # noqa: BLE001  only the reference cannot run this call: nothing to hold the path to
-        _passed.add(key)
+        _passed.add((path, key))
         return None
     for (what, a), (_, b) in zip(got, want, strict=True):
         problem = disagreement(a, b, tol)
         if problem:
             return f"its {what} {problem}"
-    _passed.add(key)
+    _passed.add((path, key))
     return None
 
 
