@@ -10,11 +10,11 @@ import torch
 from lmtrain.model.cells import CELLS
 from lmtrain.model.kernels import dispatch
 from lmtrain.model.kernels.build import cpu_ops
-from lmtrain.model.kernels.cell_sequence import CELL_KINDS, CellSequence
+from lmtrain.model.kernels.cell_sequence import CellSequence, generated_programs
 from lmtrain.model.recurrence import Recurrence
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the loops are compiled C++ (LMTRAIN_COMPILE=0, or no compiler)")
-NAMES = sorted(CELL_KINDS)
+NAMES = sorted(generated_programs())
 
 
 def inputs(cell, dtype, steps=9, batch=5, input_size=6, hidden=7, seed=0):

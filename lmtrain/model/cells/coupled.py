@@ -14,14 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmtrain.model.cells.equations import Step
 from lmtrain.model.kernels.cell_sequence import SequenceKernel
+from lmtrain.model.kernels.emit_torch import engine_steps
 
-GATES = 3
-STATE = ("h", "c")
-RECURRENT_BIAS = False
 FORGET_GATE = 0  # block of the forget gate in the pre-activations (model.forget_bias)
-EXTRA: dict[str, int] = {}
-sequence_kernel = SequenceKernel("coupled")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):
@@ -37,38 +34,14 @@ def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, 
     return torch.stack(outputs), (h, c)
 
 
-def forward_step(xg: Tensor, hg: Tensor, state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """xg, hg: (B, 3H) input and recurrent pre-activations; state (h, c) each (B, H).
-
-    Returns the new (h, c) and what backward_step needs: the activations (B, 3H) and tanh(c').
-    """
-    c = state[1]
-    hidden = c.size(1)
-    acts = xg + hg
-    acts[:, :hidden].sigmoid_()
-    acts[:, hidden : 2 * hidden].tanh_()
-    acts[:, 2 * hidden :].sigmoid_()
-    f, g, o = acts.chunk(3, dim=1)
-    c_new = torch.addcmul(g, f, c - g)  # f c + (1 - f) g
-    tanh_c = torch.tanh(c_new)
-    return (o * tanh_c, c_new), (acts, tanh_c)
+def equations(x, u, s, p, f):
+    """The step of the module's docstring, c' written as g + f (c - g)."""
+    forget, g, o = f.sigmoid(x.f + u.f), f.tanh(x.g + u.g), f.sigmoid(x.o + u.o)
+    c = g + forget * (s.c - g)
+    return {"h": o * f.tanh(c), "c": c}
 
 
-def backward_step(d_state: tuple[Tensor, ...], saved: tuple[Tensor, ...], state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """Gradients through one step.
-
-    d_state: (dh', dc') each (B, H); saved: from forward_step; state: the step's input (h, c).
-    Returns d xg, d hg (the same (B, 3H) tensor here), the gradient of (h, c) not through W_hh
-    (None for h), and no extra gradients.
-    """
-    dh, dc = d_state
-    acts, tanh_c = saved
-    c_prev = state[1]
-    f, g, o = acts.chunk(3, dim=1)
-    dgates = torch.empty_like(acts)
-    df, dg, do = dgates.chunk(3, dim=1)
-    dc = dc + dh * o * (1 - tanh_c * tanh_c)
-    torch.mul(dh * tanh_c, o * (1 - o), out=do)
-    torch.mul(dc * (c_prev - g), f * (1 - f), out=df)
-    torch.mul(dc * (1 - f), 1 - g * g, out=dg)
-    return dgates, dgates, (None, dc * f), ()
+STEP = Step(gates=("f", "g", "o"), states=("h", "c"), equations=equations)
+GATES, STATE, RECURRENT_BIAS, EXTRA = STEP.layout()
+forward_step, backward_step = engine_steps(STEP, __name__)  # the engine's per-step functions, generated
+sequence_kernel = SequenceKernel("coupled")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)

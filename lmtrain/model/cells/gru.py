@@ -18,13 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmtrain.model.cells.equations import Step
 from lmtrain.model.kernels.cell_sequence import SequenceKernel
+from lmtrain.model.kernels.emit_torch import engine_steps
 
-GATES = 3
-STATE = ("h",)
-RECURRENT_BIAS = True
-EXTRA: dict[str, int] = {}
-sequence_kernel = SequenceKernel("gru")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):
@@ -42,39 +39,15 @@ def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, 
     return torch.stack(outputs), (h,)
 
 
-def forward_step(xg: Tensor, hg: Tensor, state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """xg = W x + b_ih, hg = U h + b_hh: (B, 3H); state (h,) (B, H).
-
-    Returns the new (h,) and what backward_step needs: the activations r, z, n (B, 3H) and
-    U_n h + b_hn (B, H).
-    """
-    h = state[0]
-    hidden = h.size(1)
-    gates = torch.empty_like(xg)
-    r, z, n = gates.chunk(3, dim=1)
-    torch.add(xg[:, : 2 * hidden], hg[:, : 2 * hidden], out=gates[:, : 2 * hidden]).sigmoid_()
-    hg_n = hg[:, 2 * hidden :].clone()  # a copy, so the rest of hg is not kept alive for backward
-    torch.addcmul(xg[:, 2 * hidden :], r, hg_n, out=n).tanh_()
-    h_new = torch.addcmul(n, z, h - n)  # (1 - z) n + z h
-    return (h_new,), (gates, hg_n)
+def equations(x, u, s, p, f):
+    """The step of the module's docstring (u includes b_hh); h' written as n + z (h - n)."""
+    r = f.sigmoid(x.r + u.r)
+    z = f.sigmoid(x.z + u.z)
+    n = f.tanh(x.n + r * u.n)
+    return {"h": n + z * (s.h - n)}
 
 
-def backward_step(d_state: tuple[Tensor, ...], saved: tuple[Tensor, ...], state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """Gradients through one step.
-
-    d_state: (dh',) (B, H); saved: from forward_step; state: the step's input (h,).
-    Returns d xg and d hg, two (B, 3H) tensors that agree on r and z and differ on n
-    (d(U_n h + b_hn) = r ⊙ d(W_n x + b_in)), the direct gradient of h (z ⊙ dh'), and no extras.
-    """
-    (dh,) = d_state
-    gates, hg_n = saved
-    h = state[0]
-    hidden = h.size(1)
-    r, z, n = gates.chunk(3, dim=1)
-    d_xg = torch.empty_like(gates)
-    dr, dz, dn = d_xg.chunk(3, dim=1)
-    torch.mul(dh * (1 - z), 1 - n * n, out=dn)
-    torch.mul(dh * (h - n), z * (1 - z), out=dz)
-    torch.mul(dn * hg_n, r * (1 - r), out=dr)
-    d_hg = torch.cat([d_xg[:, : 2 * hidden], dn * r], dim=1)
-    return d_xg, d_hg, (dh * z,), ()
+STEP = Step(gates=("r", "z", "n"), states=("h",), equations=equations, recurrent_bias=True)
+GATES, STATE, RECURRENT_BIAS, EXTRA = STEP.layout()
+forward_step, backward_step = engine_steps(STEP, __name__)  # the engine's per-step functions, generated
+sequence_kernel = SequenceKernel("gru")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmtrain.model.kernels import lstm as sequence_kernel  # noqa: F401  (the engine's fast path)
+from lmtrain.model.cells.equations import Step
+from lmtrain.model.kernels import lstm as sequence_kernel  # noqa: F401  (the engine's fast path on the CPU)
+from lmtrain.model.kernels.emit_torch import engine_steps
 
-GATES = 4
-STATE = ("h", "c")
-RECURRENT_BIAS = False
 FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
-EXTRA: dict[str, int] = {}  # per-unit parameters: name -> number of H-sized blocks
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):
@@ -37,39 +35,13 @@ def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, 
     return torch.stack(outputs), (h, c)
 
 
-def forward_step(xg: Tensor, hg: Tensor, state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """xg, hg: (B, 4H) input and recurrent pre-activations; state (h, c) each (B, H).
-
-    Returns the new (h, c) and what backward_step needs: the activations (B, 4H) and tanh(c').
-    """
-    c = state[1]
-    hidden = c.size(1)
-    acts = xg + hg
-    acts[:, : 2 * hidden].sigmoid_()
-    acts[:, 2 * hidden : 3 * hidden].tanh_()
-    acts[:, 3 * hidden :].sigmoid_()
-    i, f, g, o = acts.chunk(4, dim=1)
-    c_new = torch.addcmul(f * c, i, g)
-    tanh_c = torch.tanh(c_new)
-    return (o * tanh_c, c_new), (acts, tanh_c)
+def equations(x, u, s, p, f):
+    """The step of the module's docstring; x, u, s: pre-activations and states by name, f: functions."""
+    i, forget, g, o = f.sigmoid(x.i + u.i), f.sigmoid(x.f + u.f), f.tanh(x.g + u.g), f.sigmoid(x.o + u.o)
+    c = forget * s.c + i * g
+    return {"h": o * f.tanh(c), "c": c}
 
 
-def backward_step(d_state: tuple[Tensor, ...], saved: tuple[Tensor, ...], state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """Gradients through one step.
-
-    d_state: (dh', dc') each (B, H); saved: from forward_step; state: the step's input (h, c).
-    Returns d xg, d hg (the same (B, 4H) tensor here), the gradient of (h, c) not through W_hh
-    (None for h: h reaches the step only through W_hh), and the extra parameters' gradients.
-    """
-    dh, dc = d_state
-    acts, tanh_c = saved
-    c_prev = state[1]
-    i, f, g, o = acts.chunk(4, dim=1)
-    dgates = torch.empty_like(acts)
-    di, df, dg, do = dgates.chunk(4, dim=1)
-    dc = dc + dh * o * (1 - tanh_c * tanh_c)
-    torch.mul(dh * tanh_c, o * (1 - o), out=do)
-    torch.mul(dc * g, i * (1 - i), out=di)
-    torch.mul(dc * c_prev, f * (1 - f), out=df)
-    torch.mul(dc * i, 1 - g * g, out=dg)
-    return dgates, dgates, (None, dc * f), ()
+STEP = Step(gates=("i", "f", "g", "o"), states=("h", "c"), equations=equations)
+GATES, STATE, RECURRENT_BIAS, EXTRA = STEP.layout()
+forward_step, backward_step = engine_steps(STEP, __name__)  # the engine's per-step functions, generated

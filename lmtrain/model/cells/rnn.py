@@ -10,13 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmtrain.model.cells.equations import Step
 from lmtrain.model.kernels.cell_sequence import SequenceKernel
+from lmtrain.model.kernels.emit_torch import engine_steps
 
-GATES = 1
-STATE = ("h",)
-RECURRENT_BIAS = False
-EXTRA: dict[str, int] = {}
-sequence_kernel = SequenceKernel("rnn")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):
@@ -29,22 +26,12 @@ def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, 
     return torch.stack(outputs), (h,)
 
 
-def forward_step(xg: Tensor, hg: Tensor, state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """xg, hg: (B, H) input and recurrent pre-activations; state (h,) (B, H).
-
-    Returns the new (h,) and what backward_step needs: h' itself.
-    """
-    h_new = (xg + hg).tanh_()
-    return (h_new,), (h_new,)
+def equations(x, u, s, p, f):
+    """h' = tanh(W x + U h + b)"""
+    return {"h": f.tanh(x.a + u.a)}
 
 
-def backward_step(d_state: tuple[Tensor, ...], saved: tuple[Tensor, ...], state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """Gradients through one step.
-
-    d_state: (dh',) (B, H); saved: (h',). Returns d xg, d hg (the same (B, H) tensor), (None,)
-    since h reaches the step only through W_hh, and no extra gradients.
-    """
-    (dh,) = d_state
-    (h_new,) = saved
-    da = dh * (1 - h_new * h_new)
-    return da, da, (None,), ()
+STEP = Step(gates=("a",), states=("h",), equations=equations)
+GATES, STATE, RECURRENT_BIAS, EXTRA = STEP.layout()
+forward_step, backward_step = engine_steps(STEP, __name__)  # the engine's per-step functions, generated
+sequence_kernel = SequenceKernel("rnn")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)

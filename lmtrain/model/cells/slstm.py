@@ -28,14 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmtrain.model.cells.equations import Step
 from lmtrain.model.kernels.cell_sequence import SequenceKernel
+from lmtrain.model.kernels.emit_torch import engine_steps
 
-GATES = 4
-STATE = ("h", "c", "n", "m")
-RECURRENT_BIAS = False
 FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
-EXTRA: dict[str, int] = {}
-sequence_kernel = SequenceKernel("slstm")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):
@@ -55,55 +52,18 @@ def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, 
     return torch.stack(outputs), (h, c, n, m)
 
 
-def forward_step(xg: Tensor, hg: Tensor, state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """xg, hg: (B, 4H) input and recurrent pre-activations; state (h, c, n, m) each (B, H).
-
-    Returns the new (h, c, n, m) and what backward_step needs: the activations i, f, tanh(z̃),
-    σ(õ) (B, 4H); σ(-f̃) (B, H), the derivative of log σ(f̃); ĩ - (m + log σ(f̃)) (B, H), whose
-    sign says which side of the max won; and c', n' (already kept as state).
-    """
-    _, c, n, m = state
-    acts = xg + hg
-    a_i, a_f, a_z, a_o = acts.chunk(4, dim=1)
-    sig_neg_f = torch.sigmoid(-a_f)
-    log_f = F.logsigmoid(a_f).add_(m)  # m + log σ(f̃)
-    m_new = torch.maximum(a_i, log_f)
-    margin = a_i - log_f
-    a_i.sub_(m_new).exp_()  # now i
-    a_f.copy_(log_f).sub_(m_new).exp_()  # now f
-    a_z.tanh_()
-    a_o.sigmoid_()
-    i, f, tanh_z, o = a_i, a_f, a_z, a_o
-    c_new = torch.addcmul(f * c, i, tanh_z)
-    n_new = torch.addcmul(i, f, n)
-    h_new = o * c_new / n_new
-    return (h_new, c_new, n_new, m_new), (acts, sig_neg_f, margin, c_new, n_new)
+def equations(x, u, s, p, f):
+    """The step of the module's docstring, with ĩ = x.i + u.i and so on."""
+    a_i = x.i + u.i
+    log_f = s.m + f.log_sigmoid(x.f + u.f)
+    m = f.maximum(a_i, log_f)
+    i, forget = f.exp(a_i - m), f.exp(log_f - m)
+    c = forget * s.c + i * f.tanh(x.z + u.z)
+    n = forget * s.n + i
+    return {"h": f.sigmoid(x.o + u.o) * c / n, "c": c, "n": n, "m": m}
 
 
-def backward_step(d_state: tuple[Tensor, ...], saved: tuple[Tensor, ...], state: tuple[Tensor, ...], extra: tuple[Tensor, ...]):
-    """Gradients through one step.
-
-    d_state: (dh', dc', dn', dm') each (B, H); saved: from forward_step; state: the step's input.
-    Returns d xg, d hg (the same (B, 4H) tensor here), the gradient of (h, c, n, m) not through
-    W_hh (None for h: it reaches the step only through W_hh), and no extra gradients.
-    """
-    dh, dc, dn, dm = d_state
-    acts, sig_neg_f, margin, c_new, n_new = saved
-    _, c, n, _ = state
-    i, f, tanh_z, o = acts.chunk(4, dim=1)
-    dgates = torch.empty_like(acts)
-    da_i, da_f, da_z, da_o = dgates.chunk(4, dim=1)
-    ratio = c_new / n_new
-    torch.mul(dh * ratio, o * (1 - o), out=da_o)
-    dh_o_n = dh * o / n_new
-    dc = dc + dh_o_n  # total gradients of c' and n'
-    dn = dn - dh_o_n * ratio
-    torch.mul(dc * i, 1 - tanh_z * tanh_z, out=da_z)
-    di_i = (dc * tanh_z + dn) * i  # through i = exp(ĩ - m')
-    df_f = (dc * c + dn * n) * f  # through f = exp(m + log σ(f̃) - m')
-    dm = dm - di_i - df_f  # total gradient of m'
-    to_i = (margin.sign() + 1) * 0.5  # torch.maximum's split: 1, 1/2 at a tie, or 0
-    torch.addcmul(di_i, dm, to_i, out=da_i)
-    d_log_f = df_f + dm - dm * to_i  # of m + log σ(f̃), which is also the gradient of m
-    torch.mul(d_log_f, sig_neg_f, out=da_f)
-    return dgates, dgates, (None, dc * f, dn * f, d_log_f), ()
+STEP = Step(gates=("i", "f", "z", "o"), states=("h", "c", "n", "m"), equations=equations)
+GATES, STATE, RECURRENT_BIAS, EXTRA = STEP.layout()
+forward_step, backward_step = engine_steps(STEP, __name__)  # the engine's per-step functions, generated
+sequence_kernel = SequenceKernel("slstm")  # the C++ time loop on the CPU (lmtrain/model/kernels/cpu/cell_cpu.cpp)

@@ -2,6 +2,8 @@
 
     cpu/lstm_cpu.cpp           the LSTM's time loops and the panel GEMM's ops (lmtrain.model.kernels.lstm)
     cpu/cross_entropy_cpu.cpp  the fused cross-entropy (lmtrain.model.kernels.cross_entropy)
+    cpu/cell_cpu.cpp           every other cell's time loops (lmtrain.model.kernels.cell_sequence), over
+                               step functors generated from the cells' equations (cell_steps.h)
     cpu/step_cpu.cpp           one generation step (lmtrain.generation.stepper): its products
                                (step_products.h), its pointwise step and draw (step_sampling.h), and
                                the whole step of an LSTM stack in one op
@@ -41,6 +43,7 @@ from lmtrain.model.kernels import dispatch
 
 EXTENSION = "lmtrain_cpu"
 SOURCES = ("lstm_cpu.cpp", "cell_cpu.cpp", "cross_entropy_cpu.cpp", "step_cpu.cpp")
+GENERATED = "cell_steps.h"  # written at build time (generated_headers)
 HEADERS = ("fast_math.h", "panel_gemm.h", "recurrent_gemm.h", "step_products.h", "step_sampling.h")
 # -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
 CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp")
@@ -80,8 +83,18 @@ def cpu_features() -> str:
     return f"{machine}: {platform.processor()}"
 
 
+def generated_headers() -> dict[str, bytes]:
+    """The headers generated for the build: cell_steps.h, every cell's step functor from its
+    equations (lmtrain.model.kernels.emit_cpp). Written into the build directory, and part of
+    the key, so a changed equation is a different build."""
+    from lmtrain.model.kernels.cell_sequence import generated_programs
+    from lmtrain.model.kernels.emit_cpp import header
+
+    return {GENERATED: header(generated_programs()).encode()}
+
+
 def current_key(here: Path) -> str:
-    files = {name: (here / name).read_bytes() for name in SOURCES + HEADERS}
+    files = {name: (here / name).read_bytes() for name in SOURCES + HEADERS} | generated_headers()
     flags = [*CFLAGS, "ldflags", *LDFLAGS, "cxx", os.environ.get("CXX", "c++")]
     return build_key(files, flags, torch.__version__, cpu_features())
 
@@ -109,11 +122,14 @@ def _load_cpu_ops():
         build_dir = build_directory()
         build_dir.mkdir(parents=True, exist_ok=True)
 
+        generated = build_dir / "generated"
+
         def load():
+            write_generated(generated)
             # the ops register under the `lmtrain` namespace (TORCH_LIBRARY in lstm_cpu.cpp), whatever the library's name
             cpp_extension.load(name=name, sources=[str(here / s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                               extra_ldflags=list(LDFLAGS), build_directory=str(build_dir),
-                               is_python_module=False, verbose=False)
+                               extra_ldflags=list(LDFLAGS), extra_include_paths=[str(generated)],
+                               build_directory=str(build_dir), is_python_module=False, verbose=False)
 
         def forget():  # torch's loader skips the build step for a name it already built in this process
             getattr(cpp_extension, "JIT_EXTENSION_VERSIONER").entries.pop(name, None)
@@ -125,6 +141,18 @@ def _load_cpu_ops():
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         warnings.warn(f"lmtrain: compiled kernels unavailable, using the Python code ({reason})", stacklevel=3)
         return None
+
+
+def write_generated(directory: Path) -> None:
+    """The generated headers into `directory` (under the build lock), each replaced whole, and
+    left alone when already the same (so the build tool sees nothing new)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in generated_headers().items():
+        path = directory / name
+        if not path.exists() or path.read_bytes() != text:
+            partial = path.with_suffix(".partial")
+            partial.write_bytes(text)
+            partial.replace(path)
 
 
 @contextmanager

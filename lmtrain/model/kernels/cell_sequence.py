@@ -10,7 +10,7 @@ CPU has them, else at::mm) and one vectorised pass of the cell's step. Backward:
 reverse (the step's gradients, then dh_{t-1} = d hg_t W_hh + its direct part), then one GEMM
 each for dX, dW_ih and dW_hh (lmtrain.model.kernels.mixed.sequence_grads, as the engine).
 
-Which cells have a loop here: CELL_KINDS (the functors of cell_cpu.cpp). float32 and float64
+Which cells have a loop here: generated_programs() (the functors generated into cell_steps.h). float32 and float64
 (CellSequence), and mixed precision (MixedCellSequence: every GEMM on bfloat16 operands with
 float32 sums, on a CPU with AVX512-BF16; the states, the step and every gradient float32: the
 arithmetic of the engine with compute_dtype = torch.bfloat16).
@@ -18,16 +18,30 @@ arithmetic of the engine with compute_dtype = torch.bfloat16).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
+from lmtrain.model.cells.equations import Program
 from lmtrain.model.kernels.build import cpu_ops
 from lmtrain.model.kernels.gemm import linear, plain, sequence_grads
 from lmtrain.model.kernels.lstm import LOW, SEQUENCE_PANELS_MIN_HIDDEN, mixed_available
 
-CELL_KINDS = {"rnn": 0, "gru": 1, "peephole": 2, "coupled": 3, "slstm": 4}  # cell_cpu.cpp's CellKind
-SAVED = {"rnn": 0, "gru": 4, "peephole": 5, "coupled": 4, "slstm": 6}  # H-wide blocks a step saves (kSaved)
-SEPARATE_DHG = ("gru",)  # cells whose two pre-activations get different gradients
+
+
+@cache
+def generated_programs() -> dict[str, Program]:
+    """The cells whose CPU loop is here, by name, in the order of their functors in the generated
+    cell_steps.h (lmtrain.model.kernels.emit_cpp): every cell of config.CELLS whose
+    sequence_kernel is a SequenceKernel."""
+    from lmtrain.model.cells import CELLS  # the cells import this module
+
+    return {name: cell.STEP.program() for name, cell in CELLS.items() if isinstance(cell.sequence_kernel, SequenceKernel)}
+
+
+def functor_index(name: str) -> int:
+    return list(generated_programs()).index(name)
 
 
 def recurrent_form(ops, weight: Tensor) -> tuple[Tensor, int]:
@@ -50,13 +64,21 @@ def gradient_buffers(name: str, like: Tensor, steps: int, batch: int, width: int
     """dxg, dhg (T, B, GH) for the backward loop: one tensor for both pre-activations where the
     cell's gradients are the same (all but the GRU's)."""
     dxg = like.new_empty(steps, batch, width)
-    return dxg, (like.new_empty(steps, batch, width) if name in SEPARATE_DHG else dxg)
+    return dxg, (dxg if generated_programs()[name].shared_gradient else like.new_empty(steps, batch, width))
 
 
 def flat(dxg: Tensor, dhg: Tensor) -> tuple[Tensor, Tensor]:
     """The two gradients as (T·B, GH) matrices, one object where they are one tensor."""
     flat_xg = dxg.view(-1, dxg.size(-1))
     return flat_xg, (flat_xg if dhg is dxg else dhg.view(-1, dhg.size(-1)))
+
+
+def per_parameter(d_first: list[Tensor], n_state: int, extra) -> list[Tensor]:
+    """The backward loop's results (the initial states' gradients, then every per-unit block's in
+    one tensor) with that last one split into one gradient per parameter."""
+    if not extra:
+        return list(d_first)
+    return [*d_first[:n_state], *d_first[n_state].split([e.numel() for e in extra])]
 
 
 def bias_grads(flat_xg: Tensor, flat_hg: Tensor, has_b_hh: bool) -> tuple[Tensor, Tensor | None]:
@@ -74,9 +96,9 @@ class CellSequence(torch.autograd.Function):
         ops, (steps, batch, inputs), (width, hidden) = cpu_ops(), x.shape, w_hh.shape
         xg = linear(x.reshape(steps * batch, inputs), plain(w_ih), bias=b_ih).view(steps, batch, width)
         states = state_buffers(state, steps)
-        saved = x.new_empty(steps, batch, SAVED[name] * hidden)
+        saved = x.new_empty(steps, batch, len(generated_programs()[name].saved) * hidden)
         w_form, mode = recurrent_form(ops, w_hh)
-        ops.cell_forward_loop(CELL_KINDS[name], xg, states, saved, w_form, mode,
+        ops.cell_forward_loop(functor_index(name), xg, states, saved, w_form, mode,
                               b_hh.detach().contiguous() if b_hh is not None else None, extra)
         ctx.name, ctx.has_b_hh, ctx.n_state, ctx.n_extra = name, b_hh is not None, n_state, len(extra)
         ctx.save_for_backward(x, w_ih, w_hh, saved, *states, *extra)
@@ -91,7 +113,7 @@ class CellSequence(torch.autograd.Function):
         width, hidden = w_hh.shape
         dxg, dhg = gradient_buffers(ctx.name, dy, steps, batch, width)
         w_form, mode = recurrent_form(ops, w_hh.t())
-        d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(),
+        d_first = ops.cell_backward_loop(functor_index(ctx.name), states, saved, dy.contiguous(),
                                          [torch.zeros(batch, hidden, dtype=x.dtype) if d is None else d for d in d_final],
                                          w_form, mode, dxg, dhg, list(extra))
         flat_xg, flat_hg = flat(dxg, dhg)
@@ -99,7 +121,7 @@ class CellSequence(torch.autograd.Function):
                                           states[0][:-1].reshape(steps * batch, hidden), w_ih, ctx.needs_input_grad[2],
                                           mode == 2 and hidden >= SEQUENCE_PANELS_MIN_HIDDEN)
         return (None, None, dx.view_as(x) if dx is not None else None, dw_ih, dw_hh,
-                *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *d_first)
+                *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *per_parameter(d_first, ctx.n_state, extra))
 
 
 class MixedCellSequence(torch.autograd.Function):
@@ -116,8 +138,8 @@ class MixedCellSequence(torch.autograd.Function):
         states = state_buffers(state, steps)
         hs_low = x_low.new_empty(steps + 1, batch, hidden)  # h_t rounded: the products' operands
         hs_low[0] = state[0]
-        saved = x.new_empty(steps, batch, SAVED[name] * hidden)
-        ops.cell_forward_loop(CELL_KINDS[name], xg.view(steps, batch, width), states, saved, ops.pack_panels(w_hh_low), 2,
+        saved = x.new_empty(steps, batch, len(generated_programs()[name].saved) * hidden)
+        ops.cell_forward_loop(functor_index(name), xg.view(steps, batch, width), states, saved, ops.pack_panels(w_hh_low), 2,
                               b_hh.detach().contiguous() if b_hh is not None else None, extra, hs_low)
         ctx.name, ctx.has_b_hh, ctx.n_state, ctx.input_shape = name, b_hh is not None, n_state, x.shape
         ctx.save_for_backward(x_low, w_ih_low, w_hh_low, hs_low, saved, *states, *extra)
@@ -131,7 +153,7 @@ class MixedCellSequence(torch.autograd.Function):
         steps, batch, inputs = ctx.input_shape
         width, hidden = w_hh_low.shape
         dxg, dhg = gradient_buffers(ctx.name, dy, steps, batch, width)
-        d_first = ops.cell_backward_loop(CELL_KINDS[ctx.name], states, saved, dy.contiguous(), list(d_final),
+        d_first = ops.cell_backward_loop(functor_index(ctx.name), states, saved, dy.contiguous(), list(d_final),
                                          ops.pack_panels(w_hh_low.t()), 2, dxg, dhg, list(extra),
                                          x_low.new_empty(batch, width))
         flat_xg, flat_hg = flat(dxg, dhg)
@@ -142,7 +164,7 @@ class MixedCellSequence(torch.autograd.Function):
         hg_t = xg_t if flat_hg is flat_xg else ops.transpose(flat_hg.to(LOW))
         dw_ih = ops.panels_matmul(xg_t, ops.pack_panels(x_low.t()), inputs, torch.float32)
         dw_hh = ops.panels_matmul(hg_t, ops.pack_panels(hs_low[:-1].reshape(steps * batch, hidden).t()), hidden, torch.float32)
-        return (None, None, dx, dw_ih, dw_hh, *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *d_first)
+        return (None, None, dx, dw_ih, dw_hh, *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *per_parameter(d_first, ctx.n_state, extra))
 
 
 class SequenceKernel:

@@ -31,6 +31,26 @@ __attribute__((always_inline)) inline float tanh_fast(float x) { return 2.0f / (
 inline double sigmoid_fast(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 inline double tanh_fast(double x) { return std::tanh(x); }
 
+// log(y) for y > 0 in float, vectorisable: y = 2^e m with m in [sqrt(1/2), sqrt 2), then
+// log m = 2 atanh(s), s = (m - 1) / (m + 1), as a series in s^2 (|s| < 0.172: about 1 ulp)
+__attribute__((always_inline)) inline float log_poly(float y) {
+  int32_t bits = __builtin_bit_cast(int32_t, y);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  float m = __builtin_bit_cast(float, (bits & 0x7fffff) | 0x3f800000);  // [1, 2)
+  bool high = m > 1.41421356f;
+  m = high ? m * 0.5f : m;
+  e = high ? e + 1 : e;
+  float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float series = 1.0f + s2 * (0.333333333f + s2 * (0.2f + s2 * (0.142857143f + s2 * 0.111111111f)));
+  return float(e) * 0.693147181f + 2.0f * s * series;
+}
+
+// log σ(x) = min(x, 0) - log(1 + e^-|x|), exact for large |x| in either direction
+__attribute__((always_inline)) inline float log_sigmoid(float x) { return std::min(x, 0.0f) - log_poly(1.0f + exp_poly(-std::abs(x))); }
+inline double log_sigmoid(double x) { return std::min(x, 0.0) - std::log1p(std::exp(-std::abs(x))); }
+__attribute__((always_inline)) inline float exp_fast(float x) { return exp_poly(x); }
+inline double exp_fast(double x) { return std::exp(x); }
+
 // float for bfloat16 storage, the type itself otherwise; load/store convert with integer
 // operations only, so the loops still vectorise (stores round to nearest even)
 template <typename T> struct Math { using type = T; };
