@@ -41,6 +41,9 @@ class Scored:
     ids: np.ndarray  # (tokens,) int64
     log_probs: np.ndarray  # (tokens,) float64
 
+    def __repr__(self) -> str:
+        return f"Scored(text={self.text!r}, tokens={self.tokens}, log_prob={self.log_prob:.4f}, ppl={self.ppl:.3f})"
+
     @property
     def tokens(self) -> int:
         return len(self.ids)

@@ -59,7 +59,7 @@ def check_shape_keys(config: Config, trained: Config, init_from: Path) -> None:
     if conflicts:
         listed = ", ".join(f"{name} = {new!r} (RUN has {old!r})" for name, new, old in conflicts)
         raise LmtrainError(f"--init-from {init_from}: {listed}: fine-tuning keeps RUN's model shape and vocabulary; "
-                           f"drop {'this key' if len(conflicts) == 1 else 'these keys'} from --config and --set")
+                           f"drop {'this key' if len(conflicts) == 1 else 'these keys'} from the config file and the overrides (--config, --set)")
 
 
 def unknown_count(tokens: np.ndarray) -> int:
