@@ -50,7 +50,8 @@ class TrainedRun:
 
 
 class RecordProgress(QuietProgress):
-    """Progress for a callback: `on_record(record)` after each epoch (the metrics.jsonl record)."""
+    """Progress for a callback: `on_record(record)` after each validation (an epoch's end, or the
+    stop at train.max_steps), with the record metrics.jsonl gets."""
 
     def __init__(self, on_record: Callable[[dict], None]):
         self.on_record = on_record
@@ -61,7 +62,7 @@ class RecordProgress(QuietProgress):
 
 def progress_for(progress: bool | QuietProgress | Callable[[dict], None]) -> tuple[QuietProgress, Callable[[str], None]]:
     """(the loop's progress, where lines of news go): True is the CLI's bars and lines on stderr;
-    False nothing; a QuietProgress (lmtrain.progress) is used as it is; a callable gets each epoch's record."""
+    False nothing; a QuietProgress (lmtrain.progress) is used as it is; a callable gets each validation's record."""
     if progress is True:
         return TerminalProgress(), lambda line: print(line, file=sys.stderr)
     if progress is False or progress is None:
@@ -106,8 +107,9 @@ def train(corpus: PathLike | None = None, *, config: PathLike | None = None,
     corpus). config: a TOML file; overrides: {"section.key": value}, applied after it. run_dir
     None: runs/<corpus>-<time>. init_from: fine-tune RUN (its weights, tokenizer and config; see
     lmtrain.training.finetune). progress: False (quiet), True (the CLI's bars on stderr), a
-    callable given each epoch's record, or an lmtrain.progress.QuietProgress. One process (no
-    torchrun); Ctrl-C raises KeyboardInterrupt and leaves the last checkpoint written.
+    callable given each validation's record (RecordProgress), or an lmtrain.progress.QuietProgress.
+    One process (no torchrun); Ctrl-C raises KeyboardInterrupt, the last checkpoint written intact
+    (continue with `lmtrain train --resume RUN_DIR`).
     """
     require((encoding_errors in ENCODING_ERRORS, f"encoding_errors must be {' or '.join(ENCODING_ERRORS)}, got {encoding_errors!r}"))
     loop_progress, say = progress_for(progress)
