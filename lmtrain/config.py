@@ -172,9 +172,10 @@ UPPER_BOUNDS = {
 }
 
 
-def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
-    """Resolve a Config from the defaults, an optional TOML file and `section.key=value` overrides."""
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+def load_config(path: Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Resolve a Config from the defaults, an optional TOML file and `section.key=value` overrides.
+    `base` stands in for the defaults (fine-tuning starts from the trained run's config)."""
+    values: dict[str, dict[str, Any]] = to_dict(base) if base is not None else {name: {} for name in SECTIONS}
     if path is not None:
         for section, table in read_toml(path).items():
             if section not in SECTIONS:

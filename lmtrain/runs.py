@@ -3,7 +3,8 @@ directory is made, replaced (`--force`) and locked.
 
     RUN/.lmtrain-run   the marker, {"format": "lmtrain-run", "version": 1}: the first file lmtrain
                        writes when it makes a run directory, so even a run cut short by a full
-                       disk is recognised (and `--force` can clear it)
+                       disk is recognised (and `--force` can clear it); a fine-tuned run's
+                       (train --init-from) also says where it came from, under "init_from"
     RUN/.lock          held (lmtrain.locks) by the one process writing the run, for the whole of
                        `train` and `train --resume`
 
@@ -100,9 +101,21 @@ def check_run_files(run: Path) -> None:
         check_regular_or_missing(path)
 
 
-def write_marker(run: Path) -> None:
+def write_marker(run: Path, origin: dict | None = None) -> None:
+    """The marker; `origin`: where a fine-tuned run came from (lmtrain.training.finetune), kept in it
+    as "init_from" so that the run directory says so."""
+    record = {"format": FORMAT, "version": VERSION, **({"init_from": origin} if origin is not None else {})}
     with atomic_open(run / MARKER) as f:
-        f.write((json.dumps({"format": FORMAT, "version": VERSION}) + "\n").encode("ascii"))
+        f.write((json.dumps(record) + "\n").encode("ascii"))
+
+
+def read_marker(run: Path) -> dict:
+    """The marker's record ({} when there is none or it is unreadable)."""
+    try:
+        record = json.loads((run / MARKER).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def lock(run: Path, hold: ExitStack | None) -> None:

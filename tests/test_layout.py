@@ -6,7 +6,7 @@
 - a module never takes names from its own stage's face (the face imports the module: a cycle);
   `from lmtrain.training import distributed`, a sibling module, is no cycle;
 - no module imports a higher floor: base -> text -> model -> generation -> evaluation -> training
-  -> tools -> cli;
+  -> tools -> api -> cli (the package's face, lmtrain/__init__.py, above them all);
 - every stage has a face with a docstring;
 - no Python module and no C++ file over 400 lines.
 """
@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmtrain"
-FLOORS = ["base", "text", "model", "generation", "evaluation", "training", "tools", "cli"]
+# api: the Python API (lmtrain.load, lmtrain.train), beside the CLI and below it, so that it can
+# never reach the CLI's exits; the package's own face, lmtrain/__init__.py, offers it lazily
+FLOORS = ["base", "text", "model", "generation", "evaluation", "training", "tools", "api", "cli"]
 STAGES = FLOORS[1:]
 MAX_LINES = 400
 
@@ -29,6 +31,8 @@ def stage_of(module: str) -> str:
     parts = module.split(".")
     if parts[1:2] == ["__main__"]:
         return "cli"
+    if module == "lmtrain":  # the package's face stands above every floor: it offers the API
+        return FLOORS[-1]
     return parts[1] if len(parts) > 1 and parts[1] in STAGES else "base"
 
 
@@ -122,6 +126,7 @@ def test_the_rules_catch_what_they_forbid(tmp_path):
     """The checks themselves: a higher floor and an inner module are what stage_of tells apart."""
     assert stage_of("lmtrain.text.tokens") == "text" and stage_of("lmtrain.config") == "base"
     assert stage_of("lmtrain.__main__") == "cli" and stage_of("lmtrain.model.kernels.build") == "model"
+    assert stage_of("lmtrain") == "cli" and stage_of("lmtrain.api.model") == "api"
     sample = tmp_path / "sample.py"
     sample.write_text("from lmtrain import runs\nimport lmtrain.model.saved\nfrom lmtrain.text import Tokenizer\n")
     assert imports(sample) == [(1, "lmtrain.runs"), (2, "lmtrain.model.saved"), (3, "lmtrain.text")]

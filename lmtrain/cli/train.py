@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,8 +14,8 @@ from lmtrain.config import load_config
 from lmtrain.errors import LmtrainError, require
 from lmtrain.progress import QuietProgress, TerminalProgress
 from lmtrain.runtime import resolve_device
-from lmtrain.text import BUILTIN
-from lmtrain.training import InterruptSignals, StopSignals, distributed, prepare_run, resume_run, train as train_model
+from lmtrain.training import (InterruptSignals, StopSignals, default_run_dir, distributed, finetune_config, prepare_run,
+                              resume_run, train as train_model)
 
 
 @app.command()
@@ -27,12 +26,14 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Where to write the run. Default: runs/<corpus>-<time>.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where its last checkpoint left it, on its own corpus and config; --set may change only train.max_steps, train.epochs and train.max_minutes.", show_default=False)] = None,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Fine-tune: start from this run's (or checkpoint's) weights, tokenizer and config, with a fresh optimizer and schedule, in a new run directory; CORPUS is encoded with its vocabulary. --config and --set may change any key but those that shape the model (training.SHAPE_KEYS).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run: remove the files lmtrain wrote in it (anything else stays). Refused for the current or home directory, one holding the corpus or the cache, and a directory that is not an lmtrain run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", hidden=True, help="The old name of --force.")] = False,
     encoding_errors: Annotated[str, typer.Option(help="Bytes that are not UTF-8: strict (stop with an error) or replace (with U+FFFD).")] = "strict",
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; train.batch_size is shared out).", show_default=False)] = None,
 ) -> None:
-    """Train a tokenizer and a language model on CORPUS, or continue a run (--resume RUN).
+    """Train a tokenizer and a language model on CORPUS, continue a run (--resume RUN), or
+    fine-tune a trained run on CORPUS (--init-from RUN).
 
     SIGINT (Ctrl-C) or SIGTERM: the current step ends, last.pt is written, and the command exits
     with 130 or 143; a second one stops at once, the last checkpoint intact.
@@ -43,9 +44,15 @@ def train(
             (resume is None or run_dir is None, "--resume RUN is the run directory: drop --run-dir"),
             (resume is None or not (force or overwrite), "--resume continues a run and --force replaces it: give one of them"),
             (resume is None or (nproc is None and not distributed.launched()), "--resume continues a run in one process: drop --nproc"),
+            (resume is None or init_from is None, "--resume continues a run and --init-from starts a new one from it: give one of them"),
         )
         check_encoding_errors(encoding_errors)
-        cfg = load_config(config, overrides or []) if resume is None else None
+        start = None
+        if init_from is not None:
+            cfg, saved = finetune_config(init_from, config, overrides or [], say)
+            start = (init_from, saved)
+        else:
+            cfg = load_config(config, overrides or []) if resume is None else None
         if nproc is not None:
             raise typer.Exit(distributed.launch(nproc, forwarded_args(ctx, drop="nproc"),
                                                 resolve_device(cfg.train.device), cfg.train.batch_size))
@@ -62,7 +69,8 @@ def train(
                     model, data, info = prepare_run(corpus, cfg, run_dir, force=force or overwrite,
                                                     default_run_dir=default_run_dir,
                                                     say=say if distributed.is_main() else quiet,
-                                                    encoding_errors=encoding_errors, progress=progress, hold=hold)
+                                                    encoding_errors=encoding_errors, progress=progress, hold=hold,
+                                                    init_from=start)
                 counts = str([len(split.tokens) for split in data.values()]).encode()
                 distributed.check_same("tokenizers or token files", info["tokenizer"]["model"] + counts)
                 run_dir, payload = Path(info.pop("run_dir")), None
@@ -111,8 +119,3 @@ def resume_hint(run_dir: Path) -> str:
     if not (run_dir / "last.pt").is_file():
         return f"no checkpoint was written yet; start again with `lmtrain train ... --run-dir {run_dir} --force`"
     return f"{run_dir / 'last.pt'} holds the last checkpoint; continue with: lmtrain train --resume {run_dir}"
-
-
-def default_run_dir(source: str) -> Path:
-    name = "builtin" if source == BUILTIN else Path(source).stem or "corpus"
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

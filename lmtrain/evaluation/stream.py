@@ -38,9 +38,8 @@ def score_stream(model: LanguageModel, tokens: np.ndarray, bptt: int,
     log_probs, hiddens = [], []
     for x, y in windows(inputs, targets, bptt):
         with torch.set_grad_enabled(adapt is not None):
-            raw, _, state = model.hidden(x, state)  # eval mode: no dropout anywhere
-            logits = model.decode(raw).view(-1, model.vocab_size).float()
-            picked = torch.log_softmax(logits, -1).gather(1, y.view(-1, 1)).view(-1)
+            picked, raw, state = window_log_probs(model, x, y, state)
+            picked = picked.view(-1)
         log_probs.append(picked.detach().double())
         if keep_hidden:
             hiddens.append(raw.detach().view(-1, raw.size(-1)).float())
@@ -49,3 +48,13 @@ def score_stream(model: LanguageModel, tokens: np.ndarray, bptt: int,
         state = detach_state(state)
     hidden = torch.cat(hiddens) if keep_hidden else None
     return torch.cat(log_probs), targets.view(-1), hidden
+
+
+def window_log_probs(model: LanguageModel, x: Tensor, y: Tensor, state) -> tuple[Tensor, Tensor, list]:
+    """One window (T, B) of inputs `x` and targets `y` from `state`: log p(y) (T, B) float32 (a
+    padded target, -1, gets the log-probability of id 0: mask it), the last layer's outputs
+    (T, B, H_L) and the new state. In eval mode nothing is dropped."""
+    raw, _, state = model.hidden(x, state)
+    logits = model.decode(raw).view(-1, model.vocab_size).float()
+    picked = torch.log_softmax(logits, -1).gather(1, y.reshape(-1, 1).clamp(min=0)).view(y.shape)
+    return picked, raw, state

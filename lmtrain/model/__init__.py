@@ -23,11 +23,12 @@ from lmtrain.model.payload import (
     check_weight_dict,
     show,
 )
-from lmtrain.model.saved import load_run
+from lmtrain.model.saved import LoadedRun, Saved, build_saved, load_run, read_saved
 
 __all__ = [
     "CELLS", "Checked", "Fields", "LanguageModel", "RecurrentLayer", "State", "WEIGHT_DTYPE", "build",
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
-    "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
+    "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "LoadedRun", "Saved",
+    "build_saved", "read_saved", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
     "Choice", "explain", "is_lstm"
 ]

@@ -284,6 +284,19 @@ def encode_corpus(tokenizer: Tokenizer, splits: dict[str, Text], progress=None) 
     return {name: encode_split(tokenizer, text, progress=progress) for name, text in splits.items()}
 
 
+def encode_in_memory(tokenizer: Tokenizer, lines: list[str]) -> TokenFile:
+    """The token file of `lines` held in memory, written nowhere: the ids encode_split gives for a
+    file of these lines, and the text's sizes, for scoring a text of a few lines (the Python API,
+    `lmtrain score`) without a cache entry per call."""
+    text = as_text(lines)
+    parts, total = [], TextStats()
+    for ids, stats, _ in encoded_blocks(tokenizer, text, workers=1):
+        parts.append(ids)
+        total += stats
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return TokenFile(ids, tokenizer.vocab_size, total.bytes, total.words, total.lines, total.chars)
+
+
 def write_encoded(tokenizer: Tokenizer, text: Text, f, workers: int | None, progress) -> TextStats:
     """Encode `text` into an open binary file as a token file; returns the text's TextStats."""
     writer = TokenWriter(f, tokenizer.vocab_size, text.digest, model_digest(tokenizer))

@@ -23,6 +23,7 @@ evaluated or sampled from on its own.
 from __future__ import annotations
 
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,11 @@ from lmtrain import runs
 from lmtrain.atomic import atomic_open
 from lmtrain.config import Config, load_config, to_toml
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel, count_parameters
+from lmtrain.model import LanguageModel, Saved, count_parameters
 from lmtrain.runtime import resolve_device, seed_everything
 from lmtrain.text import BUILTIN, Corpus, TokenFile, Tokenizer, cache_dir, encode_corpus, get_tokenizer, load_corpus
 from lmtrain.training import distributed
+from lmtrain.training.finetune import check_new_run_dir, origin, unknown_note, unknown_shares
 from lmtrain.training.stops import finished, plan
 from lmtrain.training.payload_resume import check_resume_data, check_resume_payload
 from lmtrain.training.preflight import check_encoded, check_model_fits
@@ -57,7 +59,8 @@ CONFIG = "config.toml"
 
 def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, force: bool,
                 default_run_dir, say, encoding_errors: str = "strict",
-                progress=None, hold: ExitStack | None = None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
+                progress=None, hold: ExitStack | None = None,
+                init_from: tuple[Path, Saved] | None = None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
     enough, make the run directory and the seeded model on the configured device.
 
@@ -66,26 +69,40 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
     stores besides the model, with "run_dir" added (pop it before training: it is not stored).
     `encoding_errors` (lmtrain.text.corpus.ENCODING_ERRORS) applies to reading the corpus; `progress`
     (lmtrain.progress) shows the passes over it. The run directory is locked until `hold` closes
-    (see start_run).
+    (see start_run). `init_from`: (RUN, RUN as read) to fine-tune (lmtrain.training.finetune): its
+    tokenizer encodes the corpus and its weights replace the new model's.
     """
+    if init_from is not None and run_dir is not None:  # a default run directory is a new one
+        check_new_run_dir(run_dir, init_from[0])
     device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     tc = config.tokenizer
     # before reading the corpus; word and char vocabularies are at most tokenizer.vocab_size
-    exact = tc.kind in ("bpe", "unigram")
-    check_model_fits(config, tc.vocab_size if exact else 3, device, exact)
+    exact = tc.kind in ("bpe", "unigram") or init_from is not None
+    check_model_fits(config, init_from[1].vocab_size if init_from else tc.vocab_size if exact else 3, device, exact)
     texts = load_corpus(corpus, encoding_errors)
     say(f"corpus: {texts.source} ({', '.join(f'{len(v):,} {k} lines' for k, v in texts.splits.items())})")
-    tokenizer = get_tokenizer(texts.splits["train"], tc.kind, tc.vocab_size, tc.sample_lines, progress)
-    if tc.kind in ("bpe", "unigram") and tokenizer.vocab_size < tc.vocab_size:  # word and char: a cap (config.py)
+    if init_from is not None:
+        tokenizer = init_from[1].tokenizer  # the vocabulary stays RUN's
+    else:
+        tokenizer = get_tokenizer(texts.splits["train"], tc.kind, tc.vocab_size, tc.sample_lines, progress)
+    if init_from is None and tc.kind in ("bpe", "unigram") and tokenizer.vocab_size < tc.vocab_size:  # word and char: a cap (config.py)
         raise LmtrainError(f"config key 'tokenizer.vocab_size' = {tc.vocab_size:,} is more than this corpus allows: its "
                            f"training text gives a {tc.kind} vocabulary of {tokenizer.vocab_size:,} pieces at most "
                            f"(set tokenizer.vocab_size to {tokenizer.vocab_size:,} or less, or use a larger corpus)")
     data = encode_corpus(tokenizer, texts.splits, progress)
+    if init_from is not None:
+        shares = unknown_shares(data)
+        say(unknown_note(shares, init_from[0]))
     check_model_fits(config, tokenizer.vocab_size, device)
     check_encoded(data, config, tokenizer.vocab_size, device)  # it can train and validate
     run_dir = run_dir or default_run_dir(texts.source)
     model, info = start_run(run_dir, config, tokenizer, corpus_source=texts.source, force=force, device=device, hold=hold)
     info["corpus_digests"] = corpus_digests(texts)
+    if init_from is not None:
+        model.load_state_dict(init_from[1].weights)  # exactly RUN's; the optimizer and schedule start afresh
+        info["init_from"] = origin(*init_from, shares)
+        if distributed.is_main():
+            runs.write_marker(run_dir, info["init_from"])
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
         f"vocab {tokenizer.vocab_size:,} ({tc.kind}{vocab_note(tokenizer.vocab_size, tc.vocab_size)}) | "
@@ -93,6 +110,12 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
         f"device {device} | run {run_dir}"
     )
     return model, data, {**info, "run_dir": str(run_dir)}
+
+
+def default_run_dir(source: str) -> Path:
+    """runs/<corpus>-<time>: where a run goes when no run directory is given."""
+    name = "builtin" if source == BUILTIN else Path(source).stem or "corpus"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def corpus_digests(texts: Corpus) -> dict[str, str]:
@@ -217,7 +240,10 @@ def resume_run(run_dir: Path, overrides: list[str], say, encoding_errors: str = 
         raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
     where = f"epoch {loop.epoch}, step {loop.step:,}" + ("" if loop.lengths is None else f" (window {loop.window} of {len(loop.lengths)})")
     say(f"resuming {run_dir} from {path.name}: {where} | device {device}")
-    return model, config, data, {"corpus": source, **tokenizer_info(tokenizer), "corpus_digests": corpus_digests(texts)}, payload
+    info = {"corpus": source, **tokenizer_info(tokenizer), "corpus_digests": corpus_digests(texts)}
+    if "init_from" in payload:  # a fine-tuned run's checkpoints keep saying where it came from
+        info["init_from"] = payload["init_from"]
+    return model, config, data, info, payload
 
 
 def check_writable(run_dir: Path) -> None:
