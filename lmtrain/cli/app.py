@@ -29,7 +29,7 @@ from lmtrain.training import distributed
 
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion (docs/usage.md)
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Train, evaluate and sample next-word LSTM language models.",
