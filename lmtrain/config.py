@@ -132,6 +132,9 @@ class TrainConfig:
     # (too many window lengths) and with several processes (DDP); ignored on the CPU
     cuda_graphs: bool = True
     log_interval: int = 100  # optimizer steps between progress records in metrics.jsonl
+    # also write every metrics.jsonl record's numbers as TensorBoard scalars, in RUN/tensorboard/
+    # (the `tensorboard` extra: pip install 'lmtrain[tensorboard]'); metrics.jsonl stays the record
+    tensorboard: bool = False
     # optimizer steps between checkpoints (last.pt) within an epoch, each one a point that
     # `lmtrain train --resume` continues from exactly; 0: only at epoch ends. The demo model's
     # last.pt (19 MB with AdamW's state) took 0.18 s to write on 2 shared cores, where a step took

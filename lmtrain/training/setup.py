@@ -37,7 +37,7 @@ from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, Saved, count_parameters
 from lmtrain.runtime import resolve_device, seed_everything
 from lmtrain.text import BUILTIN, Corpus, TokenFile, Tokenizer, cache_dir, encode_corpus, get_tokenizer, load_corpus
-from lmtrain.training import distributed
+from lmtrain.training import distributed, tensorboard
 from lmtrain.training.finetune import check_new_run_dir, origin, unknown_note, unknown_shares
 from lmtrain.training.stops import finished, plan
 from lmtrain.training.payload_resume import check_resume_data, check_resume_payload
@@ -74,6 +74,8 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
     """
     if init_from is not None and run_dir is not None:  # a default run directory is a new one
         check_new_run_dir(run_dir, init_from[0])
+    if config.train.tensorboard:
+        tensorboard.writer_class()  # a missing package is one line before anything is read or written
     device = distributed.rank_device(resolve_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     tc = config.tokenizer
     # before reading the corpus; word and char vocabularies are at most tokenizer.vocab_size
