@@ -117,3 +117,33 @@ def test_mixed_precision_is_the_engines_mixed_precision(name):
         for a, b in zip(got, want, strict=True):
             assert a.dtype == torch.float32 and (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
     assert dispatch.explain(cell, torch.device("cpu"), torch.bfloat16).path == "sequence"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_the_generation_step_op_is_the_cells_step(name, dtype, tol):
+    """step_ops.cell_step (the generated functor, one op) against the cell's generated torch step,
+    on the pre-activations with every bias in them, as the stepper calls it."""
+    from lmtrain.model.kernels import step_ops
+
+    cell = CELLS[name]
+    x, state, w_ih, w_hh, b_ih, b_hh, extra = (t.detach() if isinstance(t, torch.Tensor) else t
+                                               for t in inputs(cell, dtype))
+    state = tuple(s.detach() for s in state)
+    extra = tuple(e.detach() for e in extra)
+    xg = x[0] @ w_ih.t() + b_ih
+    hg = state[0] @ w_hh.t() + (b_hh if b_hh is not None else 0)
+    ours = step_ops.cell_step(name, xg, hg, state, extra)
+    expected, _ = cell.forward_step(xg, hg, state, extra)
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        assert a.dtype == dtype and (a - b).abs().max().item() <= tol
+
+
+def test_the_stepper_takes_the_one_op_step_for_every_cell_but_the_lstm():
+    from lmtrain.config import ModelConfig
+    from lmtrain.generation.stepper import Stepper
+    from lmtrain.model import LanguageModel
+
+    model = LanguageModel(ModelConfig(cell="gru,slstm,peephole", layers=3, embedding_size=8, hidden_size=8), 20)
+    assert Stepper(model.eval()).cell_steps == [True, True, True]

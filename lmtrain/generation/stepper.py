@@ -11,8 +11,9 @@ speed is that of the weights arriving from memory. The stepper prepares them onc
                                                                     without a recurrent bias (GRU: two)
     decoder:   logits = h_L W_dec^T + b_dec            (B, V)
 
-then each layer's state follows from its cell's own pointwise step (lmtrain/cells; for the LSTM
-on the CPU, the same equations in one compiled pass, `lstm_cell_step`). For an LSTM stack in
+then each layer's state follows from its cell's own pointwise step (lmtrain/model/cells; on the
+CPU in one compiled pass: `lstm_cell_step` for the LSTM, `cell_step` for the others, their
+functors generated from the cells' equations). For an LSTM stack in
 this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
 compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
 product (at one stream, a fifth to a quarter of the op-by-op step's time). The
@@ -122,6 +123,10 @@ class Stepper:
                 self.recurrent.append(Product.prepare(layer.w_hh, b_hh, precision))
         self.decoder = Product.prepare(model.decoder.weight, model.decoder.bias, precision)
         self.lstm_step = step_ops.lstm_cell_step if step_ops.ops_for(embedding.device) is not None else None
+        self.names = [cell.__name__.rsplit(".", 1)[-1] for cell in self.cells]
+        # every other cell's pointwise step as one op: its functor generated from its equations
+        self.cell_steps = [self.lstm_step is not None and not is_lstm(cell) and step_ops.has_cell_step(name)
+                           for cell, name in zip(self.cells, self.names)]
         # an LSTM stack in the layout above, all of it compiled: the whole step as one op
         products = self.recurrent + [self.decoder]
         self.stack = None
@@ -224,7 +229,10 @@ class Stepper:
                 else:
                     xg = self.inputs[k](x)
                 hg = self.recurrent[k](h)
-            layer_state, _ = cell.forward_step(xg, hg, layer_state, extra)
+            if self.cell_steps[k]:  # the cell's generated functor, one op
+                layer_state = step_ops.cell_step(self.names[k], xg, hg, layer_state, extra)
+            else:
+                layer_state, _ = cell.forward_step(xg, hg, layer_state, extra)
             new_state.append(layer_state)
             x = layer_state[0]
         return self.decoder(x), new_state

@@ -7,7 +7,8 @@ A product's weight W (N, K) is held in one of WEIGHT_PRECISIONS (cpu/step_produc
     bf16   bfloat16 pair panels; x is rounded to bfloat16 too, sums in float32 (AVX512-BF16)
     int8   int8 quad panels with one scale per output row; x is quantised per row (AVX512-VNNI)
 
-and multiplied by `linear`. `lstm_cell_step` is the LSTM's pointwise step; `stack_step` and
+and multiplied by `linear`. `lstm_cell_step` is the LSTM's pointwise step, `cell_step` any other
+cell's; `stack_step` and
 `stack_draw` an LSTM stack's whole step (with the draw of its tokens before it, for stack_draw)
 as one op; `sample_rows` the draw alone. Every function here needs the compiled ops on the CPU
 (`ops_for(device)` is not None); lmtrain.generation.stepper chooses which to use.
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.model.kernels.build import cpu_ops
+from lmtrain.model.kernels.cell_sequence import functor_index, generated_programs
 
 WEIGHT_PRECISIONS = ("fp32", "bf16", "int8")
 KIND = {"fp32": 0, "bf16": 1, "int8": 2}  # step_cpu.cpp's step_available(kind)
@@ -53,6 +55,17 @@ def linear(x: Tensor, panels: Tensor, scales: Tensor, sums: Tensor, bias: Tensor
 def lstm_cell_step(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """The LSTM's pointwise step: pre-activations gates (B, 4H) (i, f, g, o) and c (B, H) -> h', c'."""
     return torch.ops.lmtrain.lstm_cell_step(gates, c)
+
+
+def cell_step(name: str, xg: Tensor, hg: Tensor, state: tuple[Tensor, ...], extra: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A cell's pointwise step in one op, its functor generated from its equations (the cells whose
+    CPU loop is generated: cell_sequence.generated_programs): xg, hg (B, GH) with every bias in
+    them, state (B, H) each -> the new state."""
+    return tuple(torch.ops.lmtrain.cell_step(functor_index(name), xg, hg, list(state), [e.contiguous() for e in extra]))
+
+
+def has_cell_step(name: str) -> bool:
+    return name in generated_programs()
 
 
 def sample_rows(logits: Tensor, uniforms: Tensor, temperature: float) -> Tensor:

@@ -191,9 +191,53 @@ std::vector<at::Tensor> cell_backward_loop(int64_t cell, std::vector<at::Tensor>
   return d_first;
 }
 
+// One step of a cell without keeping what a backward needs (generation): xg, hg (B, GH), the
+// pre-activations with every bias in them; states (B, H) each -> the new states
+std::vector<at::Tensor> cell_step(int64_t cell, at::Tensor xg, at::Tensor hg, std::vector<at::Tensor> states,
+                                  std::vector<at::Tensor> extra) {
+  xg = xg.contiguous();
+  hg = hg.contiguous();
+  TORCH_CHECK(xg.dim() == 2 && xg.sizes() == hg.sizes() && xg.scalar_type() == hg.scalar_type() && !states.empty(),
+              "cell_step: xg and hg (B, GH) of one dtype, and the states");
+  for (auto& s : states) {
+    s = s.contiguous();
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == xg.size(0) && s.sizes() == states[0].sizes() && s.scalar_type() == xg.scalar_type(),
+                "cell_step: states (B, H) of xg's dtype");
+  }
+  std::vector<at::Tensor> next;
+  AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "cell_step", [&] {
+    by_cell(cell, [&](auto c) {
+      using Cell = decltype(c);
+      using M = typename Math<scalar_t>::type;
+      TORCH_CHECK(static_cast<int64_t>(states.size()) == Cell::kStates, "cell_step: the cell has ", Cell::kStates, " states");
+      int64_t batch = xg.size(0), hidden = states[0].size(1), width = xg.size(1);
+      TORCH_CHECK(width == Cell::kGates * hidden, "cell_step: xg must be (B, ", Cell::kGates, " H)");
+      for (int k = 0; k < Cell::kStates; ++k) next.push_back(at::empty_like(states[k]));
+      at::Tensor saved = at::empty({batch, std::max(Cell::kSaved, 1) * hidden}, xg.options());
+      Params<scalar_t> p = extra_of<scalar_t>(extra);
+      at::parallel_for(0, batch, grain(hidden), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          ConstRows<scalar_t> prev{};
+          Rows<scalar_t> out{};
+          for (int k = 0; k < Cell::kStates; ++k) {
+            prev[k] = states[k].const_data_ptr<scalar_t>() + b * hidden, out[k] = next[k].data_ptr<scalar_t>() + b * hidden;
+          }
+          const scalar_t* x = xg.const_data_ptr<scalar_t>() + b * width;
+          const scalar_t* h = hg.const_data_ptr<scalar_t>() + b * width;
+          scalar_t* kept = saved.data_ptr<scalar_t>() + b * Cell::kSaved * hidden;
+          for (int64_t j = 0; j < hidden; ++j) Cell::template forward<M, scalar_t>(j, hidden, x, h, nullptr, p, prev, out, kept);
+        }
+      });
+      return 0;
+    });
+  });
+  return next;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmtrain, m) {
+  m.def("cell_step(int cell, Tensor xg, Tensor hg, Tensor[] states, Tensor[] extra) -> Tensor[]", &cell_step);
   m.def("cell_forward_loop(int cell, Tensor xg, Tensor(a!)[] states, Tensor(b!) saved, Tensor w_hh, int mode, "
         "Tensor? b_hh, Tensor[] extra, Tensor(c!)? hs_low=None) -> ()",
         &cell_forward_loop);
