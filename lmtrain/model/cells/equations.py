@@ -223,6 +223,23 @@ def derive(step: Step) -> Program:
     return Program(step, x, u, s, p, d, outputs, saved, forward, d_x, d_u, d_s, d_p, backward)
 
 
+BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def render(node: Node, name: Callable[[Node], str], calls: dict[str, str], split: str) -> str:
+    """An operation node as an expression of an emitter's language (Python and C++ share the
+    infix arithmetic): calls names each function, split is the template of the choice, over
+    {a} and {b}; `name` gives an argument's name."""
+    args = [name(a) for a in node.args]
+    if node.op in BINARY:
+        return f"{args[0]} {BINARY[node.op]} {args[1]}"
+    if node.op == "neg":
+        return f"-{args[0]}"
+    if node.op == "split":
+        return split.format(a=args[0], b=args[1])
+    return f"{calls[node.op]}({', '.join(args)})"
+
+
 def reachable(roots: list[Node]) -> list[Node]:
     """Every node the roots depend on, themselves included, in the graph's order."""
     seen: dict[int, Node] = {}

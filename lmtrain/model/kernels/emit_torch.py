@@ -20,26 +20,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lmtrain.model.cells.equations import Node, Program, Step
+from lmtrain.model.cells.equations import Node, Program, Step, render
 
-_BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _CALLS = {"sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "exp": "torch.exp", "log_sigmoid": "F.logsigmoid",
           "maximum": "torch.maximum"}
+_SPLIT = "(({a} - {b}).sign() + 1.0) * 0.5"  # 1, 1/2 or 0 as a > b, a = b, a < b: torch.maximum's share
 
 
 def _name(node: Node) -> str:
     return repr(node.index) if node.op == "const" else f"v{node.id}"
 
 
-def _expression(node: Node) -> str:
-    args = [_name(a) for a in node.args]
-    if node.op in _BINARY:
-        return f"{args[0]} {_BINARY[node.op]} {args[1]}"
-    if node.op == "neg":
-        return f"-{args[0]}"
-    if node.op == "split":  # 1, 1/2 or 0 as a > b, a = b, a < b: torch.maximum's share of the gradient
-        return f"(({args[0]} - {args[1]}).sign() + 1.0) * 0.5"
-    return f"{_CALLS[node.op]}({', '.join(args)})"
+def _assignments(nodes: list[Node], read: Callable[[Node], str | None]) -> list[str]:
+    """One line per node: what `read` gives for a value read from the arguments, else its operation."""
+    return [f"    v{n.id} = {read(n) or render(n, _name, _CALLS, _SPLIT)}" for n in nodes if n.op != "const"]
 
 
 def _blocks(program: Program) -> list[tuple[int, int]]:
@@ -57,20 +51,15 @@ def source(program: Program) -> str:
     outputs = {id(n): k for k, n in enumerate(program.outputs)}
     read_outputs = [n for n in program.backward if id(n) in outputs and n.op not in ("s", "p")]
     lines = ["def forward_step(xg, hg, state, extra):", "    H = state[0].size(1)"]
-    for node in program.forward:
-        if node.op == "const":
-            continue
-        if node.op == "x":
-            lines.append(f"    v{node.id} = xg[:, {_columns(node.index)}]")
-        elif node.op == "u":
-            lines.append(f"    v{node.id} = hg[:, {_columns(node.index)}]")
-        elif node.op == "s":
-            lines.append(f"    v{node.id} = state[{node.index}]")
-        elif node.op == "p":
-            i, b = blocks[node.index]
-            lines.append(f"    v{node.id} = extra[{i}][{_columns(b)}]")
-        else:
-            lines.append(f"    v{node.id} = {_expression(node)}")
+
+    def parameter(node: Node) -> str:
+        i, b = blocks[node.index]
+        return f"extra[{i}][{_columns(b)}]"
+
+    forward_reads = {"x": lambda n: f"xg[:, {_columns(n.index)}]", "u": lambda n: f"hg[:, {_columns(n.index)}]",
+                     "s": lambda n: f"state[{n.index}]", "p": parameter}
+    lines += _assignments(program.forward, lambda n: forward_reads[n.op](n) if n.op in forward_reads else None)
+
     def own(node: Node) -> str:  # xg and hg are the engine's reused buffers: a pre-activation kept is copied
         return f"{_name(node)}.clone()" if node.op in ("x", "u") else _name(node)
 
@@ -80,23 +69,15 @@ def source(program: Program) -> str:
 
     saved_index = {id(n): i for i, n in enumerate((*program.saved, *read_outputs))}
     lines += ["", "def backward_step(d_state, saved, state, extra):", "    H = state[0].size(1)"]
-    lines += [f"    v{n.id} = saved[{i}]" for i, n in enumerate(program.saved)]
-    for node in program.backward:
-        if node.op == "const":
-            continue
-        if any(node is n for n in program.saved):
-            continue
+    backward_reads = {"s": forward_reads["s"], "p": parameter, "d": lambda n: f"d_state[{n.index}]"}
+
+    def backward_read(node: Node) -> str | None:
         if id(node) in saved_index:
-            lines.append(f"    v{node.id} = saved[{saved_index[id(node)]}]")
-        elif node.op == "s":
-            lines.append(f"    v{node.id} = state[{node.index}]")
-        elif node.op == "p":
-            i, b = blocks[node.index]
-            lines.append(f"    v{node.id} = extra[{i}][{_columns(b)}]")
-        elif node.op == "d":
-            lines.append(f"    v{node.id} = d_state[{node.index}]")
-        else:
-            lines.append(f"    v{node.id} = {_expression(node)}")
+            return f"saved[{saved_index[id(node)]}]"
+        return backward_reads[node.op](node) if node.op in backward_reads else None
+
+    lines += _assignments([*program.saved, *(n for n in program.backward if not any(n is m for m in program.saved))],
+                          backward_read)
 
     def gate_grads(grads: list[Node | None]) -> str:
         return "torch.cat([" + ", ".join(_name(g) if g is not None else "torch.zeros_like(state[0])" for g in grads) + "], 1)"
