@@ -24,12 +24,14 @@ from lmtrain.model.payload import (
     show,
 )
 from lmtrain.model.saved import LoadedRun, Saved, build_saved, load_run, read_saved
+from lmtrain.model import hub
 from lmtrain.model.export import torch_lstm_payload
+from lmtrain.model.onnx_step import onnx_bytes
 
 __all__ = [
     "CELLS", "Checked", "Fields", "LanguageModel", "RecurrentLayer", "State", "WEIGHT_DTYPE", "build",
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
     "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "LoadedRun", "Saved",
     "build_saved", "read_saved", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
-    "Choice", "explain", "is_lstm", "torch_lstm_payload"
+    "Choice", "explain", "is_lstm", "torch_lstm_payload", "hub", "onnx_bytes"
 ]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lmtrain.checkpoint import load_first_good, previous_path
+from lmtrain.model.hub import is_export, read_payload
 from lmtrain.config import Config
 from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
@@ -68,10 +69,13 @@ def checkpoint_candidates(run: Path) -> list[Path]:
 
 
 def read_saved(run: Path, warn: Callable[[str], None] | None = None) -> Saved:
-    """A run directory or a checkpoint file -> its config, weights and tokenizer, every field
+    """A run directory, a checkpoint file or an export directory (lmtrain.model.hub) -> its config, weights and tokenizer, every field
     checked before anything is built. A damaged checkpoint in a run directory is reported through
     `warn` and the next candidate used (checkpoint_candidates)."""
-    path, payload = load_first_good(checkpoint_candidates(run), warn or (lambda line: None))
+    if is_export(run):  # `lmtrain export --format safetensors`'s directory
+        path, payload = read_payload(run)
+    else:
+        path, payload = load_first_good(checkpoint_candidates(run), warn or (lambda line: None))
     checked = check_payload(path, payload)  # every field, and the shapes, before anything is built
     return Saved(path, checked.config, payload["vocab_size"], payload["model"], checked.tokenizer, payload["corpus"],
                  payload["progress"], payload.get("corpus_digests"))
