@@ -3,6 +3,7 @@ directory holding a small generated corpus/ (the page says so)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -24,9 +25,11 @@ def test_the_page_has_examples_of_each_part():
         assert call in text, call
 
 
-def test_every_example_runs(tmp_path_factory, tmp_path, monkeypatch, capsys):
+def test_every_example_runs(tmp_path_factory, tmp_path, capsys):
     with private_cache_one_thread(tmp_path_factory):
-        monkeypatch.chdir(tmp_path)
+        # the context's own chdir restores the starting directory on leaving; a second monkeypatch
+        # here would restore the context's directory instead, after it, for every later test
+        os.chdir(tmp_path)
         write_small_corpus(tmp_path / "corpus")
         namespace: dict = {}
         for number, code in enumerate(blocks(), 1):
