@@ -19,6 +19,7 @@ anything in the run changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -185,6 +186,13 @@ def clear(run: Path) -> None:
     for path in run_files(run):
         if path.name not in (LOCK, MARKER):
             path.unlink(missing_ok=True)
+    board = run / "tensorboard"  # train.tensorboard's event files (lmtrain.training.tensorboard), and only those
+    if board.is_dir() and not board.is_symlink():
+        for path in board.glob("events.out.tfevents.*"):
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # left where it holds anything else
+            board.rmdir()
 
 
 def create(path: Path, force: bool, keep: list[Path], hold: ExitStack) -> None:

@@ -145,7 +145,8 @@ def train(
         build.cpu_ops()  # the one-time C++ build (a minute or so) is not training time: before the clock starts
     clock = Clock(s.elapsed_s)
     record: dict[str, Any] = {}
-    with open_log(run_dir / "metrics.jsonl", tensorboard=config.train.tensorboard) as log, open_log(run_dir / "timing.jsonl") as timing, closing(progress):
+    resumed_at = s.step if resume is not None else None
+    with open_log(run_dir / "metrics.jsonl", tensorboard=config.train.tensorboard, resumed_at=resumed_at) as log, open_log(run_dir / "timing.jsonl") as timing, closing(progress):
         saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model=model, optimizer=optimizer,
                       window_rng=window_rng, log=log, timing=timing)
         saved = resume is not None  # whether last.pt holds the state as it is now
@@ -355,14 +356,15 @@ def end_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, valid: To
     return record, improved
 
 
-def open_log(path: Path, *, tensorboard: bool = False):
+def open_log(path: Path, *, tensorboard: bool = False, resumed_at: int | None = None):
     """A log to append text records to: never through a link, only a regular file
     (lmtrain.atomic.open_regular); on the ranks other than the main one, os.devnull. With
-    `tensorboard`, its records also go to TensorBoard (lmtrain.training.tensorboard)."""
+    `tensorboard`, its records also go to TensorBoard (lmtrain.training.tensorboard); resumed_at:
+    the checkpoint's step when the run resumes."""
     if not distributed.is_main():
         return open(os.devnull, "a", encoding="utf-8")
     file = io.TextIOWrapper(open_regular(path, "ab"), encoding="utf-8")
-    return MetricsLog(file, path.parent) if tensorboard else file
+    return MetricsLog(file, path.parent, resumed_at=resumed_at) if tensorboard else file
 
 
 def write_record(log, timing, times: dict[str, float], **record) -> dict[str, Any]:
