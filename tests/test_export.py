@@ -95,3 +95,12 @@ def test_the_onnx_step_gives_our_logits_for_50_steps(tmp_path, cell):
             ours, state = model(token.view(1, 2), state)
         worst = max(worst, float(np.abs(logits - ours[0].numpy()).max()))
     assert worst <= 1e-4
+
+
+def test_an_export_never_replaces_the_run_it_reads(tmp_path):
+    _, run = train_small_run(tmp_path, [*TINY_WORD, "train.max_steps=3", "train.epochs=1"])
+    best = (run / "best.pt").read_bytes()
+    for out in (run / "best.pt", run / "metrics.jsonl", run):
+        assert_one_error(cli("export", run, "--format", "torch-lstm", "--out", out, "--force"), "one of its files")
+    assert (run / "best.pt").read_bytes() == best
+    ok(cli("export", run, "--format", "torch-lstm", "--out", run / "lstm.pt"))  # a file of its own beside them

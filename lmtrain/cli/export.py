@@ -16,6 +16,7 @@ from lmtrain.cli.app import app, say, user_errors
 from lmtrain.config import to_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.model import Saved, build_saved, hub, onnx_bytes, read_saved, torch_lstm_payload
+from lmtrain.runs import is_run_file
 
 FORMATS = ("safetensors", "onnx", "torch-lstm")
 
@@ -31,6 +32,8 @@ def export(
     with user_errors():
         if format not in FORMATS:
             raise LmtrainError(f"--format must be one of {', '.join(FORMATS)}; got '{format}'")
+        if overwrites_run(out, run):
+            raise LmtrainError(f"--out {out} is {run} or one of its files; export to another path")
         if (out.exists() or out.is_symlink()) and not force:
             raise LmtrainError(f"{out} exists; --force replaces it")
         if not out.parent.is_dir():
@@ -54,6 +57,15 @@ def export(
         with atomic_open(out) as f:
             f.write(data)
         say(f"wrote {out} ({format}, {len(data):,} bytes)")
+
+
+def overwrites_run(out: Path, run: Path) -> bool:
+    """Whether writing `out` would replace `run` itself (a checkpoint, an export directory) or a
+    file of the run directory `run` (its checkpoints, logs, marker)."""
+    target, source = out.resolve(), run.resolve()
+    if target == source or hub.is_export(source) and source in target.parents:
+        return True
+    return source.is_dir() and target.parent == source and is_run_file(target.name)
 
 
 def saved_payload(saved: Saved) -> dict:
