@@ -13,9 +13,8 @@ import typer
 
 from lmtrain.atomic import atomic_open, current_umask
 from lmtrain.cli.app import app, say, user_errors
-from lmtrain.config import to_dict
 from lmtrain.errors import LmtrainError
-from lmtrain.model import Saved, build_saved, hub, onnx_bytes, read_saved, torch_lstm_payload
+from lmtrain.model import build_saved, hub, onnx_bytes, read_saved, torch_lstm_payload
 from lmtrain.runs import is_run_file
 
 FORMATS = ("safetensors", "onnx", "torch-lstm")
@@ -41,7 +40,7 @@ def export(
         if format == "safetensors":
             hub.safetensors_torch()  # the package, before anything is read
             saved = read_saved(run)
-            write_directory(out, lambda d: hub.write_files(saved_payload(saved), d))
+            write_directory(out, lambda d: hub.write_files(saved, d))
             say(f"wrote {out}/ ({hub.WEIGHTS}, {hub.CONFIG}, {hub.TOKENIZER})")
             return
         saved = read_saved(run)
@@ -66,13 +65,6 @@ def overwrites_run(out: Path, run: Path) -> bool:
     if target == source or hub.is_export(source) and source in target.parents:
         return True
     return source.is_dir() and target.parent == source and is_run_file(target.name)
-
-
-def saved_payload(saved: Saved) -> dict:
-    """What hub.write_files takes, from a read (and checked) model."""
-    return {"model": saved.weights, "config": to_dict(saved.config), "vocab_size": saved.vocab_size,
-            "tokenizer": {"kind": saved.config.tokenizer.kind, "model": saved.tokenizer.model_proto},
-            "corpus": saved.corpus, "progress": saved.progress}
 
 
 def permissions(directory: Path) -> None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from lmtrain.config import to_dict
 from lmtrain.errors import LmtrainError
+
+if TYPE_CHECKING:
+    from lmtrain.model.saved import Saved
 
 FORMAT = "lmtrain-safetensors"
 VERSION = 1
@@ -40,15 +42,15 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).exists()
 
 
-def write_files(payload: dict[str, Any], directory: Path) -> None:
-    """A checked checkpoint payload's model into `directory` (which exists and is empty)."""
-    weights = {k: v.detach().clone().contiguous() for k, v in payload["model"].items()}  # tied tensors apart
+def write_files(saved: Saved, directory: Path) -> None:
+    """A read (and checked) model into `directory` (which exists and is empty)."""
+    weights = {k: v.detach().clone().contiguous() for k, v in saved.weights.items()}  # tied tensors apart
     safetensors_torch().save_file(weights, str(directory / WEIGHTS))
-    progress = {k: payload["progress"][k] for k in ("epoch", "step") if k in payload["progress"]}
-    meta = {"format": FORMAT, "version": VERSION, "config": payload["config"], "vocab_size": payload["vocab_size"],
-            "tokenizer_kind": payload["tokenizer"]["kind"], "corpus": payload["corpus"], "progress": progress}
+    progress = {k: saved.progress[k] for k in ("epoch", "step") if k in saved.progress}
+    meta = {"format": FORMAT, "version": VERSION, "config": to_dict(saved.config), "vocab_size": saved.vocab_size,
+            "tokenizer_kind": saved.config.tokenizer.kind, "corpus": saved.corpus, "progress": progress}
     (directory / CONFIG).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    (directory / TOKENIZER).write_bytes(payload["tokenizer"]["model"])
+    (directory / TOKENIZER).write_bytes(saved.tokenizer.model_proto)
 
 
 def read_payload(directory: Path) -> tuple[Path, dict[str, Any]]:
@@ -72,6 +74,3 @@ def read_payload(directory: Path) -> tuple[Path, dict[str, Any]]:
                "optimizer": {"state": {}, "param_groups": []}, "progress": meta.get("progress")}
     return weights_path, payload
 
-
-def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -87,7 +87,7 @@ def source(program: Program) -> str:
     direct = [_name(g) if g is not None else ("None" if k == 0 else f"torch.zeros_like(state[{k}])")
               for k, g in enumerate(program.d_s)]
     extras = []
-    for i, names in enumerate(program.step.extra.values()):
+    for i in range(len(program.step.extra)):
         parts = [(_name(program.d_p[k]) + ".sum(0)") if program.d_p[k] is not None else "extra[%d].new_zeros(H)" % i
                  for k, (param, _) in enumerate(blocks) if param == i]
         extras.append("torch.cat([" + ", ".join(parts) + "])")
