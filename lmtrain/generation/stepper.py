@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model import WEIGHT_PRECISIONS, LanguageModel, State, is_lstm, selfcheck, step_ops
+from lmtrain.model import WEIGHT_PRECISIONS, LanguageModel, State, is_lstm, is_standard, selfcheck, step_ops
 
 TABLE_BUDGET_BYTES = 256 * 2**20  # above this, layer 0 multiplies the embedding row instead
 
@@ -98,12 +98,13 @@ class Stepper:
 
     def __init__(self, model: LanguageModel, precision: str = "fp32"):
         self.cells = [layer.cell for layer in model.layers]
-        self.extras = [tuple(p.detach() for p in layer.extra) for layer in model.layers]
+        # layers of their own (lmtrain.model.layer): run a step at a time through their forward, in float32
+        self.own = [None if is_standard(layer) else layer for layer in model.layers]
+        self.extras = [tuple(p.detach() for p in layer.extra) if is_standard(layer) else () for layer in model.layers]
         first = model.layers[0]
         embedding = model.embedding.weight.detach().float()
-        table_bytes = embedding.size(0) * first.w_ih.size(0) * 4
         self.table = None
-        if table_bytes <= TABLE_BUDGET_BYTES:
+        if self.own[0] is None and embedding.size(0) * first.w_ih.size(0) * 4 <= TABLE_BUDGET_BYTES:
             with torch.no_grad():  # fp32 exact: the row a word always gives
                 self.table = torch.addmm(first.b_ih.detach().float(), embedding, first.w_ih.detach().float().t())
         self.embedding = embedding
@@ -111,8 +112,13 @@ class Stepper:
         self.recurrent: list[Product] = []  # W_hh, or [W_ih, W_hh] side by side (joint)
         self.joint: list[bool] = []
         for k, layer in enumerate(model.layers):
+            if self.own[k] is not None:
+                self.joint.append(False)
+                self.inputs.append(None)
+                self.recurrent.append(None)
+                continue
             b_hh = layer.b_hh.detach() if layer.b_hh is not None else None
-            joint = k > 0 and b_hh is None
+            joint = k > 0 and b_hh is None and self.own[k - 1] is None
             self.joint.append(joint)
             if joint:
                 self.inputs.append(None)
@@ -127,6 +133,10 @@ class Stepper:
         # every other cell's pointwise step as one op: its functor generated from its equations
         self.cell_steps = [self.lstm_step is not None and not is_lstm(cell) and step_ops.has_cell_step(name)
                            for cell, name in zip(self.cells, self.names)]
+        if any(own is not None for own in self.own):
+            self.stack = None
+            self.scratch = torch.empty(0, dtype=torch.uint8)
+            return
         # an LSTM stack in the layout above, all of it compiled: the whole step as one op
         products = self.recurrent + [self.decoder]
         self.stack = None
@@ -211,6 +221,12 @@ class Stepper:
         for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):
             layer_state = tuple(s.float() for s in state[k])
             h = layer_state[0]
+            if self.own[k] is not None:
+                inputs = self.embedding[tokens] if k == 0 else x
+                y, layer_state = self.own[k](inputs.unsqueeze(0), layer_state)
+                new_state.append(tuple(layer_state))
+                x = y[0]
+                continue
             if is_lstm(cell) and self.lstm_step is not None:
                 if self.joint[k]:
                     gates = self.recurrent[k](torch.cat([x, h], 1))

@@ -13,47 +13,15 @@ LSTM), each tensor (B, H_l). It is passed in and returned, never kept on the mod
 
 from __future__ import annotations
 
-import math
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
-from lmtrain.errors import LmtrainError
 from lmtrain.model.cells import get_cell
-from lmtrain.model.recurrence import run_layer
+from lmtrain.model.layer import layer_class
 
 State = list[tuple[Tensor, ...]]
-
-
-class RecurrentLayer(nn.Module):
-    """One layer's parameters; the recurrence itself is `lmtrain.model.recurrence.run_layer`.
-
-    w_ih: (GH, I), w_hh: (GH, H), b_ih: (GH,), and b_hh: (GH,) only for cells that keep the
-    recurrent bias apart (GRU); extra per-unit parameters as the cell declares (peepholes).
-    G is the cell's gate count; gate order is the cell module's.
-    """
-
-    def __init__(self, cell: ModuleType, input_size: int, hidden_size: int):
-        super().__init__()
-        self.cell = cell
-        self.hidden_size = hidden_size
-        width = cell.GATES * hidden_size
-        self.w_ih = nn.Parameter(torch.empty(width, input_size))
-        self.w_hh = nn.Parameter(torch.empty(width, hidden_size))
-        self.b_ih = nn.Parameter(torch.empty(width))
-        self.b_hh = nn.Parameter(torch.empty(width)) if cell.RECURRENT_BIAS else None
-        self.extra = nn.ParameterList(nn.Parameter(torch.empty(blocks * hidden_size)) for blocks in cell.EXTRA.values())
-
-    def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
-        return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
-
-    def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0,
-                compute_dtype: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra),
-                         weight_drop=weight_drop if self.training else 0.0, compute_dtype=compute_dtype)
 
 
 class LanguageModel(nn.Module):
@@ -64,7 +32,7 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
         sizes = (config.embedding_size, *config.layer_sizes)
         self.layers = nn.ModuleList(
-            RecurrentLayer(get_cell(name), sizes[i], sizes[i + 1]) for i, name in enumerate(config.cells)
+            layer_class(get_cell(name))(get_cell(name), sizes[i], sizes[i + 1], config) for i, name in enumerate(config.cells)
         )
         self.decoder = nn.Linear(sizes[-1], vocab_size)
         if config.tie_weights:
@@ -72,21 +40,11 @@ class LanguageModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Uniform init (see ModelConfig.init_range, recurrent_init), then the forget-gate bias."""
-        c = self.config
+        """Uniform init in ±model.init_range, then each layer's own (lmtrain.model.layer.RecurrentLayer.initialise)."""
         for p in self.parameters():
-            nn.init.uniform_(p, -c.init_range, c.init_range)
+            nn.init.uniform_(p, -self.config.init_range, self.config.init_range)
         for layer in self.layers:
-            if c.recurrent_init == "torch":
-                for p in layer.parameters():
-                    bound = 1 / math.sqrt(layer.hidden_size)
-                    nn.init.uniform_(p, -bound, bound)
-            if c.forget_bias:
-                gate = getattr(layer.cell, "FORGET_GATE", None)
-                if gate is None:
-                    raise LmtrainError(f"model.forget_bias: cell '{layer.cell.__name__.rsplit('.', 1)[-1]}' has no forget gate")
-                with torch.no_grad():
-                    layer.b_ih[gate * layer.hidden_size : (gate + 1) * layer.hidden_size] += c.forget_bias
+            layer.initialise(self.config)
 
     def init_state(self, batch_size: int) -> State:
         """Zero state for `batch_size` streams on the model's device and dtype."""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.layer import is_standard
 
 OPSET = 17
 
@@ -58,6 +59,9 @@ def onnx_bytes(model: LanguageModel) -> bytes:
 
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it
         raise LmtrainError("the onnx format needs the onnx package: pip install 'lmtrain[export]'")
+    own = sorted({layer.cell.__name__.rsplit(".", 1)[-1] for layer in model.layers if not is_standard(layer)})
+    if own:
+        raise LmtrainError(f"the onnx format does not cover the {', '.join(own)} cell yet: export it as safetensors")
     model = model.float().eval()
     zeros = [s for layer_state in model.init_state(2) for s in layer_state]
     tokens = torch.zeros(2, dtype=torch.long)

@@ -38,6 +38,7 @@ import torch
 from lmtrain.config import TOKENIZER_KINDS, Config, ModelConfig, from_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.model.cells import get_cell
+from lmtrain.model.layer import layer_class
 from lmtrain.text import EOS, EOS_ID, UNK_ID, Tokenizer
 
 REQUIRED = ("config", "corpus", "tokenizer", "vocab_size", "model", "optimizer", "progress")
@@ -239,12 +240,9 @@ def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, .
     sizes = (config.embedding_size, *config.layer_sizes)
     shapes = {"embedding.weight": (vocab_size, config.embedding_size)}
     for i, name in enumerate(config.cells):
-        cell, units = get_cell(name), sizes[i + 1]
-        width = cell.GATES * units
-        shapes |= {f"layers.{i}.w_ih": (width, sizes[i]), f"layers.{i}.w_hh": (width, units), f"layers.{i}.b_ih": (width,)}
-        if cell.RECURRENT_BIAS:
-            shapes[f"layers.{i}.b_hh"] = (width,)
-        shapes |= {f"layers.{i}.extra.{j}": (blocks * units,) for j, blocks in enumerate(cell.EXTRA.values())}
+        cell = get_cell(name)
+        layer = layer_class(cell).shapes(cell, sizes[i], sizes[i + 1], config)
+        shapes |= {f"layers.{i}.{key}": shape for key, shape in layer.items()}
     return shapes | {"decoder.weight": (vocab_size, sizes[-1]), "decoder.bias": (vocab_size,)}
 
 

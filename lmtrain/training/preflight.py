@@ -22,7 +22,7 @@ import torch
 
 from lmtrain.config import Config, ModelConfig
 from lmtrain.errors import LmtrainError
-from lmtrain.model import get_cell
+from lmtrain.model import get_cell, model_shapes, parameter_keys
 from lmtrain.text import TokenFile
 from lmtrain.training.loop import min_train_tokens
 
@@ -32,14 +32,9 @@ GIB = 1 << 30
 
 def parameter_count(model: ModelConfig, vocab_size: int) -> int:
     """The number of parameters of LanguageModel(model, vocab_size), from the config alone (the
-    shapes of lmtrain.model.language_model.RecurrentLayer and the decoder), so that nothing is built to know it."""
-    sizes = (model.embedding_size, *model.layer_sizes)
-    count = vocab_size * model.embedding_size  # the embedding
-    for i, name in enumerate(model.cells):
-        cell, inputs, units = get_cell(name), sizes[i], sizes[i + 1]
-        width = cell.GATES * units
-        count += width * (inputs + units + 1 + int(cell.RECURRENT_BIAS)) + sum(cell.EXTRA.values()) * units
-    return count + vocab_size * (0 if model.tie_weights else sizes[-1]) + vocab_size  # decoder weight, bias
+    model's shapes, lmtrain.model.payload.model_shapes), so that nothing is built to know it."""
+    shapes = model_shapes(model, vocab_size)
+    return sum(math.prod(shapes[key]) for key in parameter_keys(model, shapes))
 
 
 def memory_limit(device: torch.device) -> tuple[int, str]:
