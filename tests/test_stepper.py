@@ -82,27 +82,43 @@ def random_state(layers: int, batch: int, hidden: int, seed: int):
     return [tuple(torch.randn(batch, hidden, generator=g) for _ in range(2)) for _ in range(layers)]
 
 
+def random_states(model: LanguageModel, batch: int, seed: int):
+    """A state of the model's layout with every value positive and away from 0 (an sLSTM's
+    normaliser divides), so that any difference shows."""
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(s.shape, generator=g).abs() + 0.1 for s in layer) for layer in model.init_state(batch)]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("layers", [1, 3])
-def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, layers):
+@pytest.mark.parametrize("cell,layers", [("lstm", 1), ("lstm", 3), ("gru", 2), ("slstm", 2), ("peephole", 1),
+                                         ("coupled", 2), ("rnn", 2), ("gru,lstm,slstm", 3), ("lstm,gru", 2)])
+def test_the_whole_step_op_is_the_op_by_op_step_bit_for_bit(precision, cell, layers):
+    """Every cell, alone or mixed: layer 0 from the table, joint products above, and the GRU's two
+    products apart above layer 0 (its recurrent bias)."""
     need(precision)
     need_whole_step()
     torch.manual_seed(0)
     # odd sizes: partial panels, a K that is not a multiple of 4, and 1 or 2 blocks of rows
-    model = LanguageModel(ModelConfig(layers=layers, embedding_size=40, hidden_size=37), 101).eval()
+    model = LanguageModel(ModelConfig(cell=cell, layers=layers, embedding_size=40, hidden_size=37), 101).eval()
+    for layer in model.layers:  # per-unit parameters that matter (the peepholes)
+        for e in layer.extra:
+            torch.nn.init.uniform_(e, -0.5, 0.5)
     stepper = Stepper(model, precision)
     assert stepper.stack is not None
     for batch in (1, 13):
-        state = random_state(layers, batch, 37, seed=batch)
+        state = random_states(model, batch, seed=batch)
         tokens = torch.randint(0, 101, (batch,), generator=torch.Generator().manual_seed(batch))
         whole, whole_state = stepper.step(tokens, state)
         stepper.unfused = True
         parts, parts_state = stepper.step(tokens, state)
         stepper.unfused = False
-        assert torch.equal(whole, parts)
-        for (h1, c1), (h2, c2) in zip(whole_state, parts_state):
-            assert torch.equal(h1, h2) and torch.equal(c1, c2)
+        assert torch.isfinite(whole).all() and torch.equal(whole, parts)
+        for a, b in zip(whole_state, parts_state):
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
         assert not torch.equal(whole_state[0][0], state[0][0])  # the state moved on
+    if precision == "fp32":  # and the whole step follows the model itself
+        reference, stepped = run_both(model, precision)
+        assert torch.allclose(stepped, reference, atol=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

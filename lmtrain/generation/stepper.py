@@ -13,10 +13,10 @@ speed is that of the weights arriving from memory. The stepper prepares them onc
 
 then each layer's state follows from its cell's own pointwise step (lmtrain/model/cells; on the
 CPU in one compiled pass: `lstm_cell_step` for the LSTM, `cell_step` for the others, their
-functors generated from the cells' equations). For an LSTM stack in
+functors generated from the cells' equations). For a stack of any of these cells in
 this layout, the whole step (and, in `draw`, the sampling of its tokens before it) is one
-compiled op, `lstm_stack_step`: the same bits without a dispatch and a thread start-up per
-product (at one stream, a fifth to a quarter of the op-by-op step's time). The
+compiled op, `stack_step`: the same bits without a dispatch and a thread start-up per
+product. The
 products' weights are held as float32, bfloat16 or int8 (`WEIGHT_PRECISIONS`, lmtrain/model/kernels/step_ops.py):
 smaller weights stay in the CPU's cache. States, gates and logits stay float32. Every stream is
 computed on its own, so a stream's logits do not depend on the streams beside it.
@@ -90,7 +90,7 @@ class Stepper:
 
     The products hold copies of the weights: a stepper serves the model as it was when made. Its
     working memory is reused from step to step, so a stepper serves one caller at a time.
-    `unfused` runs an LSTM stack's step op by op instead of as one op (the same bits; for tests
+    `unfused` runs the stack's step op by op instead of as one op (the same bits; for tests
     and benchmarks).
     """
 
@@ -137,12 +137,21 @@ class Stepper:
             self.stack = None
             self.scratch = torch.empty(0, dtype=torch.uint8)
             return
-        # an LSTM stack in the layout above, all of it compiled: the whole step as one op
-        products = self.recurrent + [self.decoder]
+        # the stack in the layout above, all of it compiled: the whole step as one op
+        self.hidden = [layer.hidden_size for layer in model.layers]
+        self.widths = [len(cell.STATE) for cell in self.cells]
+        products = []
+        for k in range(len(self.cells)):
+            products += [self.inputs[k]] if k > 0 and not self.joint[k] else []
+            products.append(self.recurrent[k])
+        products.append(self.decoder)
         self.stack = None
-        if (self.lstm_step is not None and self.table is not None and all(is_lstm(cell) for cell in self.cells)
-                and all(self.joint[1:]) and all(p.compiled for p in products)):
+        if (self.lstm_step is not None and self.table is not None and all(p.compiled for p in products)
+                and all(is_lstm(cell) or ok for cell, ok in zip(self.cells, self.cell_steps))):
             self.stack = tuple([getattr(p, name) for p in products] for name in ("weight", "scales", "sums", "bias"))
+            self.layout = step_ops.stack_layout(self.names, self.widths, [len(e) for e in self.extras],
+                                                [k > 0 and not joint for k, joint in enumerate(self.joint)])
+            self.flat_extra = [e.float().contiguous() for extra in self.extras for e in extra]
         self.scratch = torch.empty(0, dtype=torch.uint8)  # the whole-step op's working memory, grown by the op
         if self.stack is not None and not self.whole_step_checked(precision):
             self.stack = None
@@ -154,25 +163,32 @@ class Stepper:
         if selfcheck.is_off("step-op"):
             return False
         tokens = torch.tensor([0, self.embedding.size(0) - 1])
-        hidden = [w.size(0) // 4 for w in self.stack[3][:-1]]
-        zeros = [torch.zeros(2, h) for h in hidden for _ in range(2)]  # h_0, c_0, h_1, c_1, ...
+        zeros = [torch.zeros(2, h) for h, n in zip(self.hidden, self.widths) for _ in range(n)]
 
         def step(unfused: bool):
             def run(*flat):
                 kept, self.unfused = self.unfused, unfused
                 try:
-                    logits, state = self.step(tokens, list(zip(flat[::2], flat[1::2])))
+                    logits, state = self.step(tokens, self.regroup(list(flat)))
                 finally:
                     self.unfused = kept
                 return [logits, *(s for layer in state for s in layer)]
 
             return run
 
-        key = (precision, tuple(hidden), self.embedding.shape, self.stack[3][-1].numel())
+        key = (precision, tuple(self.names), tuple(self.hidden), self.embedding.shape, self.stack[3][-1].numel())
         failure = selfcheck.check("step-op", key, step(False), step(True), zeros, selfcheck.tolerance(torch.float32))
         if failure is not None:
             selfcheck.turn_off("step-op", failure, lambda: "the op-by-op step")
         return failure is None
+
+    def regroup(self, flat: list[Tensor]) -> State:
+        """Every layer's states in one list -> the model's layout (a tuple per layer)."""
+        state, at = [], 0
+        for n in self.widths:
+            state.append(tuple(flat[at : at + n]))
+            at += n
+        return state
 
     def table_rows(self, tokens: Tensor) -> Tensor:
         """TABLE[tokens] (B, G·H_0): index_select copies whole rows, where advanced indexing
@@ -180,18 +196,17 @@ class Stepper:
         return self.table.index_select(0, tokens)
 
     def can_draw(self) -> bool:
-        """Whether `draw` is offered: an LSTM stack's whole step compiled as one op."""
+        """Whether `draw` is offered: the stack's whole step compiled as one op."""
         return self.stack is not None and not self.unfused
 
     def new_outputs(self, streams: int) -> list[Tensor]:
-        """Buffers for one whole-step op's results: [logits (B, V), h'_0 .. h'_{L-1}, c'_0 .. c'_{L-1}]."""
-        hidden = [w.size(0) // 4 for w in self.stack[3][:-1]]  # each layer's bias is (4 H_l,)
-        return [torch.empty(streams, self.stack[3][-1].numel())] + [torch.empty(streams, h) for h in hidden * 2]
+        """Buffers for one whole-step op's results: [logits (B, V), then every layer's new states]."""
+        states = [torch.empty(streams, h) for h, n in zip(self.hidden, self.widths) for _ in range(n)]
+        return [torch.empty(streams, self.stack[3][-1].numel())] + states
 
     def unpack(self, out: list[Tensor]) -> tuple[Tensor, State]:
         """new_outputs' layout -> logits and the state (the model's layout)."""
-        layers = (len(out) - 1) // 2
-        return out[0], list(zip(out[1 : layers + 1], out[layers + 1 :]))
+        return out[0], self.regroup(out[1:])
 
     @torch.no_grad()
     def draw(self, logits: Tensor, uniforms: Tensor, temperature: float, state: State,
@@ -201,8 +216,8 @@ class Stepper:
         `out` (new_outputs, none of them an input) receives the logits and state; fresh ones by default."""
         out = self.new_outputs(logits.size(0)) if out is None else out
         selfcheck.inject("step-op")
-        tokens = step_ops.stack_draw(logits.float(), uniforms.float(), temperature, self.table, self.stack,
-                                     [s[0].float() for s in state], [s[1].float() for s in state], out, self.scratch)
+        tokens = step_ops.stack_draw(logits.float(), uniforms.float(), temperature, self.table, self.stack, self.layout,
+                                     [s.float() for layer in state for s in layer], self.flat_extra, out, self.scratch)
         out[0] = selfcheck.distort("step-op", out[:1])[0]
         return (tokens, *self.unpack(out))
 
@@ -212,8 +227,8 @@ class Stepper:
         if self.stack is not None and not self.unfused:
             out = self.new_outputs(tokens.size(0))
             selfcheck.inject("step-op")
-            step_ops.stack_step(tokens, self.table, self.stack, [s[0].float() for s in state],
-                                [s[1].float() for s in state], out, self.scratch)
+            step_ops.stack_step(tokens, self.table, self.stack, self.layout, [s.float() for layer in state for s in layer],
+                                self.flat_extra, out, self.scratch)
             out[0] = selfcheck.distort("step-op", out[:1])[0]
             return self.unpack(out)
         x = None

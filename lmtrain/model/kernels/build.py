@@ -6,7 +6,7 @@
                                step functors generated from the cells' equations (cell_steps.h)
     cpu/step_cpu.cpp           one generation step (lmtrain.generation.stepper): its products
                                (step_products.h), its pointwise step and draw (step_sampling.h), and
-                               the whole step of an LSTM stack in one op
+                               the whole step of a stack of any cells in one op
 
 The build is cached per machine under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)
 as `lmtrain_cpu_<key>`, where the key (`build_key`) hashes everything the library depends on: the

@@ -42,7 +42,7 @@ PATHS = {
     "fused": "the fused loop with each cell's steps compiled (every cell on CUDA)",
     "sequence": "the LSTM's own whole-sequence kernel (our C++ loops on the CPU)",
     "cross-entropy": "the fused cross-entropy (C++, CPU)",
-    "step-op": "generation's whole step in one C++ op (LSTM stacks, CPU)",
+    "step-op": "generation's whole step in one C++ op (CPU)",
     "cuda-graphs": "a training window captured once as a CUDA graph and replayed",
     "build": "building and loading our C++ ops",
 }

@@ -9,7 +9,7 @@ A product's weight W (N, K) is held in one of WEIGHT_PRECISIONS (cpu/step_produc
 
 and multiplied by `linear`. `lstm_cell_step` is the LSTM's pointwise step, `cell_step` any other
 cell's; `stack_step` and
-`stack_draw` an LSTM stack's whole step (with the draw of its tokens before it, for stack_draw)
+`stack_draw` a stack's whole step, any cells (with the draw of its tokens before it, for stack_draw)
 as one op; `sample_rows` the draw alone. Every function here needs the compiled ops on the CPU
 (`ops_for(device)` is not None); lmtrain.generation.stepper chooses which to use.
 """
@@ -74,17 +74,29 @@ def sample_rows(logits: Tensor, uniforms: Tensor, temperature: float) -> Tensor:
     return torch.ops.lmtrain.sample_rows(logits, uniforms, temperature)
 
 
-def stack_step(tokens: Tensor, table: Tensor, stack: tuple[list[Tensor], ...], h: list[Tensor], c: list[Tensor],
-               out: list[Tensor], scratch: Tensor) -> None:
-    """An LSTM stack's whole step on tokens (B,) into out = [logits (B, V), h'_0.., c'_0..].
+def stack_layout(names: list[str], states: list[int], extras: list[int], apart: list[bool]) -> list[int]:
+    """The whole-step op's description of a stack: 4 numbers per layer (its cell: -1 for the LSTM,
+    else its functor's index; its number of states and of per-unit parameters; whether its two
+    products are apart)."""
+    layout = []
+    for name, n_states, n_extra, two in zip(names, states, extras, apart):
+        layout += [-1 if name == "lstm" else functor_index(name), n_states, n_extra, int(two)]
+    return layout
 
-    table (V, 4 H_0): layer 0's E W_ih^T + b_ih; stack: the L + 1 products (layer 0's W_hh, each
-    later layer's [W_ih, W_hh], the decoder) as four lists (panels, scales, sums, biases); h, c: L
-    float32 states (B, H_l); scratch: uint8 working memory, grown by the op. No output may be an input."""
-    torch.ops.lmtrain.lstm_stack_step(tokens, table, *stack, h, c, out, scratch)
+
+def stack_step(tokens: Tensor, table: Tensor, stack: tuple[list[Tensor], ...], layout: list[int], states: list[Tensor],
+               extra: list[Tensor], out: list[Tensor], scratch: Tensor) -> None:
+    """A stack's whole step on tokens (B,) into out = [logits (B, V), every layer's new states].
+
+    table (V, G_0 H_0): layer 0's E W_ih^T + b_ih; stack: the products (layer 0's W_hh, each later
+    layer's [W_ih, W_hh], or W_ih and W_hh apart for cells with a recurrent bias, then the decoder)
+    as four lists (panels, scales, sums, biases); layout: stack_layout's; states: every layer's
+    float32 states (B, H_l) in order; extra: every layer's per-unit parameters; scratch: uint8
+    working memory, grown by the op. No output may be an input."""
+    torch.ops.lmtrain.stack_step(tokens, table, *stack, layout, states, extra, out, scratch)
 
 
 def stack_draw(logits: Tensor, uniforms: Tensor, temperature: float, table: Tensor, stack: tuple[list[Tensor], ...],
-               h: list[Tensor], c: list[Tensor], out: list[Tensor], scratch: Tensor) -> Tensor:
+               layout: list[int], states: list[Tensor], extra: list[Tensor], out: list[Tensor], scratch: Tensor) -> Tensor:
     """The tokens (B,) drawn from logits (B, V) as sample_rows draws them, then stack_step on them."""
-    return torch.ops.lmtrain.lstm_stack_draw(logits, uniforms, temperature, table, *stack, h, c, out, scratch)
+    return torch.ops.lmtrain.stack_draw(logits, uniforms, temperature, table, *stack, layout, states, extra, out, scratch)

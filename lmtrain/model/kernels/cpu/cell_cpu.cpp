@@ -191,6 +191,13 @@ std::vector<at::Tensor> cell_backward_loop(int64_t cell, std::vector<at::Tensor>
   return d_first;
 }
 
+// One row of a cell's step for generation (no recurrent bias apart: hg holds it), vectorised
+template <typename Cell, typename M, typename T>
+void step_row(int64_t hidden, const T* x, const T* h, const Params<T>& p, const ConstRows<T>& prev, const Rows<T>& out, T* kept) {
+#pragma GCC ivdep
+  for (int64_t j = 0; j < hidden; ++j) Cell::template forward<M, T>(j, hidden, x, h, nullptr, p, prev, out, kept);
+}
+
 // One step of a cell without keeping what a backward needs (generation): xg, hg (B, GH), the
 // pre-activations with every bias in them; states (B, H) each -> the new states
 std::vector<at::Tensor> cell_step(int64_t cell, at::Tensor xg, at::Tensor hg, std::vector<at::Tensor> states,
@@ -225,7 +232,7 @@ std::vector<at::Tensor> cell_step(int64_t cell, at::Tensor xg, at::Tensor hg, st
           const scalar_t* x = xg.const_data_ptr<scalar_t>() + b * width;
           const scalar_t* h = hg.const_data_ptr<scalar_t>() + b * width;
           scalar_t* kept = saved.data_ptr<scalar_t>() + b * Cell::kSaved * hidden;
-          for (int64_t j = 0; j < hidden; ++j) Cell::template forward<M, scalar_t>(j, hidden, x, h, nullptr, p, prev, out, kept);
+          step_row<Cell, M, scalar_t>(hidden, x, h, p, prev, out, kept);
         }
       });
       return 0;
