@@ -66,10 +66,11 @@ class ModelConfig:
     recurrent_init: str = "range"
     forget_bias: float = 0.0  # added to the forget gate's bias after init (cells with a forget gate)
     # the mogrifier cell's rounds before each LSTM step (Melis et al. 2020): odd ones gate the input
-    # by the state, even ones the state by the input; 0 is the plain LSTM
+    # by the state, even ones the state by the input, each with a bias that starts at 0; 0 rounds
+    # is the plain LSTM
     mogrifier_rounds: int = 5
     # the rank of each round's matrix: 0 full (I x H or H x I), k > 0 the product of an
-    # (out x k) and a (k x in) factor
+    # (out x k) and a (k x in) factor, each drawn so that the product spreads as a full matrix would
     mogrifier_rank: int = 0
 
     @property
