@@ -241,3 +241,15 @@ def test_train_evaluate_and_generate_through_the_cli(tmp_path):
     assert metrics["tokens"] > 0 and math.isfinite(metrics["ppl"])
     first = ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout
     assert first.strip() and first == ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout
+
+
+def test_export_refuses_it_by_name():
+    from lmtrain.config import Config
+    from lmtrain.model import onnx_bytes, torch_lstm_payload
+
+    model = LanguageModel(config(), 11)
+    with pytest.raises(LmtrainError, match="this run has mogrifier layers"):
+        torch_lstm_payload(Config(model=config()), model.state_dict())
+    pytest.importorskip("onnx")
+    with pytest.raises(LmtrainError, match="does not cover the mogrifier cell"):
+        onnx_bytes(model)
