@@ -19,7 +19,7 @@ from typing import Any
 from lmtrain.errors import LmtrainError
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "qrnn")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -42,7 +42,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
+    # lstm | peephole | coupled | gru | rnn | slstm | qrnn for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
     # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
     cell: str = "lstm"
     layers: int = 2  # stacked recurrent layers
@@ -57,7 +57,9 @@ class ModelConfig:
     # stream, the same at every time step (variational / locked dropout, Gal & Ghahramani 2016)
     locked_dropout: bool = False
     embedding_dropout: float = 0.0  # drop whole words: rows of the embedding, one mask per window
-    weight_drop: float = 0.0  # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013)
+    # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013); the qrnn, which has no
+    # W_hh, drops from its gate filter W (as AWD-LSTM's WeightDrop did on its QRNN's linear weights)
+    weight_drop: float = 0.0
     # the decoder shares the embedding matrix; the last layer then has embedding_size units
     # (AWD-LSTM's layout), so hidden_size applies to the layers below it
     tie_weights: bool = False
@@ -65,6 +67,9 @@ class ModelConfig:
     # ... except the recurrent layers' with "torch": uniform in ±1/sqrt(layer's units), PyTorch's default
     recurrent_init: str = "range"
     forget_bias: float = 0.0  # added to the forget gate's bias after init (cells with a forget gate)
+    # the qrnn's convolution width over time (Bradbury et al. 2017), for every qrnn layer: 1, its
+    # gates from x_t alone; 2, from x_{t-1} and x_t (AWD-LSTM's QRNN used 2 on its first layer, 1 above)
+    qrnn_window: int = 1
 
     @property
     def cells(self) -> tuple[str, ...]:
@@ -365,6 +370,8 @@ def validate(config: Config) -> None:
             f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
             f"(give one name for all layers or one per layer)"
         )
+    if m.qrnn_window not in (1, 2):
+        raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
     for key in ("dropout", "embedding_dropout", "weight_drop"):
