@@ -14,7 +14,7 @@ from lmtrain.model.language_model import LanguageModel
 from lmtrain.model.recurrence import Recurrence, run_layer
 
 F64 = torch.float64
-CELL_NAMES = [name for name, cell in CELLS.items() if on_engine(cell)]  # the engine's cells; the others have their own tests
+CELL_NAMES = [name for name, cell in CELLS.items() if on_engine(cell)]  # the engine's cells; the others: their own tests
 
 
 def layer_inputs(cell, steps=6, batch=3, input_size=4, hidden=3, seed=0):
@@ -282,7 +282,7 @@ def test_cell_list_from_toml_and_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, qrnn, got 'transformer'"),
+        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, got 'transformer'"),
         (["model.cell=lstm,tranformer"], "'model.cell' must be one of"),
         (["model.cell=lstm,,gru", "model.layers=3"], "'model.cell' must be one of"),
         (["model.cell=lstm,gru", "model.layers=3"], "config key 'model.cell' names 2 cells for 3 layers"),

@@ -4,6 +4,7 @@
                                    device x cell x precision the path the dispatcher picks, whether
                                    its self-check passed (lmtrain.model.kernels.selfcheck), what
                                    runs in the end, and one forward + backward window's time
+                                   (a cell of its own layer: path "own", its layer's window)
     render(report) -> str          the same as text
     exit_code(report)              0: every fast path passed its check; 1: something fell back
 
@@ -23,7 +24,7 @@ import torch
 
 from lmtrain import __version__
 from lmtrain.config import PRECISIONS, ModelConfig
-from lmtrain.model import CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, run_layer, selfcheck
+from lmtrain.model import CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, layer_class, run_layer, selfcheck
 
 # the CPU features lmtrain's kernels look for: /proc/cpuinfo's flag -> what it gives
 CPU_FEATURES = {
@@ -46,7 +47,7 @@ class PathReport:
     chosen: str  # the path dispatch picks first
     reason: str
     runs: str  # the path that runs after the self-checks
-    check: str  # "passed", "not needed" (the engine is the reference) or "failed: why"
+    check: str  # "passed", "not needed" (the engine is the reference; an own layer is held to its own by tests) or "failed: why"
     ms: float | None  # one forward + backward window of WINDOW's size, median of TIMED_RUNS
     error: str | None = None  # when even the engine failed
 
@@ -136,19 +137,40 @@ def timed_ms(run, device: torch.device) -> float:
     return round(statistics.median(times), 3)
 
 
+def own_layer_window(cell, device: torch.device, compute_dtype, seed: int = 0):
+    """A cell of its own layer (not on the engine, dispatch.on_engine): its layer at the config's
+    defaults and WINDOW's size -> a forward + backward of it."""
+    g = torch.Generator().manual_seed(seed)
+    layer = layer_class(cell)(cell, WINDOW["inputs"], WINDOW["hidden"], ModelConfig())
+    for p in layer.parameters():
+        torch.nn.init.uniform_(p, -0.3, 0.3, generator=g)
+    layer.to(device)
+    x = torch.randn(WINDOW["steps"], WINDOW["batch"], WINDOW["inputs"], generator=g).to(device).requires_grad_()
+
+    def run():
+        y, final = layer(x, layer.init_state(WINDOW["batch"], x), compute_dtype=compute_dtype)
+        (y.square().mean() + sum(s.mean() for s in final)).backward()
+
+    return run
+
+
 def path_report(device_name: str, cell_name: str, precision: str) -> PathReport:
     device, cell, compute_dtype = torch.device(device_name), get_cell(cell_name), COMPUTE_DTYPES[precision]
     first = explain(cell, device, compute_dtype)
-    args = window(cell, device)
+    if dispatch.on_engine(cell):
+        args = window(cell, device)
+        run = lambda: fwd_bwd(cell, args, compute_dtype)  # noqa: E731
+    else:
+        run = own_layer_window(cell, device, compute_dtype)
     try:
-        fwd_bwd(cell, args, compute_dtype)  # checks (and compiles) on first use
-        ms = timed_ms(lambda: fwd_bwd(cell, args, compute_dtype), device)
+        run()  # checks (and compiles) on first use
+        ms = timed_ms(run, device)
         error = None
     except Exception as e:  # noqa: BLE001  even the engine failed: report it, do not stop the report
         ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     now = explain(cell, device, compute_dtype)
     failed = selfcheck.failures()
-    check = "not needed" if first.path == "engine" else f"failed: {failed[first.path]}" if first.path in failed else "passed"
+    check = "not needed" if first.path in ("engine", "own") else f"failed: {failed[first.path]}" if first.path in failed else "passed"
     return PathReport(device_name, cell_name, precision, first.path, first.reason, now.path, check, ms, error)
 
 
