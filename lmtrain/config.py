@@ -36,7 +36,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
+    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
     # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
     cell: str = "lstm"
     layers: int = 2  # stacked recurrent layers
@@ -51,7 +51,9 @@ class ModelConfig:
     # stream, the same at every time step (variational / locked dropout, Gal & Ghahramani 2016)
     locked_dropout: bool = False
     embedding_dropout: float = 0.0  # drop whole words: rows of the embedding, one mask per window
-    weight_drop: float = 0.0  # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013)
+    # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013); the qrnn, which has no
+    # W_hh, drops from its gate filter W (as AWD-LSTM's WeightDrop did on its QRNN's linear weights)
+    weight_drop: float = 0.0
     # the decoder shares the embedding matrix; the last layer then has embedding_size units
     # (AWD-LSTM's layout), so hidden_size applies to the layers below it
     tie_weights: bool = False
@@ -66,6 +68,9 @@ class ModelConfig:
     # the rank of each round's matrix: 0 full (I x H or H x I), k > 0 the product of an
     # (out x k) and a (k x in) factor, each drawn so that the product spreads as a full matrix would
     mogrifier_rank: int = 0
+    # the qrnn's convolution width over time (Bradbury et al. 2017), for every qrnn layer: 1, its
+    # gates from x_t alone; 2, from x_{t-1} and x_t (AWD-LSTM's QRNN used 2 on its first layer, 1 above)
+    qrnn_window: int = 1
 
     @property
     def cells(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from lmtrain.config import Config
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -113,6 +113,8 @@ def validate(config: Config) -> None:
             f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
             f"(give one name for all layers or one per layer)"
         )
+    if m.qrnn_window not in (1, 2):
+        raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
     for key in ("dropout", "embedding_dropout", "weight_drop"):

@@ -282,7 +282,7 @@ def test_cell_list_from_toml_and_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, got 'transformer'"),
+        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, got 'transformer'"),
         (["model.cell=lstm,tranformer"], "'model.cell' must be one of"),
         (["model.cell=lstm,,gru", "model.layers=3"], "'model.cell' must be one of"),
         (["model.cell=lstm,gru", "model.layers=3"], "config key 'model.cell' names 2 cells for 3 layers"),

@@ -7,7 +7,7 @@ alike; the figure is the median over the repeats. Two things are timed:
   stack: forward + backward of the recurrent layers alone on a random (T, B, H) input, each cell
          against the torch module computing its equations (REFERENCES: lstm against torch.nn.LSTM,
          gru against torch.nn.GRU, rnn against torch.nn.RNN with tanh); the cells torch lacks
-         (peephole, coupled, slstm, mogrifier) against torch.nn.LSTM, and every cell against our lstm
+         (peephole, coupled, slstm, mogrifier, qrnn) against torch.nn.LSTM, and every cell against our lstm
          too (where it is timed: asked for, or the cell one asked for extends, as the mogrifier does);
   step:  a whole training step (embedding, stack, decoder, loss, backward, clipping, SGD) of a
          language model, ours against the same model with torch.nn.LSTM as its stack.
@@ -50,7 +50,7 @@ from lmtrain.tools.bench_timing import full_fp32, peak_memory_mb, time_round_rob
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the compute dtype of each; weights stay float32
 
 # our cells that a torch module computes too, with that module (nn.RNN with tanh, as our rnn, which
-# has one bias where it has two). The others (peephole, coupled, slstm, mogrifier) have no counterpart.
+# has one bias where it has two). The others (peephole, coupled, slstm, mogrifier, qrnn) have no counterpart.
 REFERENCES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 

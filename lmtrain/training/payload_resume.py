@@ -7,8 +7,8 @@ these checks, which cover everything lmtrain.training.loop.train does with the e
     resume      a dict with loop, hidden, average, trained, rng, data (and processes, optional)
     loop        every field of lmtrain.training.resume.LoopState and no other, typed and in range, its
                 window and position within the epoch's window lengths
-    hidden      None between epochs, else one state per layer: the cell's tensors, each
-                (train.batch_size, the layer's units), float32 and finite
+    hidden      None between epochs, else one state per layer: the layer's tensors, each
+                (train.batch_size, its width: the layer's units; the qrnn's x_prev its inputs), float32 and finite
     average     NT-ASGD's {"average": one tensor per parameter, "count": int >= 1} with `trained`
     trained     the trained weights while `model` holds the average, checked as `model` is
     rng         the generators' states, set (and put back) exactly as lmtrain.training.resume sets them
@@ -42,8 +42,8 @@ from lmtrain.model import (
     check_payload,
     check_state_dict,
     check_weight_dict,
-    get_cell,
     show,
+    state_widths,
 )
 from lmtrain.training.loop import make_optimizer, min_train_tokens
 from lmtrain.training.resume import LoopState, set_rng_states
@@ -122,20 +122,19 @@ def check_hidden(f: Fields, hidden: Any, loop: LoopState, checked: Checked) -> N
         if loop.lengths is not None:
             f.field("resume['hidden']", "is None in the middle of an epoch, whose next window carries a state")
         return
-    model = checked.config.model
-    layers = list(zip(model.cells, model.layer_sizes))
+    layers = state_widths(checked.config.model)
     if not isinstance(hidden, (list, tuple)) or len(hidden) != len(layers):
         f.field("resume['hidden']", f"must be one state for each of the {len(layers)} layers, got {show(hidden)}")
-    for i, (state, (cell, units)) in enumerate(zip(hidden, layers)):
-        names = get_cell(cell).STATE
+    for i, (state, widths) in enumerate(zip(hidden, layers)):
+        names = list(widths)
         if not isinstance(state, (list, tuple)) or len(state) != len(names) or \
                 not all(isinstance(t, torch.Tensor) for t in state):
             f.field(f"resume['hidden'][{i}]", f"must be the cell's {len(names)} tensors ({', '.join(names)}), got {show(state)}")
-        want = (checked.config.train.batch_size, units)
-        for j, t in enumerate(state):
+        for j, (t, (name, width)) in enumerate(zip(state, widths.items())):
+            want = (checked.config.train.batch_size, width)
             if tuple(t.shape) != want:
                 f.field(f"resume['hidden'][{i}][{j}]", f"has shape {tuple(t.shape)}, the config gives {want} "
-                        "(train.batch_size, the layer's units)")
+                        f"(train.batch_size, the width of the layer's {name})")
         check_floats(f, f"resume['hidden'][{i}]", dict(enumerate(state)))
 
 
