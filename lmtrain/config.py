@@ -19,7 +19,7 @@ from typing import Any
 from lmtrain.errors import LmtrainError
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "dglstm")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -42,8 +42,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
-    # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
+    # lstm | peephole | coupled | gru | rnn | slstm | dglstm for every layer, or one per layer:
+    # `cell = ["lstm", "gru"]` in TOML, `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru").
+    # A dglstm layer on a dglstm layer is depth-gated and must be as wide as it (docs/cells.md)
     cell: str = "lstm"
     layers: int = 2  # stacked recurrent layers
     embedding_size: int = 200  # width of the word embedding (the first layer's input)

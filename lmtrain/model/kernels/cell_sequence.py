@@ -37,7 +37,8 @@ def generated_programs() -> dict[str, Program]:
     sequence_kernel is a SequenceKernel."""
     from lmtrain.model.cells import CELLS  # the cells import this module
 
-    return {name: cell.STEP.program() for name, cell in CELLS.items() if isinstance(cell.sequence_kernel, SequenceKernel)}
+    return {name: cell.STEP.program() for name, cell in CELLS.items()
+            if isinstance(getattr(cell, "sequence_kernel", None), SequenceKernel)}  # a cell of its own Layer may have none
 
 
 def functor_index(name: str) -> int:
