@@ -3,7 +3,8 @@
     report = diagnose(devices)     versions, CPU, CUDA, Triton, the C++ ops' build, and for each
                                    device x cell x precision the path the dispatcher picks, whether
                                    its self-check passed (lmtrain.model.kernels.selfcheck), what
-                                   runs in the end, and one forward + backward window's time
+                                   runs in the end, and one forward + backward window's time (a
+                                   cell with its own Layer and no STEP, dglstm: path "layer")
     render(report) -> str          the same as text
     exit_code(report)              0: every fast path passed its check; 1: something fell back
 
@@ -23,7 +24,8 @@ import torch
 
 from lmtrain import __version__
 from lmtrain.config import PRECISIONS, ModelConfig
-from lmtrain.model import CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, run_layer, selfcheck
+from lmtrain.model import (CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, layer_class, run_layer,
+                           selfcheck, stack_forward)
 
 # the CPU features lmtrain's kernels look for: /proc/cpuinfo's flag -> what it gives
 CPU_FEATURES = {
@@ -136,8 +138,39 @@ def timed_ms(run, device: torch.device) -> float:
     return round(statistics.median(times), 3)
 
 
+def own_layer_report(device_name: str, cell_name: str, precision: str) -> PathReport:
+    """A cell with its own Layer and no STEP (dglstm): no dispatched path and no self-check (its
+    window is held to its reference by its tests); timed as a stack of two of its layers on WINDOW,
+    the second on the first, so that what a layer takes from the one below is in the time."""
+    device, cell, compute_dtype = torch.device(device_name), get_cell(cell_name), COMPUTE_DTYPES[precision]
+    inputs, hidden = WINDOW["inputs"], WINDOW["hidden"]
+    torch.manual_seed(0)
+    layers = [layer_class(cell)(cell, inputs, hidden), layer_class(cell)(cell, hidden, hidden, below=cell)]
+    for p in (p for layer in layers for p in layer.parameters()):
+        torch.nn.init.uniform_(p, -0.1, 0.1)
+    layers = [layer.to(device) for layer in layers]
+    x = torch.randn(WINDOW["steps"], WINDOW["batch"], inputs, device=device)
+
+    def fwd_bwd_stack() -> None:
+        y, up, loss = x, None, 0.0
+        for layer in layers:
+            y, final, up = stack_forward(layer, y, layer.init_state(x.size(1), x), up, 0.0, compute_dtype)
+            loss = loss + sum(s.mean() for s in final)
+        (loss + y.square().mean()).backward()
+
+    try:
+        fwd_bwd_stack()
+        ms, error = timed_ms(fwd_bwd_stack, device), None
+    except Exception as e:  # noqa: BLE001  report it, do not stop the report
+        ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    reason = f"{cell_name} runs its own Layer's window (lmtrain/model/cells/{cell_name}.py), not a dispatched path"
+    return PathReport(device_name, cell_name, precision, "layer", reason, "layer", "not needed", ms, error)
+
+
 def path_report(device_name: str, cell_name: str, precision: str) -> PathReport:
     device, cell, compute_dtype = torch.device(device_name), get_cell(cell_name), COMPUTE_DTYPES[precision]
+    if not hasattr(cell, "STEP"):
+        return own_layer_report(device_name, cell_name, precision)
     first = explain(cell, device, compute_dtype)
     args = window(cell, device)
     try:
