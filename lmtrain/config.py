@@ -19,7 +19,7 @@ from typing import Any
 from lmtrain.errors import LmtrainError
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "dglstm")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "dglstm")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -42,7 +42,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm | dglstm for every layer, or one per layer:
+    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | dglstm for every layer, or one per layer:
     # `cell = ["lstm", "gru"]` in TOML, `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru").
     # A dglstm layer on a dglstm layer is depth-gated and must be as wide as it (docs/cells.md)
     cell: str = "lstm"
@@ -66,6 +66,13 @@ class ModelConfig:
     # ... except the recurrent layers' with "torch": uniform in ±1/sqrt(layer's units), PyTorch's default
     recurrent_init: str = "range"
     forget_bias: float = 0.0  # added to the forget gate's bias after init (cells with a forget gate)
+    # the mogrifier cell's rounds before each LSTM step (Melis et al. 2020): odd ones gate the input
+    # by the state, even ones the state by the input, each with a bias that starts at 0; 0 rounds
+    # is the plain LSTM
+    mogrifier_rounds: int = 5
+    # the rank of each round's matrix: 0 full (I x H or H x I), k > 0 the product of an
+    # (out x k) and a (k x in) factor, each drawn so that the product spreads as a full matrix would
+    mogrifier_rank: int = 0
 
     @property
     def cells(self) -> tuple[str, ...]:
@@ -173,6 +180,8 @@ UPPER_BOUNDS = {
     "train.batch_size": 1 << 20,
     "train.eval_batch_size": 1 << 20,
     "train.bptt": 1 << 20,
+    "model.mogrifier_rounds": 1024,
+    "model.mogrifier_rank": 1 << 20,
 }
 
 
@@ -354,6 +363,8 @@ def validate(config: Config) -> None:
         ("train.ar", tr.ar),
         ("train.tar", tr.tar),
         ("model.init_range", m.init_range),
+        ("model.mogrifier_rounds", m.mogrifier_rounds),
+        ("model.mogrifier_rank", m.mogrifier_rank),
         ("train.seed", tr.seed),  # numpy's generators take no negative seed
         ("train.checkpoint_every", tr.checkpoint_every),
         ("train.max_bad_steps", tr.max_bad_steps),

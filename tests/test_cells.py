@@ -9,15 +9,13 @@ from lmtrain import config as config_module
 from lmtrain.config import ModelConfig, load_config
 from lmtrain.errors import LmtrainError
 from lmtrain.model.cells import CELLS, coupled, lstm, peephole, slstm
+from lmtrain.model.kernels.dispatch import on_engine
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.model.layer import RecurrentLayer, layer_class
 from lmtrain.model.recurrence import Recurrence, run_layer
 
 F64 = torch.float64
-CELL_NAMES = list(CELLS)
-# the cells defined by their step (STEP), which the engine runs; a cell with its own Layer and no
-# STEP (dglstm) runs its own window and has its own tests (tests/test_dglstm.py)
-STEP_CELLS = [name for name, cell in CELLS.items() if hasattr(cell, "STEP")]
+CELL_NAMES = [name for name, cell in CELLS.items() if on_engine(cell)]  # the engine's cells; the others: their own tests
 
 
 def layer_inputs(cell, steps=6, batch=3, input_size=4, hidden=3, seed=0):
@@ -64,13 +62,14 @@ def test_registry_and_config_name_the_same_cells():
     assert tuple(CELLS) == config_module.CELLS
     for cell in CELLS.values():
         assert cell.STATE[0] == "h" and cell.GATES >= 1 and isinstance(cell.RECURRENT_BIAS, bool)
-        steps = ("forward_step", "backward_step") if hasattr(cell, "STEP") else ()
-        for name in ("reference", *steps):
-            assert callable(getattr(cell, name))
-        assert hasattr(cell, "STEP") or issubclass(layer_class(cell), RecurrentLayer) and layer_class(cell) is not RecurrentLayer
+        assert callable(cell.reference)
+        if on_engine(cell):
+            assert callable(cell.forward_step) and callable(cell.backward_step)
+        else:  # a cell without a STEP runs its own layer
+            assert hasattr(cell, "Layer")
 
 
-@pytest.mark.parametrize("name", STEP_CELLS)
+@pytest.mark.parametrize("name", CELL_NAMES)
 def test_gradcheck_through_engine(name):
     """All state in and out, every parameter (biases, extras) requiring grad."""
     cell = CELLS[name]
@@ -86,7 +85,7 @@ def test_gradcheck_through_engine(name):
     assert torch.autograd.gradcheck(run, inputs)
 
 
-@pytest.mark.parametrize("name", STEP_CELLS)
+@pytest.mark.parametrize("name", CELL_NAMES)
 def test_engine_matches_reference(name):
     """Outputs, final states and the gradients of every input: x, initial state, weights, biases, extras."""
     cell = CELLS[name]
@@ -99,7 +98,7 @@ def test_engine_matches_reference(name):
     assert_all_close(grads_of([y, *final], wrt), grads_of([y_ref, *final_ref], wrt), atol=1e-12)
 
 
-@pytest.mark.parametrize("name", STEP_CELLS)
+@pytest.mark.parametrize("name", CELL_NAMES)
 def test_two_layers_of_one_shape_share_the_engine_buffers_safely(name, monkeypatch):
     """The engine reuses its buffers (input projections, per-step products) across calls of the
     same shape: a second layer's forward must not spoil what the first keeps for its backward."""
@@ -284,7 +283,7 @@ def test_cell_list_from_toml_and_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, dglstm, got 'transformer'"),
+        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, dglstm, got 'transformer'"),
         (["model.cell=lstm,tranformer"], "'model.cell' must be one of"),
         (["model.cell=lstm,,gru", "model.layers=3"], "'model.cell' must be one of"),
         (["model.cell=lstm,gru", "model.layers=3"], "config key 'model.cell' names 2 cells for 3 layers"),

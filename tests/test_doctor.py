@@ -7,6 +7,7 @@ import json
 from helpers import assert_one_error, cli
 
 from lmtrain.config import CELLS, PRECISIONS
+from lmtrain.model import dispatch, get_cell
 
 PATH_FIELDS = {"device", "cell", "precision", "chosen", "reason", "runs", "check", "ms", "error"}
 
@@ -24,9 +25,8 @@ def test_json_report_covers_every_cell_and_precision_and_exits_0_when_all_pass()
     for row in rows.values():
         assert set(row) == PATH_FIELDS and row["device"] == "cpu" and row["error"] is None and row["ms"] > 0
         assert row["check"] in ("passed", "not needed") and row["runs"] == row["chosen"]
-        # the engine is the reference; a cell's own layer (dglstm) is held to its reference by its tests
-        assert (row["check"] == "not needed") == (row["chosen"] in ("engine", "layer"))
-        assert (row["chosen"] == "layer") == (row["cell"] == "dglstm")
+        assert (row["check"] == "not needed") == (row["chosen"] in ("engine", "own"))  # the engine is the reference
+        assert (row["chosen"] == "own") == (not dispatch.on_engine(get_cell(row["cell"])))  # a cell of its own layer
     assert report["status"] == "ok" and report["fell_back"] == {}
 
 

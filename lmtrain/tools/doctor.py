@@ -3,8 +3,9 @@
     report = diagnose(devices)     versions, CPU, CUDA, Triton, the C++ ops' build, and for each
                                    device x cell x precision the path the dispatcher picks, whether
                                    its self-check passed (lmtrain.model.kernels.selfcheck), what
-                                   runs in the end, and one forward + backward window's time (a
-                                   cell with its own Layer and no STEP, dglstm: path "layer")
+                                   runs in the end, and one forward + backward window's time
+                                   (a cell of its own layer: path "own", its layer's window; two
+                                   layers, one on the other, where a layer hands its cells up: dglstm)
     render(report) -> str          the same as text
     exit_code(report)              0: every fast path passed its check; 1: something fell back
 
@@ -48,7 +49,7 @@ class PathReport:
     chosen: str  # the path dispatch picks first
     reason: str
     runs: str  # the path that runs after the self-checks
-    check: str  # "passed", "not needed" (the engine is the reference) or "failed: why"
+    check: str  # "passed", "not needed" (the engine is the reference; an own layer is held to its own by tests) or "failed: why"
     ms: float | None  # one forward + backward window of WINDOW's size, median of TIMED_RUNS
     error: str | None = None  # when even the engine failed
 
@@ -138,50 +139,49 @@ def timed_ms(run, device: torch.device) -> float:
     return round(statistics.median(times), 3)
 
 
-def own_layer_report(device_name: str, cell_name: str, precision: str) -> PathReport:
-    """A cell with its own Layer and no STEP (dglstm): no dispatched path and no self-check (its
-    window is held to its reference by its tests); timed as a stack of two of its layers on WINDOW,
-    the second on the first, so that what a layer takes from the one below is in the time."""
-    device, cell, compute_dtype = torch.device(device_name), get_cell(cell_name), COMPUTE_DTYPES[precision]
-    inputs, hidden = WINDOW["inputs"], WINDOW["hidden"]
-    torch.manual_seed(0)
-    layers = [layer_class(cell)(cell, inputs, hidden), layer_class(cell)(cell, hidden, hidden, below=cell)]
+def own_layer_window(cell, device: torch.device, compute_dtype, seed: int = 0):
+    """A cell of its own layer (not on the engine, dispatch.on_engine): its layer at the config's
+    defaults and WINDOW's size -> a forward + backward of it. A layer that hands a sequence up the
+    stack (passes_up: dglstm, whose layer above reads its cells) runs with a second layer on it,
+    built on this cell (below), so that what a layer takes from the one below is in the time."""
+    g = torch.Generator().manual_seed(seed)
+    Layer, config = layer_class(cell), ModelConfig()
+    layers = [Layer(cell, WINDOW["inputs"], WINDOW["hidden"], config)]
+    if Layer.passes_up:
+        layers.append(Layer(cell, WINDOW["hidden"], WINDOW["hidden"], config, below=cell))
     for p in (p for layer in layers for p in layer.parameters()):
-        torch.nn.init.uniform_(p, -0.1, 0.1)
-    layers = [layer.to(device) for layer in layers]
-    x = torch.randn(WINDOW["steps"], WINDOW["batch"], inputs, device=device)
+        torch.nn.init.uniform_(p, -0.3, 0.3, generator=g)
+    for layer in layers:
+        layer.to(device)
+    x = torch.randn(WINDOW["steps"], WINDOW["batch"], WINDOW["inputs"], generator=g).to(device).requires_grad_()
 
-    def fwd_bwd_stack() -> None:
+    def run():
         y, up, loss = x, None, 0.0
         for layer in layers:
-            y, final, up = stack_forward(layer, y, layer.init_state(x.size(1), x), up, 0.0, compute_dtype)
+            y, final, up = stack_forward(layer, y, layer.init_state(WINDOW["batch"], x), up, compute_dtype=compute_dtype)
             loss = loss + sum(s.mean() for s in final)
         (loss + y.square().mean()).backward()
 
-    try:
-        fwd_bwd_stack()
-        ms, error = timed_ms(fwd_bwd_stack, device), None
-    except Exception as e:  # noqa: BLE001  report it, do not stop the report
-        ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-    reason = f"{cell_name} runs its own Layer's window (lmtrain/model/cells/{cell_name}.py), not a dispatched path"
-    return PathReport(device_name, cell_name, precision, "layer", reason, "layer", "not needed", ms, error)
+    return run
 
 
 def path_report(device_name: str, cell_name: str, precision: str) -> PathReport:
     device, cell, compute_dtype = torch.device(device_name), get_cell(cell_name), COMPUTE_DTYPES[precision]
-    if not hasattr(cell, "STEP"):
-        return own_layer_report(device_name, cell_name, precision)
     first = explain(cell, device, compute_dtype)
-    args = window(cell, device)
+    if dispatch.on_engine(cell):
+        args = window(cell, device)
+        run = lambda: fwd_bwd(cell, args, compute_dtype)  # noqa: E731
+    else:
+        run = own_layer_window(cell, device, compute_dtype)
     try:
-        fwd_bwd(cell, args, compute_dtype)  # checks (and compiles) on first use
-        ms = timed_ms(lambda: fwd_bwd(cell, args, compute_dtype), device)
+        run()  # checks (and compiles) on first use
+        ms = timed_ms(run, device)
         error = None
     except Exception as e:  # noqa: BLE001  even the engine failed: report it, do not stop the report
         ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     now = explain(cell, device, compute_dtype)
     failed = selfcheck.failures()
-    check = "not needed" if first.path == "engine" else f"failed: {failed[first.path]}" if first.path in failed else "passed"
+    check = "not needed" if first.path in ("engine", "own") else f"failed: {failed[first.path]}" if first.path in failed else "passed"
     return PathReport(device_name, cell_name, precision, first.path, first.reason, now.path, check, ms, error)
 
 

@@ -52,6 +52,7 @@ from lmtrain.model.layer import RecurrentLayer
 
 GATES, STATE, RECURRENT_BIAS, EXTRA = lstm.GATES, lstm.STATE, lstm.RECURRENT_BIAS, lstm.EXTRA  # the LSTM part's layout
 FORGET_GATE = lstm.FORGET_GATE  # block of the forget gate in the pre-activations (model.forget_bias)
+EXTENDS = "lstm"  # the cell this one adds to (its first layer, and any without a dglstm below): `lmtrain bench` times it beside this one
 DEPTH = ("w_xd", "b_d", "w_ld", "w_cd")  # the depth gate's parameters, in the layer's state_dict order
 
 

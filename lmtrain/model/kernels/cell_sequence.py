@@ -37,8 +37,7 @@ def generated_programs() -> dict[str, Program]:
     sequence_kernel is a SequenceKernel."""
     from lmtrain.model.cells import CELLS  # the cells import this module
 
-    return {name: cell.STEP.program() for name, cell in CELLS.items()
-            if isinstance(getattr(cell, "sequence_kernel", None), SequenceKernel)}  # a cell of its own Layer may have none
+    return {name: cell.STEP.program() for name, cell in CELLS.items() if isinstance(getattr(cell, "sequence_kernel", None), SequenceKernel)}
 
 
 def functor_index(name: str) -> int:
@@ -59,6 +58,13 @@ def state_buffers(state: tuple[Tensor, ...], steps: int) -> list[Tensor]:
     for buffer, initial in zip(buffers, state):
         buffer[0] = initial
     return buffers
+
+
+def outputs_view(hs: Tensor) -> Tensor:
+    """y (T, B, H): rows 1.. of the h buffer the backward keeps anyway, not a copy of them. Autograd
+    marks a view made inside a Function so that changing it in place is an error, never a silent
+    change to what the backward reads."""
+    return hs[1:]
 
 
 def gradient_buffers(name: str, like: Tensor, steps: int, batch: int, width: int) -> tuple[Tensor, Tensor]:
@@ -103,7 +109,7 @@ class CellSequence(torch.autograd.Function):
                               b_hh.detach().contiguous() if b_hh is not None else None, extra)
         ctx.name, ctx.has_b_hh, ctx.n_state, ctx.n_extra = name, b_hh is not None, n_state, len(extra)
         ctx.save_for_backward(x, w_ih, w_hh, saved, *states, *extra)
-        return (states[0][1:].clone(), *(s[-1].clone() for s in states))
+        return (outputs_view(states[0]), *(s[-1].clone() for s in states))
 
     @staticmethod
     def backward(ctx, dy: Tensor, *d_final):
@@ -114,15 +120,18 @@ class CellSequence(torch.autograd.Function):
         width, hidden = w_hh.shape
         dxg, dhg = gradient_buffers(ctx.name, dy, steps, batch, width)
         w_form, mode = recurrent_form(ops, w_hh.t())
-        d_first = ops.cell_backward_loop(functor_index(ctx.name), states, saved, dy.contiguous(),
+        d_first = ops.cell_backward_loop(functor_index(ctx.name), states, saved, dy,
                                          [torch.zeros(batch, hidden, dtype=x.dtype) if d is None else d for d in d_final],
                                          w_form, mode, dxg, dhg, list(extra))
-        flat_xg, flat_hg = flat(dxg, dhg)
-        dx, dw_ih, dw_hh = sequence_grads(ops, flat_xg, flat_hg, x.reshape(steps * batch, -1),
+        del w_form  # packed for the loop only
+        grads = list(flat(dxg, dhg))
+        del dxg, dhg  # sequence_grads releases each gradient once read
+        biases = bias_grads(*grads, ctx.has_b_hh)
+        dx, dw_ih, dw_hh = sequence_grads(ops, grads, x.reshape(steps * batch, -1),
                                           states[0][:-1].reshape(steps * batch, hidden), w_ih, ctx.needs_input_grad[2],
                                           mode == 2 and hidden >= SEQUENCE_PANELS_MIN_HIDDEN)
         return (None, None, dx.view_as(x) if dx is not None else None, dw_ih, dw_hh,
-                *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *per_parameter(d_first, ctx.n_state, extra))
+                *biases, *per_parameter(d_first, ctx.n_state, extra))
 
 
 class MixedCellSequence(torch.autograd.Function):
@@ -144,7 +153,7 @@ class MixedCellSequence(torch.autograd.Function):
                               b_hh.detach().contiguous() if b_hh is not None else None, extra, hs_low)
         ctx.name, ctx.has_b_hh, ctx.n_state, ctx.input_shape = name, b_hh is not None, n_state, x.shape
         ctx.save_for_backward(x_low, w_ih_low, w_hh_low, hs_low, saved, *states, *extra)
-        return (states[0][1:].clone(), *(s[-1].clone() for s in states))
+        return (outputs_view(states[0]), *(s[-1].clone() for s in states))
 
     @staticmethod
     def backward(ctx, dy: Tensor, *d_final):
@@ -154,18 +163,24 @@ class MixedCellSequence(torch.autograd.Function):
         steps, batch, inputs = ctx.input_shape
         width, hidden = w_hh_low.shape
         dxg, dhg = gradient_buffers(ctx.name, dy, steps, batch, width)
-        d_first = ops.cell_backward_loop(functor_index(ctx.name), states, saved, dy.contiguous(), list(d_final),
+        d_first = ops.cell_backward_loop(functor_index(ctx.name), states, saved, dy, list(d_final),
                                          ops.pack_panels(w_hh_low.t()), 2, dxg, dhg, list(extra),
                                          x_low.new_empty(batch, width))
         flat_xg, flat_hg = flat(dxg, dhg)
+        del dxg, dhg  # from here each buffer goes once its bfloat16 copy or last product has read it
+        biases = bias_grads(flat_xg, flat_hg, ctx.has_b_hh)
         xg_low = flat_xg.to(LOW)
+        hg_low = xg_low if flat_hg is flat_xg else flat_hg.to(LOW)
+        del flat_xg, flat_hg
         dx = ops.panels_matmul(xg_low, ops.pack_panels(w_ih_low.t()), inputs, torch.float32).view(ctx.input_shape) \
             if ctx.needs_input_grad[2] else None
         xg_t = ops.transpose(xg_low)  # (GH, T·B)
-        hg_t = xg_t if flat_hg is flat_xg else ops.transpose(flat_hg.to(LOW))
+        hg_t = xg_t if hg_low is xg_low else ops.transpose(hg_low)
+        del xg_low, hg_low
         dw_ih = ops.panels_matmul(xg_t, ops.pack_panels(x_low.t()), inputs, torch.float32)
+        del xg_t
         dw_hh = ops.panels_matmul(hg_t, ops.pack_panels(hs_low[:-1].reshape(steps * batch, hidden).t()), hidden, torch.float32)
-        return (None, None, dx, dw_ih, dw_hh, *bias_grads(flat_xg, flat_hg, ctx.has_b_hh), *per_parameter(d_first, ctx.n_state, extra))
+        return (None, None, dx, dw_ih, dw_hh, *biases, *per_parameter(d_first, ctx.n_state, extra))
 
 
 class SequenceKernel:

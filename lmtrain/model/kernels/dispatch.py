@@ -11,6 +11,8 @@ on it. Every other module asks here; `explain` says what was chosen and why (for
                  loops, model/kernels/lstm.py, or their Python version)       bias or extras, when kernels are on
     engine       the generic engine with the cell's per-step functions         everything else
                  (model/recurrence.py)
+    own          a cell without a STEP runs its own layer (its module's Layer;  that cell (mogrifier),
+                 not through run_layer)                                        always
 
 Every path computes what the engine computes; the tests hold each to it.
 
@@ -67,6 +69,13 @@ def cell_name(cell: ModuleType) -> str:
     return cell.__name__.rsplit(".", 1)[-1]
 
 
+def on_engine(cell: ModuleType) -> bool:
+    """Whether `cell` runs on the recurrence engine and its paths (this module's choice): it has a
+    STEP, from which its forward_step / backward_step are generated. A cell without one (mogrifier)
+    runs its own layer's loop (its module's `Layer`), path "own"."""
+    return hasattr(cell, "STEP")
+
+
 def is_lstm(cell: ModuleType) -> bool:
     return cell_name(cell) == "lstm"
 
@@ -78,7 +87,7 @@ def on_triton(x: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "persistent", "triton", "fused", "sequence" or "engine"
+    path: str  # "persistent", "triton", "fused", "sequence" or "engine"; explain: "own" (on_engine)
     reason: str
 
 
@@ -135,7 +144,9 @@ def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor,
 
 def explain(cell: ModuleType, device: torch.device, compute_dtype: torch.dtype | None = None, batch: int = 2, hidden: int = 8) -> Choice:
     """`choose` for a layer of `hidden` units over `batch` streams on `device`, without a model:
-    what `lmtrain doctor` reports per cell, device and precision."""
+    what `lmtrain doctor` reports per cell, device and precision; "own" for a cell not on the engine."""
+    if not on_engine(cell):
+        return Choice("own", f"{cell_name(cell)} runs its own layer ({cell.__name__}.Layer)")
     gates = cell.GATES * hidden
     x = torch.zeros(3, batch, hidden, device=device)
     state = tuple(torch.zeros(batch, hidden, device=device) for _ in cell.STATE)

@@ -87,19 +87,35 @@ def weight_grad(grad_out: Tensor, inputs: Tensor) -> Tensor:
     return grad_out.t() @ inputs
 
 
-def sequence_grads(ops, flat_xg: Tensor, flat_hg: Tensor, inputs: Tensor, h_prev: Tensor, w_ih: Tensor, need_dx: bool,
+def sequence_grads(ops, grads: list[Tensor], inputs: Tensor, h_prev: Tensor, w_ih: Tensor, need_dx: bool,
                    panels: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """A recurrent layer's sequence-wide GEMMs on the CPU, from the gradients of its two
-    pre-activations (T·B, GH) (one tensor where they are equal): dX = dXG W_ih, dW_ih = dXG^T X,
-    dW_hh = dHG^T H_prev -> (dx (T·B, I) or None, dw_ih, dw_hh).
+    pre-activations, grads = [dXG, dHG] (T·B, GH) each (one object twice where they are equal):
+    dX = dXG W_ih, dW_ih = dXG^T X, dW_hh = dHG^T H_prev -> (dx (T·B, I) or None, dw_ih, dw_hh).
+
+    `grads` is emptied as they are used, so that (with the caller holding no other reference)
+    each gradient's memory goes as soon as its last product has read it: the backward's peak is
+    then one (T·B, GH) buffer and the operands of one product, not both gradients and every copy.
 
     panels (our ops, float32 on AVX-512, hidden sizes from SEQUENCE_PANELS_MIN_HIDDEN): our panel
     GEMM with one transposing copy per gradient; else oneDNN or at::mm (linear, weight_grad)."""
+    flat_xg = grads[0]
+    dx = (ops.panels_matmul(flat_xg, ops.pack_panels(w_ih.t()), w_ih.size(1)) if panels
+          else linear(flat_xg, plain(w_ih.t()))) if need_dx else None
+    shared = grads[1] is flat_xg
     if panels:
-        dx = ops.panels_matmul(flat_xg, ops.pack_panels(w_ih.t()), w_ih.size(1)) if need_dx else None
         xg_t = ops.transpose(flat_xg)  # (GH, T·B)
-        hg_t = xg_t if flat_hg is flat_xg else ops.transpose(flat_hg)
-        return dx, ops.panels_matmul(xg_t, ops.pack_panels(inputs.t()), inputs.size(1)), \
-            ops.panels_matmul(hg_t, ops.pack_panels(h_prev.t()), h_prev.size(1))
-    dx = linear(flat_xg, plain(w_ih.t())) if need_dx else None
-    return dx, weight_grad(flat_xg, inputs), weight_grad(flat_hg, h_prev)
+        grads[0] = flat_xg = None
+        if shared:
+            grads.clear()
+        dw_ih = ops.panels_matmul(xg_t, ops.pack_panels(inputs.t()), inputs.size(1))
+        if not shared:
+            del xg_t
+            xg_t = ops.transpose(grads.pop())
+            grads.clear()
+        return dx, dw_ih, ops.panels_matmul(xg_t, ops.pack_panels(h_prev.t()), h_prev.size(1))
+    dw_ih = weight_grad(flat_xg, inputs)
+    grads[0] = flat_xg = None
+    dw_hh = weight_grad(grads.pop(), h_prev)
+    grads.clear()
+    return dx, dw_ih, dw_hh

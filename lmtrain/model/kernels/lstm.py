@@ -96,11 +96,16 @@ class LSTMSequence(torch.autograd.Function):
             dh, dc = ops.lstm_backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, w_hh_t.tensor, mode, dgates)
         else:
             dh, dc = backward_loop(acts, cs, tanh_cs, dy, dh_last, dc_last, w_hh_t, dgates)
+        del w_hh_t  # packed for the loop only
         flat = dgates.view(steps * batch, 4 * hidden)
+        db = flat.sum(0)
+        del dgates
         inputs, h_prev = x.reshape(steps * batch, -1), hs[:-1].reshape(steps * batch, hidden)
-        dx, dw_ih, dw_hh = sequence_grads(ops, flat, flat, inputs, h_prev, w_ih, ctx.needs_input_grad[0],
+        grads = [flat, flat]
+        del flat  # sequence_grads releases the gradient once read
+        dx, dw_ih, dw_hh = sequence_grads(ops, grads, inputs, h_prev, w_ih, ctx.needs_input_grad[0],
                                           mode == PANELS and hidden >= SEQUENCE_PANELS_MIN_HIDDEN)
-        return dx.view_as(x) if dx is not None else None, dh, dc, dw_ih, dw_hh, flat.sum(0)
+        return dx.view_as(x) if dx is not None else None, dh, dc, dw_ih, dw_hh, db
 
 
 class MixedLSTMSequence(torch.autograd.Function):

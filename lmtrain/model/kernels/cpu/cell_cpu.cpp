@@ -180,7 +180,8 @@ std::vector<at::Tensor> cell_backward_loop(int64_t cell, std::vector<at::Tensor>
                                            const c10::optional<at::Tensor>& dhg_low) {
   TORCH_CHECK(dxg.is_contiguous() && dhg.is_contiguous(), "cell_backward_loop: buffers must be contiguous");
   dhg_low ? check_mixed(w_hh_t, dxg, *dhg_low, mode) : check_panels(w_hh_t, dxg, mode);
-  dy = dy.contiguous();
+  // dy is read one step at a time (add_out), whatever its strides: a broadcast gradient (that of
+  // a sum) is not copied to (T, B, H)
   std::vector<at::Tensor> d_first;
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "cell_backward_loop", [&] {
     d_first = by_cell(cell, [&](auto c) {
