@@ -36,8 +36,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
-    # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
+    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn | dglstm for every layer, or one per layer:
+    # `cell = ["lstm", "gru"]` in TOML, `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru").
+    # A dglstm layer on a dglstm layer is depth-gated and must be as wide as it (docs/cells.md)
     cell: str = "lstm"
     layers: int = 2  # stacked recurrent layers
     embedding_size: int = 200  # width of the word embedding (the first layer's input)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from lmtrain.config import Config
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn", "dglstm")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS

@@ -38,7 +38,7 @@ import torch
 from lmtrain.config import TOKENIZER_KINDS, Config, ModelConfig, from_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.model.cells import get_cell
-from lmtrain.model.layer import layer_class
+from lmtrain.model.layer import layer_class, stack
 from lmtrain.text import EOS, EOS_ID, UNK_ID, Tokenizer
 
 REQUIRED = ("config", "corpus", "tokenizer", "vocab_size", "model", "optimizer", "progress")
@@ -243,13 +243,11 @@ def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, .
     """The shape of every state_dict entry of LanguageModel(config, vocab_size), in its order,
     computed rather than built (building on the meta device first imports torch's reference ops,
     a second on a small machine); tests/test_crafted_checkpoints.py holds it to the real model."""
-    sizes = (config.embedding_size, *config.layer_sizes)
     shapes = {"embedding.weight": (vocab_size, config.embedding_size)}
-    for i, name in enumerate(config.cells):
-        cell = get_cell(name)
-        layer = layer_class(cell).shapes(cell, sizes[i], sizes[i + 1], config)
+    for i, (cell, inputs, units, below) in enumerate(stack(config)):
+        layer = layer_class(cell).shapes(cell, inputs, units, config, below)
         shapes |= {f"layers.{i}.{key}": shape for key, shape in layer.items()}
-    return shapes | {"decoder.weight": (vocab_size, sizes[-1]), "decoder.bias": (vocab_size,)}
+    return shapes | {"decoder.weight": (vocab_size, config.layer_sizes[-1]), "decoder.bias": (vocab_size,)}
 
 
 def state_widths(config: ModelConfig) -> list[dict[str, int]]:

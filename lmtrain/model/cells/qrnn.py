@@ -151,13 +151,15 @@ def run(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, b_ih: Tensor, window
 class Layer(RecurrentLayer):
     """One QRNN layer: w_ih (3H, I) or (3H, 2I) for window 2, b_ih (3H,); no W_hh (lmtrain.model.layer)."""
 
-    def __init__(self, cell: ModuleType, input_size: int, hidden_size: int, config: ModelConfig | None = None):
-        super().__init__(cell, input_size, hidden_size, config)
+    def __init__(self, cell: ModuleType, input_size: int, hidden_size: int, config: ModelConfig | None = None,
+                 below: ModuleType | None = None):
+        super().__init__(cell, input_size, hidden_size, config, below)  # below: the same layer on any cell
         self.window = (config or ModelConfig()).qrnn_window
         self.widths = self.state_widths(cell, input_size, hidden_size, config)
 
     @staticmethod
-    def shapes(cell: ModuleType, input_size: int, hidden_size: int, config=None) -> dict[str, tuple[int, ...]]:
+    def shapes(cell: ModuleType, input_size: int, hidden_size: int, config=None,
+               below: ModuleType | None = None) -> dict[str, tuple[int, ...]]:
         window = (config or ModelConfig()).qrnn_window
         return {"w_ih": (GATES * hidden_size, window * input_size), "b_ih": (GATES * hidden_size,)}
 
