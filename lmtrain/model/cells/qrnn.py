@@ -33,9 +33,9 @@ The fast path, `run`, is one autograd.Function over the window (QRNNWindow):
             whole window, and one GEMM each gives dW and the inputs' gradient.
 Why a loop and not a parallel scan: c_t = f_t c_{t-1} + g_t is a linear recurrence, which a
 Hillis-Steele scan does in log2(T) passes over the whole window, but each pass costs two or three
-ops on (T, B, H) tensors where the loop costs one op on (B, H) per step. Measured on our CPU (one
-thread; the forward recurrence alone, T = 35, B = 20): H = 200, 197 µs for the loop against 404 µs
-for the scan; H = 650, 257 µs against 7.2 ms. The loop stays.
+ops on (T, B, H) tensors where the loop costs one op on (B, H) per step. benchmarks/qrnn_scan.py
+times both (one thread; the forward recurrence alone, T = 35, B = 20): the scan took 3.2x the
+loop's time at H = 200 and 2.2x at H = 650 (docs/cells.md). The loop stays.
 
 `reference` is the same equations in plain autograd, a step at a time; tests/test_qrnn.py holds
 the fast path to it.
