@@ -72,6 +72,11 @@ class ModelConfig:
     # the rank of each round's matrix: 0 full (I x H or H x I), k > 0 the product of an
     # (out x k) and a (k x in) factor, each drawn so that the product spreads as a full matrix would
     mogrifier_rank: int = 0
+    # an echo-state reservoir (Jaeger 2001), for model.cell = rnn only: every layer's W_ih, W_hh and
+    # bias stay as drawn at init (fixed, not trained, but saved in checkpoints), W_hh scaled to
+    # spectral radius model.spectral_radius; only the embedding and the decoder learn
+    reservoir: bool = False
+    spectral_radius: float = 0.9  # model.reservoir's largest |eigenvalue| of each W_hh (below 1: fading memory)
 
     @property
     def cells(self) -> tuple[str, ...]:
@@ -347,6 +352,7 @@ def validate(config: Config) -> None:
         ("train.lr_decay", tr.lr_decay),
         ("train.log_interval", tr.log_interval),
         ("train.nonmono", tr.nonmono),
+        ("model.spectral_radius", m.spectral_radius),
     ]
     for key, value in positive:
         if value <= 0:
@@ -376,6 +382,8 @@ def validate(config: Config) -> None:
             f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
             f"(give one name for all layers or one per layer)"
         )
+    if m.reservoir and any(name != "rnn" for name in m.cells):
+        raise LmtrainError(f"config key 'model.reservoir' is for model.cell = rnn only (a fixed random recurrence), got '{m.cell}'")
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
     for key in ("dropout", "embedding_dropout", "weight_drop"):
