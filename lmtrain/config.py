@@ -72,6 +72,11 @@ class ModelConfig:
     # the qrnn's convolution width over time (Bradbury et al. 2017), for every qrnn layer: 1, its
     # gates from x_t alone; 2, from x_{t-1} and x_t (AWD-LSTM's QRNN used 2 on its first layer, 1 above)
     qrnn_window: int = 1
+    # an echo-state reservoir (Jaeger 2001), for model.cell = rnn only: every layer's W_ih, W_hh and
+    # bias stay as drawn at init (fixed, not trained, but saved in checkpoints), W_hh scaled to
+    # spectral radius model.spectral_radius; only the embedding and the decoder learn
+    reservoir: bool = False
+    spectral_radius: float = 0.9  # model.reservoir's largest |eigenvalue| of each W_hh (below 1: fading memory)
 
     @property
     def cells(self) -> tuple[str, ...]:

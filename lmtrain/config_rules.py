@@ -84,6 +84,7 @@ def validate(config: Config) -> None:
         ("train.lr_decay", tr.lr_decay),
         ("train.log_interval", tr.log_interval),
         ("train.nonmono", tr.nonmono),
+        ("model.spectral_radius", m.spectral_radius),
     ]
     for key, value in positive:
         if value <= 0:
@@ -113,6 +114,8 @@ def validate(config: Config) -> None:
             f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
             f"(give one name for all layers or one per layer)"
         )
+    if m.reservoir and any(name != "rnn" for name in m.cells):
+        raise LmtrainError(f"config key 'model.reservoir' is for model.cell = rnn only (a fixed random recurrence), got '{m.cell}'")
     if m.qrnn_window not in (1, 2):
         raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
     if tr.epochs == 0 and tr.max_steps == 0:

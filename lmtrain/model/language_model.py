@@ -107,5 +107,5 @@ def detach_state(state: State) -> State:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, a tied matrix counted once."""
+    """Parameters, a tied matrix counted once; a reservoir's fixed ones (model.reservoir) included."""
     return sum(p.numel() for p in model.parameters())

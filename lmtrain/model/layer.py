@@ -66,6 +66,11 @@ class RecurrentLayer(nn.Module):
         if not cell.RECURRENT_BIAS:
             self.b_hh = None
         self.extra = nn.ParameterList(nn.Parameter(torch.empty(blocks * hidden_size)) for blocks in cell.EXTRA.values())
+        if config is not None and config.reservoir:
+            # fixed, yet parameters: in the state_dict (checkpoints hold the reservoir that was drawn),
+            # in the optimizer's list (which skips them: they never get a gradient), in the counts
+            for p in self.parameters():
+                p.requires_grad_(False)
 
     @staticmethod
     def shapes(cell: ModuleType, input_size: int, hidden_size: int, config=None,
@@ -94,6 +99,9 @@ class RecurrentLayer(nn.Module):
                 raise LmtrainError(f"model.forget_bias: cell '{self.cell.__name__.rsplit('.', 1)[-1]}' has no forget gate")
             with torch.no_grad():
                 self.b_ih[gate * self.hidden_size : (gate + 1) * self.hidden_size] += config.forget_bias
+        if config.reservoir:
+            with torch.no_grad():
+                self.w_hh.mul_(config.spectral_radius / nonzero_radius(self.w_hh))
 
     def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
         return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
@@ -122,6 +130,21 @@ def stack(config) -> list[tuple[ModuleType, int, int, ModuleType | None]]:
     cells = [get_cell(name) for name in config.cells]
     sizes = (config.embedding_size, *config.layer_sizes)
     return [(cell, sizes[i], sizes[i + 1], cells[i - 1] if i else None) for i, cell in enumerate(cells)]
+
+
+def spectral_radius(w: Tensor) -> Tensor:
+    """The largest |eigenvalue| of the square matrix w (H, H), computed in float64 (a 0-d tensor)."""
+    return torch.linalg.eigvals(w.detach().double()).abs().max()
+
+
+def nonzero_radius(w_hh: Tensor) -> float:
+    """model.reservoir's divisor: W_hh's spectral radius, which must not be 0 (model.init_range 0)."""
+    if w_hh.shape[0] != w_hh.shape[1]:
+        raise LmtrainError(f"model.reservoir: W_hh must be square, got {tuple(w_hh.shape)}")
+    radius = float(spectral_radius(w_hh))
+    if radius == 0.0 or not math.isfinite(radius):
+        raise LmtrainError(f"model.reservoir: the initial W_hh has spectral radius {radius} (model.init_range 0?): nothing to scale")
+    return radius
 
 
 def layer_class(cell: ModuleType) -> type[RecurrentLayer]:
