@@ -77,6 +77,9 @@ class ModelConfig:
     # spectral radius model.spectral_radius; only the embedding and the decoder learn
     reservoir: bool = False
     spectral_radius: float = 0.9  # model.reservoir's largest |eigenvalue| of each W_hh (below 1: fading memory)
+    # attention of the top layer's output over its previous K outputs, carried across windows, mixed
+    # into the decoder's input (Daniluk et al. 2017's key-value form; docs/cells.md); 0: off
+    attention_window: int = 0
 
     @property
     def cells(self) -> tuple[str, ...]:
