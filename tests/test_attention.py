@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_one_error, cli, ok, private_cache_one_thread, sets, write_small_corpus
+from helpers import TINY_WORD, assert_one_error, cli, needs_cuda, ok, private_cache_one_thread, sets, write_small_corpus
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.config import Config, ModelConfig, load_config
@@ -309,3 +309,49 @@ def test_resume_continues_exactly_with_the_memory_in_last_pt(tmp_path):
     ok(cli("train", "--resume", tmp_path / "stopped", "--set", "train.max_steps=8"))
     straight, resumed = (load_run(tmp_path / name, torch.device("cpu")).model.state_dict() for name in ("straight", "stopped"))
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+on_gpu = needs_cuda("the attention's window on the GPU and under CUDA graphs")
+
+
+@on_gpu
+def test_on_cuda_the_fast_path_is_the_reference_and_graphs_replay_it():
+    from lmtrain.config import TrainConfig
+    from lmtrain.training.distributed import WindowForward
+    from lmtrain.training.graphs import WindowRunner
+    from lmtrain.training.loop import train_window
+
+    y, memory, weights = inputs(3, steps=7, seed=6)
+    to_gpu = lambda t: t.detach().cuda().requires_grad_(t.requires_grad)  # noqa: E731
+    gpu = outputs_and_grads(attend, to_gpu(y), tuple(map(to_gpu, memory)), tuple(map(to_gpu, weights)))
+    assert worst([t.cpu() for t in gpu], outputs_and_grads(reference, y, memory, weights)) <= 1e-12
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 23, (n, 3), generator=g).cuda(), torch.randint(0, 23, (n, 3), generator=g).cuda())
+            for n in (6, 4, 6, 6)]
+    results = []
+    for graphs in (True, False):
+        torch.manual_seed(0)
+        model = LanguageModel(config(hidden_size=8, embedding_size=8), 23).cuda().train()
+        runner = WindowRunner(lambda x, y, s, m=model: train_window(WindowForward(m), TrainConfig(), None, x, y, s),
+                              list(model.parameters()), graphs)
+        state, got = model.init_state(3), []
+        for x, t in data:
+            loss, state = runner(x, t, [tuple(s.detach() for s in layer) for layer in state])
+            got.append([loss.detach().clone(), *(s.detach().clone() for layer in state for s in layer),
+                        *(p.grad.detach().clone() for p in model.parameters())])
+        assert runner.use_graphs == graphs
+        results.append(got)
+    for replayed, eager in zip(*results):
+        assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(replayed, eager))
+
+
+@on_gpu
+def test_train_evaluate_and_generate_on_cuda(tmp_path):
+    corpus = write_small_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    ok(cli("train", corpus, "--run-dir", run, *sets(*ATTENTION, "train.device=cuda", "train.max_steps=6")))
+    ok(cli("train", corpus, "--run-dir", tmp_path / "bf16", *sets(*ATTENTION, "train.device=cuda", "train.max_steps=6",
+                                                                   "train.precision=bf16")))
+    metrics = json.loads(ok(cli("evaluate", run, "--split", "valid", "--json")).stdout)
+    assert math.isfinite(metrics["ppl"])
+    assert ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout.strip()
