@@ -241,6 +241,21 @@ def test_generation_memory_stays_flat():
     assert sizes[0] == sizes[1] == [(2, width) for _, width in empty]
 
 
+def test_lines_scored_side_by_side_are_scored_as_alone():
+    """Padding comes after a line's tokens and attention looks back only: a short line beside a
+    long one gets the log-probabilities it gets alone (`lmtrain score`)."""
+    import numpy as np
+
+    from lmtrain.evaluation.score import sequence_log_probs
+
+    torch.manual_seed(5)
+    model = LanguageModel(config(), 20)
+    short, long = np.array([3, 4, 5, 1]), np.array([7, 8, 9, 10, 11, 12, 13, 1])
+    together, _ = sequence_log_probs(model, [short, long], bptt=3)
+    alone, _ = sequence_log_probs(model, [short], bptt=3)
+    assert np.allclose(together[0], alone[0], atol=1e-6, rtol=0) and len(together[1]) == 8
+
+
 def test_export_refuses_it_by_name():
     from lmtrain.model import onnx_bytes, torch_lstm_payload
 
