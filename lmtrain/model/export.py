@@ -29,6 +29,9 @@ def torch_lstm_payload(config: Config, weights: dict[str, torch.Tensor]) -> dict
     if others:
         raise LmtrainError(f"--format torch-lstm needs an lstm stack; this run has {', '.join(others)} layers "
                            "(torch.nn.LSTM has no such cell)")
+    if m.stack != "layers":
+        raise LmtrainError(f"--format torch-lstm needs a stack of lstm layers; this run's model.stack is {m.stack} "
+                           "(torch.nn.LSTM has no such stack)")
     sizes = set(m.layer_sizes)
     if len(sizes) != 1:
         raise LmtrainError(f"--format torch-lstm needs one hidden size for every layer (torch.nn.LSTM has one); "
