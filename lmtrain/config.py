@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config_rules import (  # the choices are named from here too: config.CELLS
-    CELLS, DEVICES, LOSS_REDUCTIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, RECURRENT_INITS, TOKENIZER_KINDS,
+    CELLS, DEVICES, LOSS_REDUCTIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, RECURRENT_INITS, STACKS, TOKENIZER_KINDS,
     check_bounds, validate,
 )
 from lmtrain.errors import LmtrainError
@@ -77,6 +77,10 @@ class ModelConfig:
     # spectral radius model.spectral_radius; only the embedding and the decoder learn
     reservoir: bool = False
     spectral_radius: float = 0.9  # model.reservoir's largest |eigenvalue| of each W_hh (below 1: fading memory)
+    # layers: each layer's cell on the one below; grid: a 2-D Grid LSTM (Kalchbrenner et al. 2015), depth
+    # with an LSTM memory of its own beside time's, for model.cell = lstm and equally wide layers
+    stack: str = "layers"
+    grid_tied: bool = False  # model.stack = grid: every layer shares the first's weights (embedding as wide)
     # attention of the top layer's output over its previous K outputs, carried across windows, mixed
     # into the decoder's input (Daniluk et al. 2017's key-value form; docs/cells.md); 0: off
     attention_window: int = 0

@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generati
 RECURRENT_INITS = ("range", "torch")
 LOSS_REDUCTIONS = ("token_mean", "sequence_sum")
 DEVICES = ("auto", "cpu", "cuda")
+STACKS = ("layers", "grid")
 
 # every integer key fits TOML's own range, a signed 64-bit integer, which is also what torch and
 # numpy take (a larger seed or size was a traceback from deep inside them)
@@ -69,6 +70,7 @@ def validate(config: Config) -> None:
         ("train.device", tr.device, DEVICES),
         ("train.precision", tr.precision, PRECISIONS),
         ("model.recurrent_init", m.recurrent_init, RECURRENT_INITS),
+        ("model.stack", m.stack, STACKS),
     ]
     for key, value, allowed in choices:
         if value not in allowed:
@@ -118,6 +120,7 @@ def validate(config: Config) -> None:
         )
     if m.reservoir and any(name != "rnn" for name in m.cells):
         raise LmtrainError(f"config key 'model.reservoir' is for model.cell = rnn only (a fixed random recurrence), got '{m.cell}'")
+    check_grid(m)
     if m.attention_window and m.layer_sizes[-1] % 2:
         raise LmtrainError(f"config key 'model.attention_window' splits the top layer's output into key and value halves: "
                            f"its units ({'model.embedding_size, with model.tie_weights' if m.tie_weights else 'model.hidden_size'}) "
@@ -142,3 +145,20 @@ def validate(config: Config) -> None:
         raise LmtrainError(f"config key 'tokenizer.sample_lines' must be more than 100, got {t.sample_lines}")
     if tr.lr_schedule in ("plateau", "epoch") and tr.optimizer == "ntasgd":
         raise LmtrainError(f"train.optimizer ntasgd averages at a fixed rate: use train.lr_schedule constant, not {tr.lr_schedule}")
+
+
+def check_grid(m) -> None:
+    """model.stack = grid and model.grid_tied: LSTM layers, equally wide (each passes its depth memory
+    to the next unit by unit), and for tying the embedding as wide as them (m: a ModelConfig)."""
+    if m.grid_tied and m.stack != "grid":
+        raise LmtrainError(f"config key 'model.grid_tied' is for model.stack = grid, got model.stack = '{m.stack}'")
+    if m.stack != "grid":
+        return
+    if any(name != "lstm" for name in m.cells):
+        raise LmtrainError(f"config key 'model.stack' = grid is a stack of LSTM blocks: it takes model.cell = lstm, got '{m.cell}'")
+    if len(set(m.layer_sizes)) > 1:
+        raise LmtrainError(f"config key 'model.stack' = grid needs equally wide layers, got {', '.join(map(str, m.layer_sizes))} "
+                           f"(model.tie_weights gives the last layer model.embedding_size units: make it model.hidden_size)")
+    if m.grid_tied and m.embedding_size != m.hidden_size:
+        raise LmtrainError(f"config key 'model.grid_tied' shares the first layer's weights with every layer: it needs "
+                           f"model.embedding_size = model.hidden_size, got {m.embedding_size} and {m.hidden_size}")

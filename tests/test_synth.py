@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from lmtrain.cli import app
+from lmtrain.model import load_run
 from lmtrain.text.encode import get_tokenizer
 from lmtrain.text.tokenizer import EOS_ID
 from lmtrain.text.tokens import batchify
@@ -143,10 +144,37 @@ def test_compare_runs_every_cell_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0][2:] for line in table[1:]] == list(compare.CELLS)
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == list(compare.ENTRIES)
     assert all(f"| {optimum_perplexity(2, 3):.3f} | 2 |" in line for line in table[1:])
-    for cell in compare.CELLS:
-        assert (tmp_path / "cmp" / cell / "best.pt").is_file()
+    for entry in compare.ENTRIES:
+        assert (tmp_path / "cmp" / "k2" / entry / "best.pt").is_file()
+    reservoir = load_run(tmp_path / "cmp" / "k2" / "reservoir", torch.device("cpu"))
+    assert reservoir.config.model.reservoir and reservoir.config.model.cell == "rnn"
+    assert load_run(tmp_path / "cmp" / "k2" / "grid", torch.device("cpu")).config.model.stack == "grid"
+
+
+def test_compare_makes_a_table_per_lag(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = compare.main([
+            "--out", str(tmp_path / "cmp"), "--k", "1,3", "--alphabet", "3", "--lines", "40", "--valid-lines", "4",
+            "--steps", "1", "--cells", "rnn,reservoir", "--set", "model.hidden_size=8", "--set", "model.embedding_size=4",
+            "--set", "train.batch_size=4",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [line.split(";")[0] for line in out.splitlines() if line.startswith("Copy task")] == [
+        "Copy task: K = 1 (a lag of 2 steps), alphabet 3", "Copy task: K = 3 (a lag of 4 steps), alphabet 3"]
+    assert load_run(tmp_path / "cmp" / "k3" / "rnn", torch.device("cpu")).config.train.bptt == 2 * (2 * 3 + 2)
+
+
+@pytest.mark.parametrize("k", ["0", "4,x", ","])
+def test_compare_rejects_a_bad_lag(tmp_path, capsys, k):
+    assert compare.main(["--out", str(tmp_path), "--k", k]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --k") and len(err.splitlines()) == 1
 
 
 def test_compare_rejects_an_unknown_cell(tmp_path, capsys):

@@ -29,6 +29,9 @@ def torch_lstm_payload(config: Config, weights: dict[str, torch.Tensor]) -> dict
     if others:
         raise LmtrainError(f"--format torch-lstm needs an lstm stack; this run has {', '.join(others)} layers "
                            "(torch.nn.LSTM has no such cell)")
+    if m.stack != "layers":
+        raise LmtrainError(f"--format torch-lstm needs a stack of lstm layers; this run's model.stack is {m.stack} "
+                           "(torch.nn.LSTM has no such stack)")
     if m.attention_window:
         raise LmtrainError(f"--format torch-lstm needs a plain lstm stack; this run has attention over past states "
                            f"(model.attention_window = {m.attention_window}), which stock PyTorch modules do not have")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
+from lmtrain.model import grid
 from lmtrain.model.attention import Attention
 from lmtrain.model.layer import layer_class, stack, stack_forward
 
@@ -43,13 +44,15 @@ class LanguageModel(nn.Module):
         self.decoder = nn.Linear(config.layer_sizes[-1], vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
+        if config.grid_tied:  # one set of weights for every layer of the grid (lmtrain.model.grid)
+            grid.tie(self.layers)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Uniform init in ±model.init_range, then each layer's own (lmtrain.model.layer.RecurrentLayer.initialise)."""
         for p in self.parameters():
             nn.init.uniform_(p, -self.config.init_range, self.config.init_range)
-        for layer in self.layers:
+        for layer in self.layers[:1] if self.config.grid_tied else self.layers:  # tied: the others are the first's
             layer.initialise(self.config)
 
     def init_state(self, batch_size: int) -> State:

@@ -124,10 +124,12 @@ def stack_forward(layer: nn.Module, x: Tensor, state: tuple[Tensor, ...], below:
 
 def stack(config) -> list[tuple[ModuleType, int, int, ModuleType | None]]:
     """Each layer of config's (a ModelConfig) stack: its cell module, input size, units, and the cell
-    below it (None for the first), what `Layer` and `Layer.shapes` take."""
+    below it (None for the first), what `Layer` and `Layer.shapes` take. With model.stack = grid every
+    layer is a block of the Grid LSTM (lmtrain.model.grid), whose module stands for the cell."""
+    from lmtrain.model import grid
     from lmtrain.model.cells import get_cell
 
-    cells = [get_cell(name) for name in config.cells]
+    cells = [grid if config.stack == "grid" else get_cell(name) for name in config.cells]
     sizes = (config.embedding_size, *config.layer_sizes)
     return [(cell, sizes[i], sizes[i + 1], cells[i - 1] if i else None) for i, cell in enumerate(cells)]
 

@@ -38,7 +38,6 @@ import torch
 from lmtrain.config import TOKENIZER_KINDS, Config, ModelConfig, from_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.model import attention
-from lmtrain.model.cells import get_cell
 from lmtrain.model.layer import layer_class, stack
 from lmtrain.text import EOS, EOS_ID, UNK_ID, Tokenizer
 
@@ -228,12 +227,12 @@ def check_config(f: Fields, values: Any, vocab_size: int, tensors: int, held: in
     except LmtrainError as e:
         f.field("config", f"is not a valid config: {str(e)[:300]}")
     m = config.model
-    sizes = (m.embedding_size, *m.layer_sizes)  # at most `tensors // 2` layers
+    layers = stack(m)  # at most `tensors // 2` layers
     # the embedding, and each layer's W_hh (units x units) or, for a cell without one (qrnn), its
-    # input weight (at least units x inputs)
+    # input weight (at least units x inputs); a tied grid's layers all hold the first one's
     at_least = vocab_size * m.embedding_size + sum(
-        units * (units if "w_hh" in layer_class(get_cell(name)).shapes(get_cell(name), inputs, units, m) else inputs)
-        for name, inputs, units in zip(m.cells, sizes, sizes[1:]))
+        units * (units if "w_hh" in layer_class(cell).shapes(cell, inputs, units, m) else inputs)
+        for cell, inputs, units, _ in (layers[:1] if m.grid_tied else layers))
     if at_least > held:
         f.fail(f"the config describes a model of at least {at_least:,} parameters, but the checkpoint's weights hold "
                f"{held:,} values: they do not fit the model its config describes")
@@ -257,17 +256,17 @@ def state_widths(config: ModelConfig) -> list[dict[str, int]]:
     """Each layer's carried state by name, each tensor (B, width), as LanguageModel(config).init_state
     gives it (its layers' Layer.state_widths), and the attention's memory last where it has one
     (lmtrain.model.attention.state_widths), computed rather than built."""
-    sizes = (config.embedding_size, *config.layer_sizes)
-    cells = [get_cell(name) for name in config.cells]
-    widths = [layer_class(cell).state_widths(cell, sizes[i], sizes[i + 1], config) for i, cell in enumerate(cells)]
+    widths = [layer_class(cell).state_widths(cell, inputs, units, config) for cell, inputs, units, _ in stack(config)]
     if config.attention_window:
         widths.append(attention.state_widths(config.layer_sizes[-1], config.attention_window))
     return widths
 
 
 def parameter_keys(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """The state_dict keys of model.parameters(), in its order (a tied decoder is the embedding)."""
-    return [k for k in shapes if not (config.tie_weights and k == "decoder.weight")]
+    """The state_dict keys of model.parameters(), in its order (a tied decoder is the embedding; a tied
+    grid's layers above the first are the first, lmtrain.model.grid.tie)."""
+    return [k for k in shapes if not (config.tie_weights and k == "decoder.weight")
+            and not (config.grid_tied and k.startswith("layers.") and not k.startswith("layers.0."))]
 
 
 def check_parameter_count(f: Fields, config: Config, shapes: dict[str, tuple[int, ...]], held: int) -> None:
