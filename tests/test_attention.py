@@ -159,10 +159,13 @@ def test_k_0_is_the_model_without_attention():
         assert torch.equal(off(tokens, off.init_state(2))[0], plain(tokens, plain.init_state(2))[0])
 
 
-@pytest.mark.parametrize("cell, tie", [("lstm", False), ("lstm", True), ("qrnn", False), ("gru,dglstm", True)])
-def test_the_models_shapes_state_and_count(cell, tie):
+@pytest.mark.parametrize("cell, tie, grid", [("lstm", False, ""), ("lstm", True, ""), ("qrnn", False, ""), ("gru,dglstm", True, ""),
+                                             ("lstm", False, "grid"), ("lstm", True, "tied grid")])
+def test_the_models_shapes_state_and_count(cell, tie, grid):
     """model_shapes, state_widths and parameter_count, computed from the config, are the model's."""
-    c = config(cell=cell, tie_weights=tie, embedding_size=6 if tie else 5, hidden_size=6 if "dglstm" in cell else 8)
+    stacked = {"stack": "grid", "grid_tied": grid == "tied grid"} if grid else {}
+    c = config(cell=cell, tie_weights=tie, embedding_size=6 if tie or grid else 5,
+               hidden_size=6 if "dglstm" in cell or grid else 8, **stacked)
     model = LanguageModel(c, 11)
     assert list(model_shapes(c, 11).items()) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     d = c.layer_sizes[-1] // 2
@@ -170,7 +173,8 @@ def test_the_models_shapes_state_and_count(cell, tie):
     state = model.init_state(4)
     assert [[tuple(t.shape) for t in s] for s in state] == [[(4, w) for w in s.values()] for s in state_widths(c)]
     assert state_widths(c)[-1] == {"keys": 3 * d, "values": 3 * d, "filled": 3}
-    without = config(cell=cell, tie_weights=tie, embedding_size=c.embedding_size, hidden_size=c.hidden_size, attention_window=0)
+    without = config(cell=cell, tie_weights=tie, embedding_size=c.embedding_size, hidden_size=c.hidden_size, attention_window=0,
+                     **stacked)
     assert count_parameters(model) == parameter_count(c, 11) == parameter_count(without, 11) + 2 * d * d + d + 2 * c.layer_sizes[-1] * d
     whole = Config(model=c)
     assert training_bytes(whole, 11) > training_bytes(Config(model=without), 11)
@@ -206,10 +210,10 @@ def test_the_decoder_reads_h_star_and_bf16_runs():
     assert torch.isfinite(mixed).all() and (mixed.float() - logits).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "qrnn,dglstm"])
-def test_generation_steps_give_the_models_forward(cell):
+@pytest.mark.parametrize("cell, stack", [("lstm", "layers"), ("gru", "layers"), ("qrnn,dglstm", "layers"), ("lstm", "grid")])
+def test_generation_steps_give_the_models_forward(cell, stack):
     torch.manual_seed(3)
-    model = LanguageModel(config(cell=cell, init_range=0.4), 20).eval()
+    model = LanguageModel(config(cell=cell, stack=stack, embedding_size=8, init_range=0.4), 20).eval()
     tokens = torch.randint(0, 20, (7, 3), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, expected_state = model(tokens, model.init_state(3))
