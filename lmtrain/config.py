@@ -81,6 +81,9 @@ class ModelConfig:
     # with an LSTM memory of its own beside time's, for model.cell = lstm and equally wide layers
     stack: str = "layers"
     grid_tied: bool = False  # model.stack = grid: every layer shares the first's weights (embedding as wide)
+    # attention of the top layer's output over its previous K outputs, carried across windows, mixed
+    # into the decoder's input (Daniluk et al. 2017's key-value form; docs/cells.md); 0: off
+    attention_window: int = 0
 
     @property
     def cells(self) -> tuple[str, ...]:

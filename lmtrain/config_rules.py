@@ -41,6 +41,7 @@ UPPER_BOUNDS = {
     "train.bptt": 1 << 20,
     "model.mogrifier_rounds": 1024,
     "model.mogrifier_rank": 1 << 20,
+    "model.attention_window": 1 << 16,
 }
 
 
@@ -104,6 +105,7 @@ def validate(config: Config) -> None:
         ("model.init_range", m.init_range),
         ("model.mogrifier_rounds", m.mogrifier_rounds),
         ("model.mogrifier_rank", m.mogrifier_rank),
+        ("model.attention_window", m.attention_window),
         ("train.seed", tr.seed),  # numpy's generators take no negative seed
         ("train.checkpoint_every", tr.checkpoint_every),
         ("train.max_bad_steps", tr.max_bad_steps),
@@ -119,6 +121,10 @@ def validate(config: Config) -> None:
     if m.reservoir and any(name != "rnn" for name in m.cells):
         raise LmtrainError(f"config key 'model.reservoir' is for model.cell = rnn only (a fixed random recurrence), got '{m.cell}'")
     check_grid(m)
+    if m.attention_window and m.layer_sizes[-1] % 2:
+        raise LmtrainError(f"config key 'model.attention_window' splits the top layer's output into key and value halves: "
+                           f"its units ({'model.embedding_size, with model.tie_weights' if m.tie_weights else 'model.hidden_size'}) "
+                           f"must be even, got {m.layer_sizes[-1]}")
     if m.qrnn_window not in (1, 2):
         raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
     if tr.epochs == 0 and tr.max_steps == 0:

@@ -163,6 +163,7 @@ COMMON = {
                        "model['layers.0.w_ih'] has shape (64, 12), the config gives (68, 12)"),
     "two-layers": (setting("model", "layers", 2), "do not fit the model", "has no 'layers.1.w_ih'"),
     "tied-weights": (setting("model", "tie_weights", True), "do not fit the model"),
+    "attention-window": (setting("model", "attention_window", 4), "do not fit the model", "has no 'attention.w_y'"),
     "seed-beyond-int64": (setting("train", "seed", 2**64), "config['train']['seed']", "out of range"),
     "eval-batch-size-10**9": (setting("train", "eval_batch_size", 10**9), "train.eval_batch_size' must be at most"),
     "eval-window-2**40-tokens": (both(setting("train", "eval_batch_size", 2**20), setting("train", "bptt", 2**20)),
@@ -376,3 +377,17 @@ def test_the_computed_shapes_are_the_models(cell, tie):
     shapes = model_shapes(config, 7)
     assert list(shapes.items()) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert [shapes[k] for k in parameter_keys(config, shapes)] == [tuple(p.shape) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "qrnn", "gru,dglstm"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_computed_shapes_with_attention_are_the_models(cell, tie):
+    """model.attention_window adds the attention's parameters between the layers' and the decoder's."""
+    config = ModelConfig(cell=cell, layers=2, hidden_size=6, embedding_size=6 if tie else 4, tie_weights=tie,
+                         attention_window=3)
+    model = LanguageModel(config, 7)
+    shapes = model_shapes(config, 7)
+    assert list(shapes.items()) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert [shapes[k] for k in parameter_keys(config, shapes)] == [tuple(p.shape) for p in model.parameters()]
+    assert [k for k in shapes if k.startswith("attention.")] == ["attention.w_y", "attention.w_h", "attention.w",
+                                                                   "attention.w_r", "attention.w_x"]

@@ -24,7 +24,7 @@ from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.dynamic import DynamicEval, DynamicSettings, gradient_stats
 from lmtrain.evaluation.evaluate import CacheSettings, combine, evaluate, evaluate_stream, tune_cache
 from lmtrain.memory import require_fits
-from lmtrain.model import LanguageModel, load_run
+from lmtrain.model import LanguageModel, attention, load_run
 from lmtrain.runtime import resolve_device
 from lmtrain.text import BUILTIN, Text, copy_stream, encode_split, load_corpus, load_text
 
@@ -128,9 +128,12 @@ def text_to_score(path: Path, encoding_errors: str, copies: ExitStack) -> Text:
 
 def evaluation_stream_bytes(model: LanguageModel, bptt: int) -> int:
     """A rough upper bound of one evaluation stream's memory: a window's logits and their
-    log-softmax, the layers' activations and gates, the state."""
+    log-softmax, the layers' activations and gates, the attention's band, the state."""
     hidden = sum(layer.hidden_size for layer in model.layers)
-    return 4 * bptt * (3 * model.vocab_size + 8 * hidden) + 4 * 4 * hidden
+    a = model.attention
+    band, memory = (0, 0) if a is None else (attention.position_units(a.hidden_size, a.window),
+                                             sum(attention.state_widths(a.hidden_size, a.window).values()))
+    return 4 * bptt * (3 * model.vocab_size + 8 * hidden + band) + 4 * 4 * (hidden + memory)
 
 
 def corpus_split(source: str, split: str, warn: Callable[[str], None], encoding_errors: str = "strict",

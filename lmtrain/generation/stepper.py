@@ -27,6 +27,11 @@ float32 addmm on the model's device.
 A layer of its own (lmtrain.model.layer; dglstm's) runs through its forward on a window of one
 token, in float32, by lmtrain.model.layer.stack_forward as in the model: what it hands up (dglstm:
 its new cell, (1, B, H)) reaches the layer above as in a window.
+
+With model.attention_window, the top layer's output then passes through the attention's forward
+(lmtrain.model.attention) on a window of one token, in float32, its memory the state's last entry
+(K slots, so the state is the same size after any number of tokens), and h* goes to the decoder;
+the stack's whole-step op does not cover it.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ class Stepper:
         # layers of their own (lmtrain.model.layer): run a step at a time through their forward, in float32
         self.own = [None if is_standard(layer) else layer for layer in model.layers]
         self.extras = [tuple(p.detach() for p in layer.extra) if is_standard(layer) else () for layer in model.layers]
+        self.attention = model.attention  # None without model.attention_window
         first = model.layers[0]
         embedding = model.embedding.weight.detach().float()
         self.table = None
@@ -137,7 +143,7 @@ class Stepper:
         # every other cell's pointwise step as one op: its functor generated from its equations
         self.cell_steps = [self.lstm_step is not None and not is_lstm(cell) and step_ops.has_cell_step(name)
                            for cell, name in zip(self.cells, self.names)]
-        if any(own is not None for own in self.own):
+        if any(own is not None for own in self.own) or self.attention is not None:
             self.stack = None
             self.scratch = torch.empty(0, dtype=torch.uint8)
             return
@@ -272,4 +278,8 @@ class Stepper:
                 layer_state, _ = cell.forward_step(xg, hg, layer_state, extra)
             new_state.append(layer_state)
             x = layer_state[0]
+        if self.attention is not None:
+            y, memory = self.attention(x.unsqueeze(0), tuple(s.float() for s in state[len(self.cells)]))
+            new_state.append(memory)
+            x = y[0]
         return self.decoder(x), new_state

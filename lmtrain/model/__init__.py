@@ -28,7 +28,7 @@ from lmtrain.model.payload import (
     state_widths,
 )
 from lmtrain.model.saved import LoadedRun, Saved, build_saved, load_run, read_saved
-from lmtrain.model import hub
+from lmtrain.model import attention, hub
 from lmtrain.model.export import torch_lstm_payload
 from lmtrain.model.onnx_step import onnx_bytes
 
@@ -37,5 +37,5 @@ __all__ = [
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
     "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "LoadedRun", "Saved",
     "build_saved", "read_saved", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
-    "Choice", "explain", "is_lstm", "is_standard", "layer_class", "stack", "stack_forward", "model_shapes", "parameter_keys", "state_widths", "torch_lstm_payload", "hub", "onnx_bytes"
+    "Choice", "explain", "is_lstm", "is_standard", "layer_class", "stack", "stack_forward", "model_shapes", "parameter_keys", "state_widths", "torch_lstm_payload", "hub", "onnx_bytes", "attention"
 ]

@@ -7,8 +7,8 @@ b_ih → bias_ih_l{k}, and bias_hh_l{k} = 0. A tied decoder's weight is the embe
 The file (torch.save of a dict) holds "state_dict" (keys embedding.*, lstm.*, decoder.*) and
 "shapes" (the constructor arguments: vocab_size, embedding_size, hidden_size, num_layers).
 
-What nn.LSTM cannot express is refused, naming it: another cell in any layer, or layers of
-different sizes (nn.LSTM has one hidden_size). Dropout, weight drop and the other regularisers
+What nn.LSTM cannot express is refused, naming it: another cell in any layer, layers of
+different sizes (nn.LSTM has one hidden_size), or attention over past states (model.attention_window). Dropout, weight drop and the other regularisers
 act only in training and are not part of the weights.
 """
 
@@ -32,6 +32,9 @@ def torch_lstm_payload(config: Config, weights: dict[str, torch.Tensor]) -> dict
     if m.stack != "layers":
         raise LmtrainError(f"--format torch-lstm needs a stack of lstm layers; this run's model.stack is {m.stack} "
                            "(torch.nn.LSTM has no such stack)")
+    if m.attention_window:
+        raise LmtrainError(f"--format torch-lstm needs a plain lstm stack; this run has attention over past states "
+                           f"(model.attention_window = {m.attention_window}), which stock PyTorch modules do not have")
     sizes = set(m.layer_sizes)
     if len(sizes) != 1:
         raise LmtrainError(f"--format torch-lstm needs one hidden size for every layer (torch.nn.LSTM has one); "

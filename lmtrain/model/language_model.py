@@ -3,12 +3,17 @@
     tokens (T, B) ─ embedding (word dropout) ─▶ (T, B, E) ─ dropout_input ─▶ layer 1 ─ dropout_hidden ─▶
     ... ─▶ layer L ─ dropout_output ─▶ (T, B, H_L) ─ decoder (tied to the embedding or not) ─▶ logits (T, B, V)
 
+With model.attention_window = K > 0, layer L's output first passes through the attention over its
+previous K outputs (lmtrain.model.attention), whose h* (T, B, H_L) takes its place from the output
+dropout on: the decoder, AR and TAR, the evaluation's cache all read h*.
+
 Every regulariser is a config key (lmtrain.config.ModelConfig) and is active only in training mode:
 dropout with a fresh or a locked (per window and stream) mask, embedding dropout (whole words),
 and weight drop on W_hh, which the recurrence engine applies (lmtrain.model.recurrence.run_layer).
 
 The recurrent state is a list with one tuple per layer (the cell's state, h first: (h, c) for the
-LSTM), each tensor (B, H_l). It is passed in and returned, never kept on the module.
+LSTM), each tensor (B, H_l), and with attention one tuple more, last: its memory (keys, values,
+filled), each (B, width). It is passed in and returned, never kept on the module.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
 from lmtrain.model import grid
+from lmtrain.model.attention import Attention
 from lmtrain.model.layer import layer_class, stack, stack_forward
 
 State = list[tuple[Tensor, ...]]
@@ -33,6 +39,8 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(
             layer_class(cell)(cell, inputs, units, config, below) for cell, inputs, units, below in stack(config)
         )
+        # registered before the decoder: its parameters come after the layers' in every listing
+        self.attention = Attention(config.layer_sizes[-1], config.attention_window) if config.attention_window else None
         self.decoder = nn.Linear(config.layer_sizes[-1], vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
@@ -49,7 +57,10 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         """Zero state for `batch_size` streams on the model's device and dtype."""
-        return [layer.init_state(batch_size, self.decoder.weight) for layer in self.layers]
+        state = [layer.init_state(batch_size, self.decoder.weight) for layer in self.layers]
+        if self.attention is not None:
+            state.append(self.attention.init_state(batch_size, self.decoder.weight))
+        return state
 
     def forward(self, tokens: Tensor, state: State, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, State]:
         """tokens (T, B) int64 -> logits (T, B, V) and the new state.
@@ -60,7 +71,8 @@ class LanguageModel(nn.Module):
         return self.decode(dropped, compute_dtype), state
 
     def hidden(self, tokens: Tensor, state: State, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, State]:
-        """tokens (T, B) -> the last layer's output (T, B, H_L) before and after its dropout, new state.
+        """tokens (T, B) -> the last layer's output (T, B, H_L) before and after its dropout, new state;
+        with attention, h* (the module docstring) in place of the last layer's output.
 
         compute_dtype torch.bfloat16: the layers' GEMMs take bfloat16 operands and keep float32
         sums; their state, outputs and pointwise work stay float32 (lmtrain.model.kernels.mixed)."""
@@ -73,6 +85,9 @@ class LanguageModel(nn.Module):
             new_state.append(layer_state)
             if k < len(self.layers) - 1:
                 x = self.dropout(x, p_hidden)
+        if self.attention is not None:  # float32 under mixed precision: its products are a small part of a window
+            x, memory = self.attention(x, state[len(self.layers)])
+            new_state.append(memory)
         return x, self.dropout(x, p_output), new_state
 
     def embed(self, tokens: Tensor) -> Tensor:

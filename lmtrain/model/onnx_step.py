@@ -62,6 +62,9 @@ def onnx_bytes(model: LanguageModel) -> bytes:
     own = sorted({layer.cell.__name__.rsplit(".", 1)[-1] for layer in model.layers if not is_standard(layer)})
     if own:
         raise LmtrainError(f"the onnx format does not cover the {', '.join(own)} cell yet: export it as safetensors")
+    if model.attention is not None:
+        raise LmtrainError("the onnx format does not cover the attention over past states (model.attention_window) yet: "
+                           "export it as safetensors")
     model = model.float().eval()
     zeros = [s for layer_state in model.init_state(2) for s in layer_state]
     tokens = torch.zeros(2, dtype=torch.long)

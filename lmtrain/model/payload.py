@@ -37,6 +37,7 @@ import torch
 
 from lmtrain.config import TOKENIZER_KINDS, Config, ModelConfig, from_dict
 from lmtrain.errors import LmtrainError
+from lmtrain.model import attention
 from lmtrain.model.layer import layer_class, stack
 from lmtrain.text import EOS, EOS_ID, UNK_ID, Tokenizer
 
@@ -246,13 +247,19 @@ def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, .
     for i, (cell, inputs, units, below) in enumerate(stack(config)):
         layer = layer_class(cell).shapes(cell, inputs, units, config, below)
         shapes |= {f"layers.{i}.{key}": shape for key, shape in layer.items()}
+    if config.attention_window:
+        shapes |= {f"attention.{key}": shape for key, shape in attention.shapes(config.layer_sizes[-1]).items()}
     return shapes | {"decoder.weight": (vocab_size, config.layer_sizes[-1]), "decoder.bias": (vocab_size,)}
 
 
 def state_widths(config: ModelConfig) -> list[dict[str, int]]:
     """Each layer's carried state by name, each tensor (B, width), as LanguageModel(config).init_state
-    gives it (its layers' Layer.state_widths), computed rather than built."""
-    return [layer_class(cell).state_widths(cell, inputs, units, config) for cell, inputs, units, _ in stack(config)]
+    gives it (its layers' Layer.state_widths), and the attention's memory last where it has one
+    (lmtrain.model.attention.state_widths), computed rather than built."""
+    widths = [layer_class(cell).state_widths(cell, inputs, units, config) for cell, inputs, units, _ in stack(config)]
+    if config.attention_window:
+        widths.append(attention.state_widths(config.layer_sizes[-1], config.attention_window))
+    return widths
 
 
 def parameter_keys(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:

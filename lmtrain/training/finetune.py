@@ -26,7 +26,7 @@ from lmtrain.text import UNK_ID, TokenFile
 
 # what the weights' shapes and the token ids depend on: these cannot change under RUN's weights
 SHAPE_KEYS = ("tokenizer.kind", "tokenizer.vocab_size", "model.cell", "model.layers", "model.embedding_size",
-              "model.hidden_size", "model.tie_weights")
+              "model.hidden_size", "model.tie_weights", "model.attention_window")
 COUNT_CHUNK = 1 << 22  # ids compared at a time when counting <unk> (a memmap of any size)
 
 

@@ -8,7 +8,8 @@ these checks, which cover everything lmtrain.training.loop.train does with the e
     loop        every field of lmtrain.training.resume.LoopState and no other, typed and in range, its
                 window and position within the epoch's window lengths
     hidden      None between epochs, else one state per layer: the layer's tensors, each
-                (train.batch_size, its width: the layer's units; the qrnn's x_prev its inputs), float32 and finite
+                (train.batch_size, its width: the layer's units; the qrnn's x_prev its inputs), float32 and finite;
+                with model.attention_window, then the attention's memory (keys, values, filled) alike
     average     NT-ASGD's {"average": one tensor per parameter, "count": int >= 1} with `trained`
     trained     the trained weights while `model` holds the average, checked as `model` is
     rng         the generators' states, set (and put back) exactly as lmtrain.training.resume sets them
@@ -117,24 +118,27 @@ def check_loop(f: Fields, value: Any) -> LoopState:
 
 
 def check_hidden(f: Fields, hidden: Any, loop: LoopState, checked: Checked) -> None:
-    """The state carried into the next window: one per layer, each the cell's tensors (B, H_l)."""
+    """The state carried into the next window: one per layer, each the cell's tensors (B, H_l), and
+    the attention's memory after them where the model has one."""
     if hidden is None:
         if loop.lengths is not None:
             f.field("resume['hidden']", "is None in the middle of an epoch, whose next window carries a state")
         return
     layers = state_widths(checked.config.model)
+    cells = checked.config.model.layers  # the attention's memory, if any, comes after the layers' states
     if not isinstance(hidden, (list, tuple)) or len(hidden) != len(layers):
-        f.field("resume['hidden']", f"must be one state for each of the {len(layers)} layers, got {show(hidden)}")
+        whose = f"{cells} layers" + (" and the attention's memory" if len(layers) > cells else "")
+        f.field("resume['hidden']", f"must be one state for each of the {whose}, got {show(hidden)}")
     for i, (state, widths) in enumerate(zip(hidden, layers)):
-        names = list(widths)
+        names, owner = list(widths), ("cell's", "layer's") if i < cells else ("attention's", "attention's")
         if not isinstance(state, (list, tuple)) or len(state) != len(names) or \
                 not all(isinstance(t, torch.Tensor) for t in state):
-            f.field(f"resume['hidden'][{i}]", f"must be the cell's {len(names)} tensors ({', '.join(names)}), got {show(state)}")
+            f.field(f"resume['hidden'][{i}]", f"must be the {owner[0]} {len(names)} tensors ({', '.join(names)}), got {show(state)}")
         for j, (t, (name, width)) in enumerate(zip(state, widths.items())):
             want = (checked.config.train.batch_size, width)
             if tuple(t.shape) != want:
                 f.field(f"resume['hidden'][{i}][{j}]", f"has shape {tuple(t.shape)}, the config gives {want} "
-                        f"(train.batch_size, the width of the layer's {name})")
+                        f"(train.batch_size, the width of the {owner[1]} {name})")
         check_floats(f, f"resume['hidden'][{i}]", dict(enumerate(state)))
 
 

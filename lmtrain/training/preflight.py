@@ -22,7 +22,7 @@ import torch
 
 from lmtrain.config import Config, ModelConfig
 from lmtrain.errors import LmtrainError
-from lmtrain.model import model_shapes, parameter_keys, stack
+from lmtrain.model import attention, model_shapes, parameter_keys, stack
 from lmtrain.text import TokenFile
 from lmtrain.training.loop import min_train_tokens
 
@@ -58,9 +58,11 @@ def training_bytes(config: Config, vocab_size: int) -> int:
     # weights and gradients; AdamW's two moments; NT-ASGD's average
     copies = 2 + {"adamw": 2, "ntasgd": 1}.get(t.optimizer, 0)
     positions = t.batch_size * t.bptt
-    # per position: the embedding, each layer's gate activations, state and output, and the
-    # logits with their softmax and gradient
+    # per position: the embedding, each layer's gate activations, state and output, the attention's
+    # band and h* (model.attention_window), and the logits with their softmax and gradient
     per_position = m.embedding_size + sum((cell.GATES + 2) * units for cell, _, units, _ in stack(m))
+    if m.attention_window:
+        per_position += attention.position_units(m.layer_sizes[-1], m.attention_window)
     return FLOAT_BYTES * (copies * params + positions * (per_position + 3 * vocab_size))
 
 
