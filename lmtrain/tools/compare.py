@@ -62,10 +62,12 @@ SETTINGS = [
 
 
 # entries beside the cells: the echo-state reservoir (a fixed random rnn, only the embedding and
-# decoder trained) and the Grid LSTM's block (one layer of it: time's LSTM and depth's transform)
+# decoder trained), the Grid LSTM's block (one layer of it: time's LSTM and depth's transform), and
+# the lstm with attention over its last 32 outputs (more than any lag of the task)
 VARIANTS = {
     "reservoir": ["model.cell=rnn", "model.reservoir=true"],
     "grid": ["model.cell=lstm", "model.stack=grid"],
+    "lstm+attention": ["model.cell=lstm", "model.attention_window=32"],
 }
 ENTRIES = {cell: [f"model.cell={cell}"] for cell in CELLS} | VARIANTS
 
