@@ -120,10 +120,12 @@ def validate(config: Config) -> None:
         raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
-    for key in ("dropout", "embedding_dropout", "weight_drop"):
+    for key in ("dropout", "embedding_dropout", "weight_drop", "zoneout_hidden", "zoneout_cell"):
         value = getattr(m, key)
         if not 0.0 <= value < 1.0:
             raise LmtrainError(f"config key 'model.{key}' must be in [0, 1), got {value}")
+    if m.zoneout_cell:
+        check_cell_states(m.cells)
     for key in ("dropout_input", "dropout_hidden", "dropout_output"):
         value = getattr(m, key)
         if value >= 1.0:
@@ -136,3 +138,13 @@ def validate(config: Config) -> None:
         raise LmtrainError(f"config key 'tokenizer.sample_lines' must be more than 100, got {t.sample_lines}")
     if tr.lr_schedule in ("plateau", "epoch") and tr.optimizer == "ntasgd":
         raise LmtrainError(f"train.optimizer ntasgd averages at a fixed rate: use train.lr_schedule constant, not {tr.lr_schedule}")
+
+
+def check_cell_states(cells: tuple[str, ...]) -> None:
+    """model.zoneout_cell acts on a c state: every layer's cell must have one (its module's STATE)."""
+    from lmtrain.model.cells import get_cell  # here, not above: the cells import lmtrain.config
+
+    without = sorted({name for name in cells if name in CELLS and "c" not in get_cell(name).STATE})
+    if without:
+        which = f"the {without[0]} cell has" if len(without) == 1 else f"the {', '.join(without)} cells have"
+        raise LmtrainError(f"config key 'model.zoneout_cell' needs a cell with a c state; {which} only h (use model.zoneout_hidden)")

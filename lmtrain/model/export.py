@@ -7,9 +7,10 @@ b_ih → bias_ih_l{k}, and bias_hh_l{k} = 0. A tied decoder's weight is the embe
 The file (torch.save of a dict) holds "state_dict" (keys embedding.*, lstm.*, decoder.*) and
 "shapes" (the constructor arguments: vocab_size, embedding_size, hidden_size, num_layers).
 
-What nn.LSTM cannot express is refused, naming it: another cell in any layer, or layers of
-different sizes (nn.LSTM has one hidden_size). Dropout, weight drop and the other regularisers
-act only in training and are not part of the weights.
+What nn.LSTM cannot express is refused, naming it: another cell in any layer, layers of
+different sizes (nn.LSTM has one hidden_size), or zoneout (whose evaluation mixes each step's
+state with the last one). Dropout, weight drop and the other regularisers act only in training
+and are not part of the weights.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def torch_lstm_payload(config: Config, weights: dict[str, torch.Tensor]) -> dict
     if others:
         raise LmtrainError(f"--format torch-lstm needs an lstm stack; this run has {', '.join(others)} layers "
                            "(torch.nn.LSTM has no such cell)")
+    zoned = [key for key in ("zoneout_hidden", "zoneout_cell") if getattr(m, key)]
+    if zoned:
+        raise LmtrainError(f"--format torch-lstm cannot carry zoneout (model.{zoned[0]} = {getattr(m, zoned[0])}): "
+                           "torch.nn.LSTM would not mix each step's state with the last one as its evaluation does")
     sizes = set(m.layer_sizes)
     if len(sizes) != 1:
         raise LmtrainError(f"--format torch-lstm needs one hidden size for every layer (torch.nn.LSTM has one); "
