@@ -16,6 +16,7 @@ import torch
 from helpers import TINY_WORD, assert_one_error, cli, ok, sets, write_small_corpus
 
 from lmtrain.config import Config, ModelConfig, load_config
+from lmtrain.config_rules import H_ONLY_CELLS
 from lmtrain.errors import LmtrainError
 from lmtrain.generation.stepper import Stepper
 from lmtrain.model import CELLS, LanguageModel, dispatch, get_cell, layer_class, load_run, stack_forward
@@ -95,6 +96,10 @@ def assert_close(ours, refs, atol=1e-12):
 
 def p_for(name: str) -> tuple[float, float]:
     return 0.5, 0.4 if has_cell_state(name) else 0.0
+
+
+def test_the_config_knows_which_cells_have_no_c():
+    assert set(H_ONLY_CELLS) == {name for name in CELLS if not has_cell_state(name)}
 
 
 def test_every_own_layer_has_a_reference_here():
