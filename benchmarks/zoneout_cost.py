@@ -46,11 +46,12 @@ def main() -> None:
     tokens = torch.randint(0, args.vocab, (args.bptt + 1, args.batch))
     base = ModelConfig(layers=2, embedding_size=200, hidden_size=200)
     zoned = ModelConfig(layers=2, embedding_size=200, hidden_size=200, zoneout_hidden=0.1, zoneout_cell=0.1)
-    runs = {
-        "lstm": training_step(LanguageModel(base, args.vocab).train(), tokens, args.batch),
-        "lstm on the engine": with_env("LMTRAIN_KERNELS", "0", training_step(LanguageModel(base, args.vocab).train(), tokens, args.batch)),
-        "lstm, zoneout 0.1": training_step(LanguageModel(zoned, args.vocab).train(), tokens, args.batch),
-    }
+
+    def step(config: ModelConfig):
+        return training_step(LanguageModel(config, args.vocab).train(), tokens, args.batch)
+
+    runs = {"lstm": step(base), "lstm on the engine": with_env("LMTRAIN_KERNELS", "0", step(base)),
+            "lstm, zoneout 0.1": step(zoned)}
     seconds = time_round_robin(runs, args.repeats, args.warmup, torch.device("cpu"))
     tokens_per_step = args.batch * args.bptt
     print(f"torch threads {torch.get_num_threads()}, vocab {args.vocab}, B {args.batch}, T {args.bptt}; "
