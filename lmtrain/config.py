@@ -55,6 +55,10 @@ class ModelConfig:
     # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013); the qrnn, which has no
     # W_hh, drops from its gate filter W (as AWD-LSTM's WeightDrop did on its QRNN's linear weights)
     weight_drop: float = 0.0
+    # zoneout (Krueger et al. 2017), in [0, 1): each unit of h keeps its previous value with this
+    # probability at each step in training, the expectation at evaluation (docs/cells.md#zoneout)
+    zoneout_hidden: float = 0.0
+    zoneout_cell: float = 0.0  # the same for the cell's c (cells with a c state; slstm: c, n, m together)
     # the decoder shares the embedding matrix; the last layer then has embedding_size units
     # (AWD-LSTM's layout), so hidden_size applies to the layers below it
     tie_weights: bool = False

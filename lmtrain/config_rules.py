@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
 CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn", "dglstm")
+# the cells whose state is h alone (their modules' STATE; tests/test_zoneout.py holds the two
+# together): model.zoneout_cell has no c to act on there
+H_ONLY_CELLS = ("gru", "rnn")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -129,10 +132,14 @@ def validate(config: Config) -> None:
         raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
-    for key in ("dropout", "embedding_dropout", "weight_drop"):
+    for key in ("dropout", "embedding_dropout", "weight_drop", "zoneout_hidden", "zoneout_cell"):
         value = getattr(m, key)
         if not 0.0 <= value < 1.0:
             raise LmtrainError(f"config key 'model.{key}' must be in [0, 1), got {value}")
+    without_c = sorted({name for name in m.cells if name in H_ONLY_CELLS})
+    if m.zoneout_cell and without_c:
+        which = f"the {without_c[0]} cell has" if len(without_c) == 1 else f"the {', '.join(without_c)} cells have"
+        raise LmtrainError(f"config key 'model.zoneout_cell' needs a cell with a c state; {which} only h (use model.zoneout_hidden)")
     for key in ("dropout_input", "dropout_hidden", "dropout_output"):
         value = getattr(m, key)
         if value >= 1.0:

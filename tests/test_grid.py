@@ -212,3 +212,27 @@ def test_train_evaluate_generate_and_export_through_the_cli(tmp_path):
     for fmt, fragment in (("torch-lstm", "model.stack is grid"), ("onnx", "grid")):
         result = cli("export", run, "--out", tmp_path / f"out.{fmt}", "--format", fmt)
         assert_one_error(result, fragment)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_zoneout_acts_on_times_state_as_on_an_lstm_layers(training):
+    """A grid layer's (h, c) with zoneout is what our lstm layer with the same time weights and the
+    same masks carries; depth reads that zoned h, so the output moves with it."""
+    from lmtrain.model import RecurrentLayer, get_cell
+
+    torch.manual_seed(0)
+    config = ModelConfig(stack="grid", layers=1, embedding_size=6, hidden_size=6, zoneout_hidden=0.3, zoneout_cell=0.2)
+    layer = LanguageModel(config, 13).double().layers[0].train(training)
+    plain = RecurrentLayer(get_cell("lstm"), 6, 6, config).double().train(training)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k in plain.state_dict()})
+    x = torch.randn(5, 2, 6, dtype=torch.float64)
+    state = layer.init_state(2, x)
+    seed = torch.random.get_rng_state()
+    y, final, _ = layer(x, state)
+    torch.random.set_rng_state(seed)  # the same masks
+    _, want = plain(x, state)
+    for a, b in zip(final, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    unzoned = LanguageModel(ModelConfig(stack="grid", layers=1, embedding_size=6, hidden_size=6), 13).double().layers[0]
+    unzoned.load_state_dict(layer.state_dict())
+    assert float((unzoned.train(training)(x, state)[0] - y).abs().max()) > 1e-6

@@ -8,8 +8,9 @@ The file (torch.save of a dict) holds "state_dict" (keys embedding.*, lstm.*, de
 "shapes" (the constructor arguments: vocab_size, embedding_size, hidden_size, num_layers).
 
 What nn.LSTM cannot express is refused, naming it: another cell in any layer, layers of
-different sizes (nn.LSTM has one hidden_size), or attention over past states (model.attention_window). Dropout, weight drop and the other regularisers
-act only in training and are not part of the weights.
+different sizes (nn.LSTM has one hidden_size), attention over past states (model.attention_window),
+or zoneout (whose evaluation mixes each step's state with the last one). Dropout, weight drop and the
+other regularisers act only in training and are not part of the weights.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def torch_lstm_payload(config: Config, weights: dict[str, torch.Tensor]) -> dict
     if m.attention_window:
         raise LmtrainError(f"--format torch-lstm needs a plain lstm stack; this run has attention over past states "
                            f"(model.attention_window = {m.attention_window}), which stock PyTorch modules do not have")
+    zoned = [key for key in ("zoneout_hidden", "zoneout_cell") if getattr(m, key)]
+    if zoned:
+        raise LmtrainError(f"--format torch-lstm cannot carry zoneout (model.{zoned[0]} = {getattr(m, zoned[0])}): "
+                           "torch.nn.LSTM would not mix each step's state with the last one as its evaluation does")
     sizes = set(m.layer_sizes)
     if len(sizes) != 1:
         raise LmtrainError(f"--format torch-lstm needs one hidden size for every layer (torch.nn.LSTM has one); "

@@ -26,7 +26,8 @@ pointwise gates; no loop over time in it.
 `model.grid_tied`: every layer shares the first layer's weights (the paper's tied Grid LSTM), which
 needs the embedding as wide as the layers; `tie` does it once the layers are built.
 weight_drop (model.weight_drop): DropConnect on both matrices that read h_{t-1}, W_hh and W_dh,
-one mask each per window, in training only. `reference` is the equations above in plain autograd,
+one mask each per window, in training only. Zoneout (model.zoneout_hidden, model.zoneout_cell) acts on
+time's (h, c), which run_layer mixes between steps as for an lstm layer; depth's memory is not zoned. `reference` is the equations above in plain autograd,
 a step at a time; tests/test_grid.py holds `run` to it.
 """
 
@@ -82,10 +83,11 @@ def reference(x: Tensor, below: Tensor | None, state: tuple[Tensor, Tensor], w_i
 
 
 def run(x: Tensor, below: Tensor | None, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-        w_dx: Tensor, w_dh: Tensor, b_d: Tensor, compute_dtype: torch.dtype | None = None):
+        w_dx: Tensor, w_dh: Tensor, b_d: Tensor, compute_dtype: torch.dtype | None = None, zoneout=None):
     """The fast path: what `reference` computes. Time's transform on the LSTM's own path (its compiled
-    loops where they run), then depth's over the whole window."""
-    hs, final = run_layer(lstm, x, state, w_ih, w_hh, b_ih, compute_dtype=compute_dtype)
+    loops where they run), then depth's over the whole window. zoneout (a zoneout.Zone, or None)
+    acts on time's (h, c), as on an lstm layer's; depth reads the zoned h_{t-1}."""
+    hs, final = run_layer(lstm, x, state, w_ih, w_hh, b_ih, compute_dtype=compute_dtype, zoneout=zoneout)
     if x.dtype != torch.float32:
         compute_dtype = None
     h_prev = torch.cat([state[0].unsqueeze(0), hs[:-1]])  # h_{t-1} for every t, (T, B, H)
@@ -124,7 +126,8 @@ class Layer(RecurrentLayer):
         w_hh, w_dh = self.w_hh, self.w_dh
         if weight_drop and self.training:
             w_hh, w_dh = F.dropout(w_hh, weight_drop, True), F.dropout(w_dh, weight_drop, True)
-        y, m, final = run(x, below, state, self.w_ih, w_hh, self.b_ih, self.w_dx, w_dh, self.b_d, compute_dtype)
+        y, m, final = run(x, below, state, self.w_ih, w_hh, self.b_ih, self.w_dx, w_dh, self.b_d, compute_dtype,
+                          zoneout=self.zone(x))
         return y, final, m
 
 

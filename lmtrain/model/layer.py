@@ -31,7 +31,14 @@ and generation's steps (lmtrain.generation.stepper, a window of one token) alike
 sequence passes up in generation too.
 
 A layer that is not a RecurrentLayer exactly is "its own" for generation (lmtrain.generation.stepper
-runs it a step at a time through its forward) and for export (which refuses what it cannot write).
+runs it a step at a time through its forward) and for export (which refuses what it cannot write);
+so is a standard layer with zoneout (`is_standard`), whose evaluation mixes its states.
+
+Zoneout (model.zoneout_hidden, model.zoneout_cell; lmtrain.model.zoneout): every layer keeps its
+states' p (`self.zoneout`, per state of state_widths, 0.0 for those not zoned) and, in each
+forward, draws the window's Zone (`self.zone(x)`: masks in training, p at evaluation, None
+without zoneout). The standard layer hands it to run_layer; a layer of its own with one runs its
+window function a step at a time (zoneout.stepwise).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from lmtrain.errors import LmtrainError
+from lmtrain.model import zoneout
 from lmtrain.model.recurrence import run_layer
 
 
@@ -66,6 +74,8 @@ class RecurrentLayer(nn.Module):
         if not cell.RECURRENT_BIAS:
             self.b_hh = None
         self.extra = nn.ParameterList(nn.Parameter(torch.empty(blocks * hidden_size)) for blocks in cell.EXTRA.values())
+        self.state_names = tuple(self.state_widths(cell, input_size, hidden_size, config))
+        self.zoneout = zoneout.probabilities(cell, self.state_names, config)  # p per state, 0.0: not zoned
         if config is not None and config.reservoir:
             # fixed, yet parameters: in the state_dict (checkpoints hold the reservoir that was drawn),
             # in the optimizer's list (which skips them: they never get a gradient), in the counts
@@ -106,10 +116,16 @@ class RecurrentLayer(nn.Module):
     def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, ...]:
         return tuple(like.new_zeros(batch_size, self.hidden_size) for _ in self.cell.STATE)
 
+    def zone(self, x: Tensor) -> zoneout.Zone | None:
+        """This window's zoneout over x (T, B, ·): its masks in training (drawn now), its p at
+        evaluation; None without zoneout."""
+        return zoneout.draw(self.zoneout, self.state_names, self.cell, x, self.hidden_size, self.training)
+
     def forward(self, x: Tensor, state: tuple[Tensor, ...], weight_drop: float = 0.0,
                 compute_dtype: torch.dtype | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         return run_layer(self.cell, x, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh, tuple(self.extra),
-                         weight_drop=weight_drop if self.training else 0.0, compute_dtype=compute_dtype)
+                         weight_drop=weight_drop if self.training else 0.0, compute_dtype=compute_dtype,
+                         zoneout=self.zone(x))
 
 
 def stack_forward(layer: nn.Module, x: Tensor, state: tuple[Tensor, ...], below: Tensor | None, weight_drop: float = 0.0,
@@ -155,5 +171,6 @@ def layer_class(cell: ModuleType) -> type[RecurrentLayer]:
 
 
 def is_standard(layer: nn.Module) -> bool:
-    """Whether `layer` is the standard layer, whose weights generation and export read directly."""
-    return type(layer) is RecurrentLayer
+    """Whether `layer` is the standard layer, whose weights generation and export read directly:
+    a RecurrentLayer exactly, without zoneout (whose evaluation mixes the states between steps)."""
+    return type(layer) is RecurrentLayer and not any(layer.zoneout)

@@ -57,6 +57,9 @@ def onnx_bytes(model: LanguageModel) -> bytes:
     """The model's step as an ONNX file's bytes (the `onnx` package must be installed)."""
     import importlib.util
 
+    zoned = [key for key in ("zoneout_hidden", "zoneout_cell") if getattr(model.config, key)]
+    if zoned:  # its evaluation mixes each step's state with the last one, which the step graph does not
+        raise LmtrainError(f"the onnx format does not cover zoneout (model.{zoned[0]}) yet: export it as safetensors")
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it
         raise LmtrainError("the onnx format needs the onnx package: pip install 'lmtrain[export]'")
     own = sorted({layer.cell.__name__.rsplit(".", 1)[-1] for layer in model.layers if not is_standard(layer)})

@@ -35,6 +35,8 @@ from torch import Tensor
 
 from lmtrain.errors import LmtrainError
 from lmtrain.model.kernels import dispatch, fused, mixed, selfcheck
+from lmtrain.model.kernels.dispatch import ZONED_PATHS
+from lmtrain.model.zoneout import Zone, Zoned
 
 
 class Recurrence(torch.autograd.Function):
@@ -42,7 +44,10 @@ class Recurrence(torch.autograd.Function):
 
     cell: a cell module, whose forward_step and backward_step run as they are, or
     lmtrain.model.kernels.fused.CompiledSteps(cell), whose steps run compiled (the fused path);
-    the loop, its GEMMs and its reused buffers (fused.scratch) are the same for both.
+    the loop, its GEMMs and its reused buffers (fused.scratch) are the same for both. Either
+    wrapped in lmtrain.model.zoneout.Zoned(·, zone): the window's zoneout mixes each step's new
+    state with the previous one (zone.mix) before it is carried and output, and the backward
+    splits each step's state gradient (zone.mix_backward) between the two.
 
     compute_dtype: None or torch.bfloat16 (mixed precision's GEMM operands, lmtrain.model.kernels.mixed);
     x: (T, B, I); w_ih: (GH, I); w_hh: (GH, H); b_ih: (GH,); b_hh: (GH,) or None;
@@ -64,17 +69,22 @@ class Recurrence(torch.autograd.Function):
         ys = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T: the output and dW_hh's operand
         ys[0] = state[0]
         states, saved = [state], []
+        zone, news = getattr(cell, "zone", None), []  # zoneout: each step's own new state, before the mix
         step = None
         for t in range(steps):
             mixed.mm(mixed.operand(state[0], compute_dtype), w_hh_t, b_hh, out=hg)
             if step is None:
                 step = step_of(cell, "forward", (xg[t], hg, state, extra))
-            state, step_saved = step(xg[t], hg, state, extra)
+            new, step_saved = step(xg[t], hg, state, extra)
+            if zone is not None:
+                news.append(new)
+                new = zone.mix(t, state, new)
+            state = new
             ys[t + 1] = state[0]
             states.append(state)
             saved.append(step_saved)
         ctx.cell, ctx.has_b_hh, ctx.compute_dtype = cell, b_hh is not None, compute_dtype
-        ctx.states, ctx.saved = states, saved  # per-step tuples: plain lists, not autograd inputs
+        ctx.states, ctx.saved, ctx.news = states, saved, news  # per-step tuples: plain lists, not autograd inputs
         ctx.save_for_backward(x, w_ih, w_hh, ys, *extra)  # the weights as the products took them
         return (ys[1:].clone(), *(s.clone() for s in state))
 
@@ -92,9 +102,13 @@ class Recurrence(torch.autograd.Function):
         # step never writes the tensor it reads
         dh_buffers = (fused.scratch("dh0", (batch, hidden), ys), fused.scratch("dh1", (batch, hidden), ys))
         d_extra = [torch.zeros_like(e) for e in extra]
+        zone = getattr(cell, "zone", None)
         step = None
         for t in reversed(range(steps)):
             d_state[0] = d_state[0] + dy[t]
+            direct = None  # zoneout: the part of d_state that goes straight to state_{t-1}
+            if zone is not None:
+                direct, d_state = zone.mix_backward(t, ctx.states[t], ctx.news[t], d_state)
             args = (tuple(d_state), ctx.saved[t], ctx.states[t], extra)
             if step is None:
                 step = step_of(cell, "backward", args)
@@ -106,7 +120,9 @@ class Recurrence(torch.autograd.Function):
             if dhg is not dxg:
                 dhg[t] = dhg_t
             d_state = list(d_prev)
-            d_state[0] = mixed.mm(mixed.operand(dhg[t], compute_dtype), w_hh, d_prev[0], out=dh_buffers[t % 2])
+            if direct is not None:
+                d_state = [d if a is None else a if d is None else d + a for d, a in zip(d_state, direct)]
+            d_state[0] = mixed.mm(mixed.operand(dhg[t], compute_dtype), w_hh, d_state[0], out=dh_buffers[t % 2])
             for acc, d in zip(d_extra, d_extra_t):
                 acc += d
         dx, dw_ih, dw_hh, db_ih, db_hh = mixed.sequence_grads(dxg, dhg, x, ys[:-1], w_ih, compute_dtype, ctx.needs_input_grad[3])
@@ -124,7 +140,7 @@ def step_of(cell, which: str, args: tuple):
 
 def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor, b_hh: Tensor | None = None, extra: tuple[Tensor, ...] = (), *, weight_drop: float = 0.0,
-              compute_dtype: torch.dtype | None = None):
+              compute_dtype: torch.dtype | None = None, zoneout: Zone | None = None):
     """Run `cell` over x (T, B, I) from `state` -> y (T, B, H) and the final state (a tuple).
 
     compute_dtype: torch.bfloat16 for mixed precision (bfloat16 GEMM operands, everything else float32), or
@@ -133,28 +149,35 @@ def run_layer(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tens
     weight_drop: DropConnect on the recurrent weight (Wan et al. 2013, as AWD-LSTM uses it): each
     entry of w_hh is zeroed with this probability, the rest scaled by 1 / (1 - p), one mask for the
     whole sequence; w_hh's gradient is masked the same way. 0 (inference) leaves w_hh as it is.
+
+    zoneout: the window's lmtrain.model.zoneout.Zone (its masks, or its p at evaluation), or None.
+    It runs inside the engine's loop (the engine, or the fused path's compiled steps): dispatch
+    passes over the paths that do not know it (the sequence kernels, the persistent LSTM).
     """
     if weight_drop:
         w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
     if x.dtype != torch.float32:
         compute_dtype = None
     args = (x, state, w_ih, w_hh, b_ih, b_hh, tuple(extra))
-    choice = checked_choice(cell, args, compute_dtype)
+    zoned = zoneout is not None
+    choice = checked_choice(cell, args, compute_dtype, zoned)
     try:
-        return run_path(choice.path, cell, args, compute_dtype)
+        return run_path(choice.path, cell, args, compute_dtype, zoneout)
     except (torch.OutOfMemoryError, LmtrainError):
         raise
     except Exception as error:  # noqa: BLE001  a fast path that fails after its check: the next one down
         if choice.path == "engine":
             raise
         selfcheck.turn_off(choice.path, selfcheck.raised(error),
-                           lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype).path} path")
-        return run_path(checked_choice(cell, args, compute_dtype).path, cell, args, compute_dtype)
+                           lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype, zoneout=zoned).path} path")
+        return run_path(checked_choice(cell, args, compute_dtype, zoned).path, cell, args, compute_dtype, zoneout)
 
 
-def run_path(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None):
+def run_path(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None, zoneout: Zone | None = None):
     """run_layer's call (args: x, state, w_ih, w_hh, b_ih, b_hh, extra) on one path -> y, final state."""
     x, state, w_ih, w_hh, b_ih, b_hh, extra = args
+    if zoneout is not None and path not in ZONED_PATHS:
+        raise ValueError(f"the {path} path does not apply zoneout (lmtrain.model.kernels.dispatch chooses among {ZONED_PATHS})")
     if path != "engine":
         selfcheck.inject(path)
     if path == "persistent":  # the LSTM's whole time loop in one kernel launch each way
@@ -165,6 +188,7 @@ def run_path(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtyp
         y, final = cell.sequence_kernel.run(x, state, w_ih, w_hh, b_ih, b_hh, extra, compute_dtype)
     else:
         steps = fused.CompiledSteps(cell, triton=path == "triton") if path in ("fused", "triton") else cell
+        steps = Zoned(steps, zoneout) if zoneout is not None else steps
         outputs = Recurrence.apply(steps, len(state), compute_dtype, x, w_ih, w_hh, b_ih, b_hh, *state, *extra)
         y, final = outputs[0], tuple(outputs[1:])
     if path == "engine":
@@ -173,11 +197,12 @@ def run_path(path: str, cell: ModuleType, args: tuple, compute_dtype: torch.dtyp
     return y, tuple(final)
 
 
-def checked_choice(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None) -> dispatch.Choice:
+def checked_choice(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | None, zoned: bool = False) -> dispatch.Choice:
     """dispatch.choose's path for this call, once it has passed its self-check for this kind of call
     (lmtrain.model.kernels.selfcheck): a path that fails is turned off and the next one down is
-    taken (and checked), down to the engine, which is the reference."""
-    choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype)
+    taken (and checked), down to the engine, which is the reference. zoned: the call has zoneout
+    (dispatch then chooses among ZONED_PATHS; the check is of the steps, without it)."""
+    choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype, zoneout=zoned)
     while choice.path != "engine":
         key = check_key(cell, args, compute_dtype)
         if not selfcheck.pending(choice.path, key):  # checked before: the usual case, no check built
@@ -185,8 +210,9 @@ def checked_choice(cell: ModuleType, args: tuple, compute_dtype: torch.dtype | N
         failure = selfcheck.check(choice.path, key, *check_calls(choice.path, cell, args, compute_dtype))
         if failure is None:
             return choice
-        selfcheck.turn_off(choice.path, failure, lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype).path} path")
-        choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype)
+        selfcheck.turn_off(choice.path, failure,
+                           lambda: f"the {dispatch.choose(cell, *args, compute_dtype=compute_dtype, zoneout=zoned).path} path")
+        choice = dispatch.choose(cell, *args, compute_dtype=compute_dtype, zoneout=zoned)
     return choice
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.errors import LmtrainError
+from lmtrain.model import zoneout
 from lmtrain.model.cells import lstm
 from lmtrain.model.kernels import dglstm as kernel
 from lmtrain.model.kernels import mixed
@@ -114,6 +115,15 @@ class Layer(RecurrentLayer):
         depth = tuple(getattr(self, name) for name in DEPTH) if self.depth_gated else None
         if self.depth_gated and below is None:
             raise ValueError("a depth-gated dglstm layer needs the cells of the dglstm layer below (lmtrain.model.layer.stack_forward)")
-        y, cells, final = kernel.run(x, below if self.depth_gated else None, state, self.w_ih, w_hh, self.b_ih, depth,
-                                     compute_dtype)
-        return y, final, cells
+        lower = below if self.depth_gated else None
+        zone = self.zone(x)
+        if zone is None:
+            y, cells, final = kernel.run(x, lower, state, self.w_ih, w_hh, self.b_ih, depth, compute_dtype)
+            return y, final, cells
+
+        def window(x: Tensor, state: tuple[Tensor, ...], lower: Tensor | None = None):
+            y, _, final = kernel.run(x, lower, state, self.w_ih, w_hh, self.b_ih, depth, compute_dtype)
+            return y, final
+
+        # zoneout: the kernel a step at a time, mixed between; the cells handed up are the zoned c
+        return zoneout.stepwise(window, x, state, zone, lower, up=1)

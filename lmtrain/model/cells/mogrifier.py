@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
+from lmtrain.model import zoneout
 from lmtrain.model.cells import lstm
 from lmtrain.model.kernels import mixed
 from lmtrain.model.layer import RecurrentLayer
@@ -289,4 +290,13 @@ class Layer(RecurrentLayer):
         w_hh = self.w_hh
         if weight_drop and self.training:  # DropConnect on W_hh, one mask for the window (as run_layer)
             w_hh = torch.nn.functional.dropout(w_hh, weight_drop, True)
-        return run(x, state, self.w_ih, w_hh, self.b_ih, self.parameters_of_rounds(), compute_dtype)
+        rounds = self.parameters_of_rounds()
+
+        def window(x: Tensor, state: tuple[Tensor, ...]):
+            return run(x, state, self.w_ih, w_hh, self.b_ih, rounds, compute_dtype)
+
+        zone = self.zone(x)
+        if zone is None:
+            return window(x, state)
+        y, final, _ = zoneout.stepwise(window, x, state, zone)  # zoneout: Mogrify a step at a time, mixed between
+        return y, final

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmtrain.config import ModelConfig
+from lmtrain.model import zoneout
 from lmtrain.model.kernels import mixed
 from lmtrain.model.layer import RecurrentLayer
 
@@ -176,4 +177,12 @@ class Layer(RecurrentLayer):
         w = F.dropout(self.w_ih, weight_drop, True) if weight_drop and self.training else self.w_ih
         if x.dtype != torch.float32:
             compute_dtype = None
-        return run(x, state, w, self.b_ih, self.window, compute_dtype)
+
+        def window(x: Tensor, state: tuple[Tensor, ...]):
+            return run(x, state, w, self.b_ih, self.window, compute_dtype)
+
+        zone = self.zone(x)
+        if zone is None:
+            return window(x, state)
+        y, final, _ = zoneout.stepwise(window, x, state, zone)  # zoneout: QRNNWindow a step at a time, mixed between
+        return y, final

@@ -33,6 +33,10 @@ from lmtrain.model.kernels.cell_sequence import SequenceKernel
 from lmtrain.model.kernels.emit_torch import engine_steps
 
 FORGET_GATE = 1  # block of the forget gate in the pre-activations (model.forget_bias)
+# model.zoneout_cell keeps c, n and m together, one mask: (c, n, m) stands for (c e^m, n e^m), so a
+# unit keeps all three, and evaluation's expectation is of c e^m and n e^m (lmtrain.model.zoneout)
+ZONEOUT_CELL = ("c", "n", "m")
+ZONEOUT_LOG_SCALE = "m"
 
 
 def reference(x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh=None, extra=()):

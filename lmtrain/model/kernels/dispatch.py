@@ -14,7 +14,10 @@ on it. Every other module asks here; `explain` says what was chosen and why (for
     own          a cell without a STEP runs its own layer (its module's Layer;  that cell (mogrifier,
                  not through run_layer)                                        qrnn), always
 
-Every path computes what the engine computes; the tests hold each to it.
+Every path computes what the engine computes; the tests hold each to it. A layer with zoneout
+(model.zoneout_hidden, model.zoneout_cell) mixes its states between steps inside the engine's
+loop, which only the engine and the fused paths run (ZONED_PATHS): its call never takes the
+sequence kernels or the persistent LSTM, which do not know it.
 
 Switches (read at each call, so tests can set them):
 """
@@ -85,6 +88,9 @@ def on_triton(x: Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+ZONED_PATHS = ("engine", "fused", "triton")  # the paths that run the engine's loop, where zoneout mixes
+
+
 @dataclass(frozen=True)
 class Choice:
     path: str  # "persistent", "triton", "fused", "sequence" or "engine"; explain: "own" (not on_engine)
@@ -98,9 +104,11 @@ def triton_steps(name: str, x: Tensor) -> bool:
 
 
 def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-           b_hh: Tensor | None, extra: tuple[Tensor, ...], *, compute_dtype: torch.dtype | None) -> Choice:
+           b_hh: Tensor | None, extra: tuple[Tensor, ...], *, compute_dtype: torch.dtype | None,
+           zoneout: bool = False) -> Choice:
     """The path for one layer's call (lmtrain.model.recurrence.run_layer's arguments), and why.
-    A path lmtrain.model.kernels.selfcheck turned off is passed over for the next one down."""
+    A path lmtrain.model.kernels.selfcheck turned off is passed over for the next one down.
+    zoneout: the call has zoneout, which only ZONED_PATHS apply."""
     from lmtrain.model.kernels.selfcheck import turned_off
 
     off = turned_off()
@@ -117,7 +125,7 @@ def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor,
     name = cell_name(cell)
     if x.is_cuda or on("LMTRAIN_FUSED"):
         where = "on CUDA" if x.is_cuda else "with LMTRAIN_FUSED=1"
-        if on_triton(x) and on("LMTRAIN_PERSISTENT"):
+        if on_triton(x) and on("LMTRAIN_PERSISTENT") and not zoneout:
             from lmtrain.model.kernels.cuda import lstm_persistent
 
             if lstm_persistent.supports(name, x, b_hh, extra) and usable("persistent"):
@@ -126,6 +134,8 @@ def choose(cell: ModuleType, x: Tensor, state: tuple[Tensor, ...], w_ih: Tensor,
             return choice("triton", f"the LSTM takes the fused loop {where} with its Triton steps (LMTRAIN_CUDA_POINTWISE=triton)")
         if usable("fused"):
             return choice("fused", f"every cell takes the fused loop {where} (pointwise steps: {switch('LMTRAIN_FUSED_MODE')})")
+    if zoneout:
+        return choice("engine", "zoneout mixes the state between steps in the engine's loop (no sequence kernel knows it)")
     kernel = getattr(cell, "sequence_kernel", None)
     if kernel is None:
         return choice("engine", f"{name} has no sequence kernel of its own")
