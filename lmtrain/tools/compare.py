@@ -63,11 +63,13 @@ SETTINGS = [
 
 # entries beside the cells: the echo-state reservoir (a fixed random rnn, only the embedding and
 # decoder trained), the Grid LSTM's block (one layer of it: time's LSTM and depth's transform), and
-# the lstm with attention over its last 32 outputs (more than any lag of the task)
+# the lstm with attention over its last 32 outputs (more than any lag of the task), and the lstm with
+# zoneout at Krueger et al.'s character-level rates (h 0.05, c 0.5)
 VARIANTS = {
     "reservoir": ["model.cell=rnn", "model.reservoir=true"],
     "grid": ["model.cell=lstm", "model.stack=grid"],
     "lstm+attention": ["model.cell=lstm", "model.attention_window=32"],
+    "lstm+zoneout": ["model.cell=lstm", "model.zoneout_hidden=0.05", "model.zoneout_cell=0.5"],
 }
 ENTRIES = {cell: [f"model.cell={cell}"] for cell in CELLS} | VARIANTS
 
