@@ -19,7 +19,7 @@ from typing import Any
 from lmtrain.errors import LmtrainError
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "clockwork")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -42,7 +42,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
+    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | clockwork for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
     # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
     cell: str = "lstm"
     layers: int = 2  # stacked recurrent layers
@@ -72,12 +72,23 @@ class ModelConfig:
     # the rank of each round's matrix: 0 full (I x H or H x I), k > 0 the product of an
     # (out x k) and a (k x in) factor, each drawn so that the product spreads as a full matrix would
     mogrifier_rank: int = 0
+    # the clockwork cell's module periods (Koutník et al. 2014), comma-separated and non-decreasing
+    # (`clockwork_periods = [1, 2, 4, 8]` in TOML, `--set model.clockwork_periods=1,2,4,8`): one
+    # module per period, g in all, each H / g units wide (g must divide every clockwork layer's
+    # units); module i updates only at the steps t with t mod T_i = 0. The default is the paper's
+    # exponential series T_i = 2^(i-1) for g = 4 modules; write 1,2,4,...,2^(g-1) for other g
+    clockwork_periods: str = "1,2,4,8"
 
     @property
     def cells(self) -> tuple[str, ...]:
         """The cell name of each layer."""
         names = tuple(self.cell.split(","))
         return names * self.layers if len(names) == 1 else names
+
+    @property
+    def periods(self) -> tuple[int, ...]:
+        """model.clockwork_periods as integers (validated by `validate`)."""
+        return tuple(int(p) for p in self.clockwork_periods.split(","))
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
@@ -284,6 +295,8 @@ def check_value(section: str, key: str, value: Any) -> Any:
         raise LmtrainError(f"unknown config key '{section}.{key}' (known in [{section}]: {', '.join(types)})")
     if (section, key) == ("model", "cell"):
         value = join_cell_names(value)
+    if (section, key) == ("model", "clockwork_periods"):
+        value = join_periods(value)
     want = types[key]
     ok = (
         (want is bool and isinstance(value, bool))
@@ -314,6 +327,44 @@ def join_cell_names(value: Any) -> Any:
     if isinstance(value, str):
         value = ",".join(name.strip() for name in value.split(","))
     return value
+
+
+def join_periods(value: Any) -> Any:
+    """`model.clockwork_periods` as one comma-joined string: [1, 2, 4] and "1, 2, 4" give "1,2,4"."""
+    if isinstance(value, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+        value = ",".join(str(p) for p in value)
+    if isinstance(value, int) and not isinstance(value, bool):  # one period: `--set model.clockwork_periods=1`
+        value = str(value)
+    if isinstance(value, str):
+        value = ",".join(p.strip() for p in value.split(","))
+    return value
+
+
+# the clockwork cell keeps its step counter modulo the periods' least common multiple, in the
+# state's float32: exact up to 2^24
+MAX_CLOCKWORK_CYCLE = 1 << 24
+
+
+def check_periods(m: ModelConfig) -> None:
+    """model.clockwork_periods: positive integers, non-decreasing, their cycle within
+    MAX_CLOCKWORK_CYCLE, and (where a layer is clockwork) as many modules as divide its units."""
+    key, text = "model.clockwork_periods", m.clockwork_periods
+    if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in text.split(",")):
+        raise LmtrainError(f"config key '{key}' must be positive integers, comma-separated (1,2,4,8), got '{text}'")
+    periods = m.periods
+    if list(periods) != sorted(periods):
+        raise LmtrainError(f"config key '{key}' must be in non-decreasing order (modules sorted by period), got '{text}'")
+    if math.lcm(*periods) > MAX_CLOCKWORK_CYCLE:
+        raise LmtrainError(f"config key '{key}': the periods' least common multiple must be at most "
+                           f"{MAX_CLOCKWORK_CYCLE:,} (the step counter is kept modulo it), got {math.lcm(*periods):,}")
+    modules = len(periods)
+    names = ["model.hidden_size"] * m.layers
+    if m.tie_weights:
+        names[-1] = "model.embedding_size (the tied last layer's units)"
+    for name, units, cell in zip(names, m.layer_sizes, m.cells):
+        if cell == "clockwork" and units % modules:
+            raise LmtrainError(f"config key '{key}' gives {modules} modules, which must divide a clockwork layer's "
+                               f"units: {name} is {units}")
 
 
 def validate(config: Config) -> None:
@@ -376,6 +427,7 @@ def validate(config: Config) -> None:
             f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
             f"(give one name for all layers or one per layer)"
         )
+    check_periods(m)
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
     for key in ("dropout", "embedding_dropout", "weight_drop"):

@@ -25,6 +25,7 @@ from lmtrain.model.payload import (
     model_shapes,
     parameter_keys,
     show,
+    state_widths,
 )
 from lmtrain.model.saved import LoadedRun, Saved, build_saved, load_run, read_saved
 from lmtrain.model import hub
@@ -36,5 +37,5 @@ __all__ = [
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
     "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "LoadedRun", "Saved",
     "build_saved", "read_saved", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
-    "Choice", "explain", "is_lstm", "is_standard", "layer_class", "model_shapes", "parameter_keys", "torch_lstm_payload", "hub", "onnx_bytes"
+    "Choice", "explain", "is_lstm", "is_standard", "layer_class", "model_shapes", "parameter_keys", "state_widths", "torch_lstm_payload", "hub", "onnx_bytes"
 ]

@@ -7,6 +7,7 @@ defines `Layer` in its module, a subclass of RecurrentLayer with the same interf
 
     Layer(cell, input_size, hidden_size, config)      config: lmtrain.config.ModelConfig (or None)
     Layer.shapes(cell, input_size, hidden_size, config) -> {name: shape}, its state_dict, in order
+    Layer.state_widths(cell, input_size, hidden_size, config) -> each state tensor's width (B, width)
     layer.initialise(config)                           after the model's uniform init
     layer.init_state(batch_size, like) -> the state tuple (h first)
     layer(x (T, B, I), state, weight_drop, compute_dtype) -> y (T, B, H), the new state
@@ -54,6 +55,11 @@ class RecurrentLayer(nn.Module):
         if cell.RECURRENT_BIAS:
             shapes["b_hh"] = (width,)
         return shapes | {f"extra.{j}": (blocks * hidden_size,) for j, blocks in enumerate(cell.EXTRA.values())}
+
+    @staticmethod
+    def state_widths(cell: ModuleType, input_size: int, hidden_size: int, config=None) -> tuple[int, ...]:
+        """The width of each tensor of the state tuple, (B, width), in the cell's STATE order: H each."""
+        return (hidden_size,) * len(cell.STATE)
 
     def initialise(self, config) -> None:
         """After the model's uniform init: model.recurrent_init = torch, then model.forget_bias."""

@@ -246,6 +246,13 @@ def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, .
     return shapes | {"decoder.weight": (vocab_size, sizes[-1]), "decoder.bias": (vocab_size,)}
 
 
+def state_widths(config: ModelConfig) -> list[tuple[int, ...]]:
+    """Each layer's state tensors' widths (each tensor (B, width)), as its layer's init_state gives them."""
+    sizes = (config.embedding_size, *config.layer_sizes)
+    return [layer_class(get_cell(name)).state_widths(get_cell(name), sizes[i], sizes[i + 1], config)
+            for i, name in enumerate(config.cells)]
+
+
 def parameter_keys(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The state_dict keys of model.parameters(), in its order (a tied decoder is the embedding)."""
     return [k for k in shapes if not (config.tie_weights and k == "decoder.weight")]
@@ -303,7 +310,7 @@ def check_memory(f: Fields, config: Config, parameters: int, vocab_size: int) ->
     batch could never be evaluated is refused here rather than after gigabytes. A batch given on
     the command line is the command's to bound."""
     tc, m = config.train, config.model
-    state_units = sum(units * len(get_cell(name).STATE) for name, units in zip(m.cells, m.layer_sizes))
+    state_units = sum(sum(widths) for widths in state_widths(m))
     window = tc.eval_batch_size * (tc.bptt * vocab_size + state_units)
     needed = 4 * (parameters + window)
     free = available_memory()

@@ -44,6 +44,7 @@ from lmtrain.model import (
     check_weight_dict,
     get_cell,
     show,
+    state_widths,
 )
 from lmtrain.training.loop import make_optimizer, min_train_tokens
 from lmtrain.training.resume import LoopState, set_rng_states
@@ -117,25 +118,26 @@ def check_loop(f: Fields, value: Any) -> LoopState:
 
 
 def check_hidden(f: Fields, hidden: Any, loop: LoopState, checked: Checked) -> None:
-    """The state carried into the next window: one per layer, each the cell's tensors (B, H_l)."""
+    """The state carried into the next window: one per layer, each the cell's tensors (B, width),
+    the widths its layer's init_state gives (the layer's units for most)."""
     if hidden is None:
         if loop.lengths is not None:
             f.field("resume['hidden']", "is None in the middle of an epoch, whose next window carries a state")
         return
     model = checked.config.model
-    layers = list(zip(model.cells, model.layer_sizes))
+    layers = list(zip(model.cells, state_widths(model)))
     if not isinstance(hidden, (list, tuple)) or len(hidden) != len(layers):
         f.field("resume['hidden']", f"must be one state for each of the {len(layers)} layers, got {show(hidden)}")
-    for i, (state, (cell, units)) in enumerate(zip(hidden, layers)):
+    for i, (state, (cell, widths)) in enumerate(zip(hidden, layers)):
         names = get_cell(cell).STATE
         if not isinstance(state, (list, tuple)) or len(state) != len(names) or \
                 not all(isinstance(t, torch.Tensor) for t in state):
             f.field(f"resume['hidden'][{i}]", f"must be the cell's {len(names)} tensors ({', '.join(names)}), got {show(state)}")
-        want = (checked.config.train.batch_size, units)
-        for j, t in enumerate(state):
+        for j, (t, width) in enumerate(zip(state, widths)):
+            want = (checked.config.train.batch_size, width)
             if tuple(t.shape) != want:
                 f.field(f"resume['hidden'][{i}][{j}]", f"has shape {tuple(t.shape)}, the config gives {want} "
-                        "(train.batch_size, the layer's units)")
+                        "(train.batch_size, the layer's state width)")
         check_floats(f, f"resume['hidden'][{i}]", dict(enumerate(state)))
 
 
