@@ -242,7 +242,7 @@ def test_slstm_gradient_at_an_exact_tie_is_torch_maximums():
 def test_model_with_a_cell_per_layer_builds_and_trains_one_step():
     names = list(CELLS)
     config = load_config(None, [f"model.cell={','.join(names)}", f"model.layers={len(names)}",
-                                "model.embedding_size=6", "model.hidden_size=5"]).model
+                                "model.embedding_size=6", "model.hidden_size=8"]).model  # 8: the clockwork cell's 4 modules divide it
     torch.manual_seed(0)
     model = LanguageModel(config, vocab_size=11).double()
     assert [layer.cell for layer in model.layers] == [CELLS[name] for name in names]
