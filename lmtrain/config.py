@@ -4,28 +4,22 @@ Every default lives here and nowhere else. A TOML file has up to three tables, `
 `[model]` and `[train]`, whose keys are the fields below; an override is `section.key=value`
 with a TOML value (`train.lr=0.5`, `model.tie_weights=true`) or a bare string
 (`train.optimizer=adamw`). Unknown sections or keys and values of the wrong type raise
-`LmtrainError` naming the key.
+`LmtrainError` naming the key; the allowed values and ranges are in `lmtrain.config_rules`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmtrain.config_rules import (  # the choices are named from here too: config.CELLS
+    CELLS, DEVICES, LOSS_REDUCTIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, RECURRENT_INITS, TOKENIZER_KINDS,
+    check_bounds, validate,
+)
 from lmtrain.errors import LmtrainError
-
-TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "clockwork")
-OPTIMIZERS = ("sgd", "ntasgd", "adamw")
-LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
-PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
-RECURRENT_INITS = ("range", "torch")
-LOSS_REDUCTIONS = ("token_mean", "sequence_sum")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -42,8 +36,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | clockwork for every layer, or one per layer: `cell = ["lstm", "gru"]` in TOML,
-    # `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru")
+    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn | dglstm | clockwork for every layer, or one per layer:
+    # `cell = ["lstm", "gru"]` in TOML, `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru").
+    # A dglstm layer on a dglstm layer is depth-gated and must be as wide as it (docs/cells.md)
     cell: str = "lstm"
     layers: int = 2  # stacked recurrent layers
     embedding_size: int = 200  # width of the word embedding (the first layer's input)
@@ -57,7 +52,9 @@ class ModelConfig:
     # stream, the same at every time step (variational / locked dropout, Gal & Ghahramani 2016)
     locked_dropout: bool = False
     embedding_dropout: float = 0.0  # drop whole words: rows of the embedding, one mask per window
-    weight_drop: float = 0.0  # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013)
+    # DropConnect on every layer's W_hh, one mask per window (Wan et al. 2013); the qrnn, which has no
+    # W_hh, drops from its gate filter W (as AWD-LSTM's WeightDrop did on its QRNN's linear weights)
+    weight_drop: float = 0.0
     # the decoder shares the embedding matrix; the last layer then has embedding_size units
     # (AWD-LSTM's layout), so hidden_size applies to the layers below it
     tie_weights: bool = False
@@ -72,11 +69,17 @@ class ModelConfig:
     # the rank of each round's matrix: 0 full (I x H or H x I), k > 0 the product of an
     # (out x k) and a (k x in) factor, each drawn so that the product spreads as a full matrix would
     mogrifier_rank: int = 0
-    # the clockwork cell's module periods (Koutník et al. 2014), comma-separated and non-decreasing
-    # (`clockwork_periods = [1, 2, 4, 8]` in TOML, `--set model.clockwork_periods=1,2,4,8`): one
-    # module per period, g in all, each H / g units wide (g must divide every clockwork layer's
-    # units); module i updates only at the steps t with t mod T_i = 0. The default is the paper's
-    # exponential series T_i = 2^(i-1) for g = 4 modules; write 1,2,4,...,2^(g-1) for other g
+    # the qrnn's convolution width over time (Bradbury et al. 2017), for every qrnn layer: 1, its
+    # gates from x_t alone; 2, from x_{t-1} and x_t (AWD-LSTM's QRNN used 2 on its first layer, 1 above)
+    qrnn_window: int = 1
+    # an echo-state reservoir (Jaeger 2001), for model.cell = rnn only: every layer's W_ih, W_hh and
+    # bias stay as drawn at init (fixed, not trained, but saved in checkpoints), W_hh scaled to
+    # spectral radius model.spectral_radius; only the embedding and the decoder learn
+    reservoir: bool = False
+    spectral_radius: float = 0.9  # model.reservoir's largest |eigenvalue| of each W_hh (below 1: fading memory)
+    # the clockwork cell's module periods T_i (Koutník et al. 2014), non-decreasing, comma-separated
+    # (`[1, 2, 4, 8]` in TOML): g = as many modules, each H / g units, module i updating at the steps
+    # t with t mod T_i = 0; the default is the paper's series 2^(i-1) for g = 4 (docs/cells.md)
     clockwork_periods: str = "1,2,4,8"
 
     @property
@@ -87,7 +90,7 @@ class ModelConfig:
 
     @property
     def periods(self) -> tuple[int, ...]:
-        """model.clockwork_periods as integers (validated by `validate`)."""
+        """model.clockwork_periods as integers (validated by config_rules.check_periods)."""
         return tuple(int(p) for p in self.clockwork_periods.split(","))
 
     @property
@@ -175,25 +178,6 @@ SECTIONS: dict[str, type] = {"tokenizer": TokenizerConfig, "model": ModelConfig,
 # the keys `lmtrain train --resume RUN --set ...` may change: where training stops, nothing about
 # how it trains, so that the resumed run is the run its config describes
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.max_minutes")
-
-# every integer key fits TOML's own range, a signed 64-bit integer, which is also what torch and
-# numpy take (a larger seed or size was a traceback from deep inside them)
-MAX_INT = 2**63 - 1
-# sizes beyond these are typing mistakes, not models: no machine holds a layer of 2^20 units or a
-# vocabulary of 2^24 pieces. Sizes below them can still ask for more memory than there is; the
-# estimate in lmtrain.training.preflight refuses those before anything is built
-UPPER_BOUNDS = {
-    "tokenizer.vocab_size": 1 << 24,
-    "model.layers": 1024,
-    "model.embedding_size": 1 << 20,
-    "model.hidden_size": 1 << 20,
-    "train.batch_size": 1 << 20,
-    "train.eval_batch_size": 1 << 20,
-    "train.bptt": 1 << 20,
-    "model.mogrifier_rounds": 1024,
-    "model.mogrifier_rank": 1 << 20,
-}
-
 
 def load_config(path: Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
     """Resolve a Config from the defaults, an optional TOML file and `section.key=value` overrides.
@@ -310,16 +294,6 @@ def check_value(section: str, key: str, value: Any) -> Any:
     return float(value) if want is float else value
 
 
-def check_bounds(section: str, key: str, value: Any) -> None:
-    """A float must be finite (TOML reads nan and inf) and an integer within the key's upper bound;
-    checked per value, so that an error can name the file the value came from."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise LmtrainError(f"config key '{section}.{key}' must be a finite number, got {value}")
-    limit = UPPER_BOUNDS.get(f"{section}.{key}", MAX_INT)
-    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-        raise LmtrainError(f"config key '{section}.{key}' must be at most {limit:,}, got {value:,}")
-
-
 def join_cell_names(value: Any) -> Any:
     """`model.cell` as one comma-joined string: ["lstm", "gru"] and "lstm, gru" give "lstm,gru"."""
     if isinstance(value, list) and all(isinstance(name, str) for name in value):
@@ -330,122 +304,15 @@ def join_cell_names(value: Any) -> Any:
 
 
 def join_periods(value: Any) -> Any:
-    """`model.clockwork_periods` as one comma-joined string: [1, 2, 4] and "1, 2, 4" give "1,2,4"."""
-    if isinstance(value, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+    """`model.clockwork_periods` as one comma-joined string: [1, 2, 4], "1, 2, 4" and 1 give "1,2,4" (or "1")."""
+    number = lambda p: isinstance(p, (int, float)) and not isinstance(p, bool)  # noqa: E731
+    if isinstance(value, list) and all(number(p) for p in value):  # TOML's [1, 2, 4]
         value = ",".join(str(p) for p in value)
-    if isinstance(value, int) and not isinstance(value, bool):  # one period: `--set model.clockwork_periods=1`
+    if number(value):  # one period, `--set model.clockwork_periods=1` (a float: check_periods's error)
         value = str(value)
     if isinstance(value, str):
         value = ",".join(p.strip() for p in value.split(","))
     return value
-
-
-# the clockwork cell keeps its step counter modulo the periods' least common multiple, in the
-# state's float32: exact up to 2^24
-MAX_CLOCKWORK_CYCLE = 1 << 24
-
-
-def check_periods(m: ModelConfig) -> None:
-    """model.clockwork_periods: positive integers, non-decreasing, their cycle within
-    MAX_CLOCKWORK_CYCLE, and (where a layer is clockwork) as many modules as divide its units."""
-    key, text = "model.clockwork_periods", m.clockwork_periods
-    if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in text.split(",")):
-        raise LmtrainError(f"config key '{key}' must be positive integers, comma-separated (1,2,4,8), got '{text}'")
-    periods = m.periods
-    if list(periods) != sorted(periods):
-        raise LmtrainError(f"config key '{key}' must be in non-decreasing order (modules sorted by period), got '{text}'")
-    if math.lcm(*periods) > MAX_CLOCKWORK_CYCLE:
-        raise LmtrainError(f"config key '{key}': the periods' least common multiple must be at most "
-                           f"{MAX_CLOCKWORK_CYCLE:,} (the step counter is kept modulo it), got {math.lcm(*periods):,}")
-    modules = len(periods)
-    names = ["model.hidden_size"] * m.layers
-    if m.tie_weights:
-        names[-1] = "model.embedding_size (the tied last layer's units)"
-    for name, units, cell in zip(names, m.layer_sizes, m.cells):
-        if cell == "clockwork" and units % modules:
-            raise LmtrainError(f"config key '{key}' gives {modules} modules, which must divide a clockwork layer's "
-                               f"units: {name} is {units}")
-
-
-def validate(config: Config) -> None:
-    """Range and choice checks that the types alone do not express."""
-    t, m, tr = config.tokenizer, config.model, config.train
-    for section, table in to_dict(config).items():  # a Config built in code, not through check_value
-        for key, value in table.items():
-            check_bounds(section, key, value)
-    choices = [
-        ("tokenizer.kind", t.kind, TOKENIZER_KINDS),
-        *(("model.cell", name, CELLS) for name in m.cell.split(",")),
-        ("train.optimizer", tr.optimizer, OPTIMIZERS),
-        ("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
-        ("train.loss_reduction", tr.loss_reduction, LOSS_REDUCTIONS),
-        ("train.device", tr.device, DEVICES),
-        ("train.precision", tr.precision, PRECISIONS),
-        ("model.recurrent_init", m.recurrent_init, RECURRENT_INITS),
-    ]
-    for key, value, allowed in choices:
-        if value not in allowed:
-            raise LmtrainError(f"config key '{key}' must be one of {', '.join(allowed)}, got '{value}'")
-    positive = [
-        ("tokenizer.vocab_size", t.vocab_size),
-        ("model.layers", m.layers),
-        ("model.embedding_size", m.embedding_size),
-        ("model.hidden_size", m.hidden_size),
-        ("train.batch_size", tr.batch_size),
-        ("train.eval_batch_size", tr.eval_batch_size),
-        ("train.bptt", tr.bptt),
-        ("train.lr", tr.lr),
-        ("train.lr_decay", tr.lr_decay),
-        ("train.log_interval", tr.log_interval),
-        ("train.nonmono", tr.nonmono),
-    ]
-    for key, value in positive:
-        if value <= 0:
-            raise LmtrainError(f"config key '{key}' must be positive, got {value}")
-    non_negative = [
-        ("train.epochs", tr.epochs),
-        ("train.max_steps", tr.max_steps),
-        ("train.max_minutes", tr.max_minutes),
-        ("train.clip", tr.clip),
-        ("train.weight_decay", tr.weight_decay),
-        ("train.lr_decay_start", tr.lr_decay_start),
-        ("train.warmup_steps", tr.warmup_steps),
-        ("train.ar", tr.ar),
-        ("train.tar", tr.tar),
-        ("model.init_range", m.init_range),
-        ("model.mogrifier_rounds", m.mogrifier_rounds),
-        ("model.mogrifier_rank", m.mogrifier_rank),
-        ("train.seed", tr.seed),  # numpy's generators take no negative seed
-        ("train.checkpoint_every", tr.checkpoint_every),
-        ("train.max_bad_steps", tr.max_bad_steps),
-    ]
-    for key, value in non_negative:
-        if value < 0:
-            raise LmtrainError(f"config key '{key}' must not be negative, got {value}")
-    if len(m.cells) != m.layers:
-        raise LmtrainError(
-            f"config key 'model.cell' names {len(m.cells)} cells for {m.layers} layers "
-            f"(give one name for all layers or one per layer)"
-        )
-    check_periods(m)
-    if tr.epochs == 0 and tr.max_steps == 0:
-        raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
-    for key in ("dropout", "embedding_dropout", "weight_drop"):
-        value = getattr(m, key)
-        if not 0.0 <= value < 1.0:
-            raise LmtrainError(f"config key 'model.{key}' must be in [0, 1), got {value}")
-    for key in ("dropout_input", "dropout_hidden", "dropout_output"):
-        value = getattr(m, key)
-        if value >= 1.0:
-            raise LmtrainError(f"config key 'model.{key}' must be below 1 (negative: model.dropout), got {value}")
-    if tr.lr_decay < 1:
-        raise LmtrainError(f"config key 'train.lr_decay' must be at least 1 (the lr is divided by it), got {tr.lr_decay}")
-    if t.vocab_size < 3:
-        raise LmtrainError(f"config key 'tokenizer.vocab_size' must be at least 3, got {t.vocab_size}")
-    if t.sample_lines <= 100:  # sentencepiece's own lower limit
-        raise LmtrainError(f"config key 'tokenizer.sample_lines' must be more than 100, got {t.sample_lines}")
-    if tr.lr_schedule in ("plateau", "epoch") and tr.optimizer == "ntasgd":
-        raise LmtrainError(f"train.optimizer ntasgd averages at a fixed rate: use train.lr_schedule constant, not {tr.lr_schedule}")
 
 
 def toml_value(value: Any) -> str:

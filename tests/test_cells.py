@@ -11,6 +11,7 @@ from lmtrain.errors import LmtrainError
 from lmtrain.model.cells import CELLS, coupled, lstm, peephole, slstm
 from lmtrain.model.kernels.dispatch import on_engine
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.layer import RecurrentLayer, layer_class
 from lmtrain.model.recurrence import Recurrence, run_layer
 
 F64 = torch.float64
@@ -282,7 +283,7 @@ def test_cell_list_from_toml_and_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, got 'transformer'"),
+        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, dglstm, clockwork, got 'transformer'"),
         (["model.cell=lstm,tranformer"], "'model.cell' must be one of"),
         (["model.cell=lstm,,gru", "model.layers=3"], "'model.cell' must be one of"),
         (["model.cell=lstm,gru", "model.layers=3"], "config key 'model.cell' names 2 cells for 3 layers"),

@@ -22,6 +22,7 @@ from helpers import TINY_WORD, assert_one_error, cli, make_lines, ok, private_ca
 
 from lmtrain.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from lmtrain.config import CELLS, ModelConfig
+from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.model.payload import model_shapes, parameter_keys
 from lmtrain.text.tokenizer import train_tokenizer
@@ -361,9 +362,18 @@ def test_a_version_1_checkpoint_still_evaluates(trained, tmp_path):
 @pytest.mark.parametrize("cell", [*CELLS, "peephole,gru"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_the_computed_shapes_are_the_models(cell, tie):
-    """payload.model_shapes stands in for building the model: it must agree with the real one."""
-    config = ModelConfig(cell=cell, layers=2 if "," in cell else 3, hidden_size=5, embedding_size=3, tie_weights=tie)
-    model = LanguageModel(config, 7)
+    """payload.model_shapes stands in for building the model: it must agree with the real one, in
+    its shapes or in refusing a stack (dglstm on a wider dglstm layer, which tie_weights makes)."""
+    # widths the clockwork cell's default 4 modules divide; tied, the last layer is the narrower
+    config = ModelConfig(cell=cell, layers=2 if "," in cell else 3, hidden_size=8, embedding_size=4, tie_weights=tie)
+    try:
+        model = LanguageModel(config, 7)
+    except LmtrainError as refused:
+        assert tie and "model.tie_weights" in str(refused)
+        with pytest.raises(LmtrainError) as also:
+            model_shapes(config, 7)
+        assert str(also.value) == str(refused)
+        return
     shapes = model_shapes(config, 7)
     assert list(shapes.items()) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert [shapes[k] for k in parameter_keys(config, shapes)] == [tuple(p.shape) for p in model.parameters()]

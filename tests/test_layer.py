@@ -17,13 +17,13 @@ from lmtrain.training.preflight import parameter_count
 class ScaledLayer(RecurrentLayer):
     """The standard layer with one more parameter of another shape: a per-input scale on x."""
 
-    def __init__(self, cell, input_size, hidden_size, config=None):
-        super().__init__(cell, input_size, hidden_size, config)
+    def __init__(self, cell, input_size, hidden_size, config=None, below=None):
+        super().__init__(cell, input_size, hidden_size, config, below)
         self.scale = nn.Parameter(torch.empty(input_size))
 
     @staticmethod
-    def shapes(cell, input_size, hidden_size, config=None):
-        return RecurrentLayer.shapes(cell, input_size, hidden_size, config) | {"scale": (input_size,)}
+    def shapes(cell, input_size, hidden_size, config=None, below=None):
+        return RecurrentLayer.shapes(cell, input_size, hidden_size, config, below) | {"scale": (input_size,)}
 
     def initialise(self, config):
         super().initialise(config)

@@ -17,7 +17,7 @@ from lmtrain.runtime import resolve_device
 
 @app.command()
 def bench(
-    cells: Annotated[str, typer.Option(help="Our cells to time, comma-separated, or 'all'; each against its torch module (lstm: torch.nn.LSTM, gru: torch.nn.GRU, rnn: torch.nn.RNN with tanh; the others torch.nn.LSTM) and our lstm (timed beside a cell that extends it, as the mogrifier does).")] = "all",
+    cells: Annotated[str, typer.Option(help="Our cells to time, comma-separated, or 'all'; each against its torch module (lstm: torch.nn.LSTM, gru: torch.nn.GRU, rnn: torch.nn.RNN with tanh; the others torch.nn.LSTM) and our lstm (timed beside a cell that extends it, as the mogrifier and dglstm do).")] = "all",
     sizes: Annotated[str, typer.Option(help="Hidden sizes (= input sizes), comma-separated.")] = "200,650",
     dtypes: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision: ours with train.precision = bf16, PyTorch's modules under torch.autocast) or both, comma-separated.")] = "fp32,bf16",
     layers: Annotated[int, typer.Option(help="Stacked layers.")] = 2,

@@ -38,14 +38,14 @@ def gradient_stats(model: LanguageModel, tokens: np.ndarray, settings: DynamicSe
     model.eval()
     device = model.decoder.weight.device
     inputs, targets = lazy_batchify(tokens, settings.stats_batch_size, EOS_ID)
-    sums = [torch.zeros_like(p) for p in model.parameters()]
+    sums = [torch.zeros_like(p) for p in trained_parameters(model)]
     state = model.init_state(settings.stats_batch_size)
     batches = 0
     for x, y in windows(inputs.to(device), targets.to(device), settings.bptt):
         model.zero_grad(set_to_none=True)
         logits, state = model(x, state)
         F.cross_entropy(logits.view(-1, model.vocab_size).float(), y.reshape(-1)).backward()
-        for total, p in zip(sums, model.parameters()):
+        for total, p in zip(sums, trained_parameters(model)):
             total += p.grad * p.grad
         state = detach_state(state)
         batches += 1
@@ -55,11 +55,16 @@ def gradient_stats(model: LanguageModel, tokens: np.ndarray, settings: DynamicSe
     return [torch.sqrt(total / max(batches, 1)) for total in sums]
 
 
+def trained_parameters(model: LanguageModel) -> list[Tensor]:
+    """The parameters training updates: all but a reservoir's fixed ones (model.reservoir)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class DynamicEval:
     """The update of step 3, as the `adapt` callback of lmtrain.evaluation.stream.score_stream."""
 
     def __init__(self, model: LanguageModel, ms: list[Tensor], settings: DynamicSettings):
-        self.params = list(model.parameters())
+        self.params = trained_parameters(model)
         self.trained = [p.detach().clone() for p in self.params]
         self.ms = ms
         self.settings = settings

@@ -23,6 +23,10 @@ computed on its own, so a stream's logits do not depend on the streams beside it
 
 Without our compiled ops (no compiler, no AVX-512, or a CUDA model) the products are plain
 float32 addmm on the model's device.
+
+A layer of its own (lmtrain.model.layer; dglstm's) runs through its forward on a window of one
+token, in float32, by lmtrain.model.layer.stack_forward as in the model: what it hands up (dglstm:
+its new cell, (1, B, H)) reaches the layer above as in a window.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model import WEIGHT_PRECISIONS, LanguageModel, State, is_lstm, is_standard, selfcheck, step_ops
+from lmtrain.model import WEIGHT_PRECISIONS, LanguageModel, State, is_lstm, is_standard, selfcheck, stack_forward, step_ops
 
 TABLE_BUDGET_BYTES = 256 * 2**20  # above this, layer 0 multiplies the embedding row instead
 
@@ -233,15 +237,17 @@ class Stepper:
             return self.unpack(out)
         x = None
         new_state = []
+        up = None  # what an own layer hands the layer above (lmtrain.model.layer), for this one step: (1, B, ·)
         for k, (cell, extra) in enumerate(zip(self.cells, self.extras)):
             layer_state = tuple(s.float() for s in state[k])
             h = layer_state[0]
             if self.own[k] is not None:
                 inputs = self.embedding[tokens] if k == 0 else x
-                y, layer_state = self.own[k](inputs.unsqueeze(0), layer_state)
+                y, layer_state, up = stack_forward(self.own[k], inputs.unsqueeze(0), layer_state, up)
                 new_state.append(tuple(layer_state))
                 x = y[0]
                 continue
+            up = None
             if is_lstm(cell) and self.lstm_step is not None:
                 if self.joint[k]:
                     gates = self.recurrent[k](torch.cat([x, h], 1))

@@ -12,7 +12,7 @@ from lmtrain.model.kernels.dispatch import Choice, explain, is_lstm
 from lmtrain.model.kernels.cross_entropy import cross_entropy
 from lmtrain.model.kernels.fused import held_scratch
 from lmtrain.model.language_model import LanguageModel, State, count_parameters, detach_state
-from lmtrain.model.layer import RecurrentLayer, is_standard, layer_class
+from lmtrain.model.layer import RecurrentLayer, is_standard, layer_class, stack_forward
 from lmtrain.model.recurrence import run_layer
 from lmtrain.model.payload import (
     Checked,
@@ -37,5 +37,5 @@ __all__ = [
     "check_floats", "check_payload", "check_state_dict", "check_weight_dict", "count_parameters", "cpu_ops",
     "cross_entropy", "detach_state", "dispatch", "get_cell", "held_scratch", "load_run", "LoadedRun", "Saved",
     "build_saved", "read_saved", "run_layer", "selfcheck", "show", "step_ops", "WEIGHT_PRECISIONS",
-    "Choice", "explain", "is_lstm", "is_standard", "layer_class", "model_shapes", "parameter_keys", "state_widths", "torch_lstm_payload", "hub", "onnx_bytes"
+    "Choice", "explain", "is_lstm", "is_standard", "layer_class", "stack_forward", "model_shapes", "parameter_keys", "state_widths", "torch_lstm_payload", "hub", "onnx_bytes"
 ]

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
-from lmtrain.model.cells import get_cell
-from lmtrain.model.layer import layer_class
+from lmtrain.model.layer import layer_class, stack, stack_forward
 
 State = list[tuple[Tensor, ...]]
 
@@ -30,11 +29,10 @@ class LanguageModel(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
-        sizes = (config.embedding_size, *config.layer_sizes)
         self.layers = nn.ModuleList(
-            layer_class(get_cell(name))(get_cell(name), sizes[i], sizes[i + 1], config) for i, name in enumerate(config.cells)
+            layer_class(cell)(cell, inputs, units, config, below) for cell, inputs, units, below in stack(config)
         )
-        self.decoder = nn.Linear(sizes[-1], vocab_size)
+        self.decoder = nn.Linear(config.layer_sizes[-1], vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
         self.reset_parameters()
@@ -66,8 +64,9 @@ class LanguageModel(nn.Module):
         p_input, p_hidden, p_output = self.config.dropouts()
         x = self.dropout(self.embed(tokens), p_input)
         new_state = []
+        up = None  # what the layer below hands up beside its output (lmtrain.model.layer; dglstm: its cells)
         for k, (layer, layer_state) in enumerate(zip(self.layers, state)):
-            x, layer_state = layer(x, layer_state, self.config.weight_drop, compute_dtype)
+            x, layer_state, up = stack_forward(layer, x, layer_state, up, self.config.weight_drop, compute_dtype)
             new_state.append(layer_state)
             if k < len(self.layers) - 1:
                 x = self.dropout(x, p_hidden)
@@ -108,5 +107,5 @@ def detach_state(state: State) -> State:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, a tied matrix counted once."""
+    """Parameters, a tied matrix counted once; a reservoir's fixed ones (model.reservoir) included."""
     return sum(p.numel() for p in model.parameters())

@@ -38,7 +38,7 @@ import torch
 from lmtrain.config import TOKENIZER_KINDS, Config, ModelConfig, from_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.model.cells import get_cell
-from lmtrain.model.layer import layer_class
+from lmtrain.model.layer import layer_class, stack
 from lmtrain.text import EOS, EOS_ID, UNK_ID, Tokenizer
 
 REQUIRED = ("config", "corpus", "tokenizer", "vocab_size", "model", "optimizer", "progress")
@@ -215,7 +215,8 @@ def check_config(f: Fields, values: Any, vocab_size: int, tensors: int, held: in
             if isinstance(value, int) and not isinstance(value, bool):
                 f.int(name, value, -INT64)
     model = values.get("model", {})
-    bounds = {"layers": tensors // 3, "hidden_size": held, "embedding_size": held}  # w_ih, w_hh, b_ih per layer
+    # each layer holds at least two tensors (w_ih and b_ih; the qrnn has no more)
+    bounds = {"layers": tensors // 2, "hidden_size": held, "embedding_size": held}
     for key, high in bounds.items():
         value = model.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > high:
@@ -225,8 +226,13 @@ def check_config(f: Fields, values: Any, vocab_size: int, tensors: int, held: in
         config = from_dict(values)
     except LmtrainError as e:
         f.field("config", f"is not a valid config: {str(e)[:300]}")
-    sizes = config.model.layer_sizes  # at most `tensors // 3` of them
-    at_least = vocab_size * config.model.embedding_size + sum(h * h for h in sizes)  # embedding + each w_hh
+    m = config.model
+    sizes = (m.embedding_size, *m.layer_sizes)  # at most `tensors // 2` layers
+    # the embedding, and each layer's W_hh (units x units) or, for a cell without one (qrnn), its
+    # input weight (at least units x inputs)
+    at_least = vocab_size * m.embedding_size + sum(
+        units * (units if "w_hh" in layer_class(get_cell(name)).shapes(get_cell(name), inputs, units, m) else inputs)
+        for name, inputs, units in zip(m.cells, sizes, sizes[1:]))
     if at_least > held:
         f.fail(f"the config describes a model of at least {at_least:,} parameters, but the checkpoint's weights hold "
                f"{held:,} values: they do not fit the model its config describes")
@@ -237,20 +243,19 @@ def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, .
     """The shape of every state_dict entry of LanguageModel(config, vocab_size), in its order,
     computed rather than built (building on the meta device first imports torch's reference ops,
     a second on a small machine); tests/test_crafted_checkpoints.py holds it to the real model."""
-    sizes = (config.embedding_size, *config.layer_sizes)
     shapes = {"embedding.weight": (vocab_size, config.embedding_size)}
-    for i, name in enumerate(config.cells):
-        cell = get_cell(name)
-        layer = layer_class(cell).shapes(cell, sizes[i], sizes[i + 1], config)
+    for i, (cell, inputs, units, below) in enumerate(stack(config)):
+        layer = layer_class(cell).shapes(cell, inputs, units, config, below)
         shapes |= {f"layers.{i}.{key}": shape for key, shape in layer.items()}
-    return shapes | {"decoder.weight": (vocab_size, sizes[-1]), "decoder.bias": (vocab_size,)}
+    return shapes | {"decoder.weight": (vocab_size, config.layer_sizes[-1]), "decoder.bias": (vocab_size,)}
 
 
-def state_widths(config: ModelConfig) -> list[tuple[int, ...]]:
-    """Each layer's state tensors' widths (each tensor (B, width)), as its layer's init_state gives them."""
+def state_widths(config: ModelConfig) -> list[dict[str, int]]:
+    """Each layer's carried state by name, each tensor (B, width), as LanguageModel(config).init_state
+    gives it (its layers' Layer.state_widths), computed rather than built."""
     sizes = (config.embedding_size, *config.layer_sizes)
-    return [layer_class(get_cell(name)).state_widths(get_cell(name), sizes[i], sizes[i + 1], config)
-            for i, name in enumerate(config.cells)]
+    cells = [get_cell(name) for name in config.cells]
+    return [layer_class(cell).state_widths(cell, sizes[i], sizes[i + 1], config) for i, cell in enumerate(cells)]
 
 
 def parameter_keys(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
@@ -310,7 +315,7 @@ def check_memory(f: Fields, config: Config, parameters: int, vocab_size: int) ->
     batch could never be evaluated is refused here rather than after gigabytes. A batch given on
     the command line is the command's to bound."""
     tc, m = config.train, config.model
-    state_units = sum(sum(widths) for widths in state_widths(m))
+    state_units = sum(sum(layer.values()) for layer in state_widths(m))
     window = tc.eval_batch_size * (tc.bptt * vocab_size + state_units)
     needed = 4 * (parameters + window)
     free = available_memory()

@@ -7,8 +7,10 @@ alike; the figure is the median over the repeats. Two things are timed:
   stack: forward + backward of the recurrent layers alone on a random (T, B, H) input, each cell
          against the torch module computing its equations (REFERENCES: lstm against torch.nn.LSTM,
          gru against torch.nn.GRU, rnn against torch.nn.RNN with tanh); the cells torch lacks
-         (peephole, coupled, slstm, mogrifier) against torch.nn.LSTM, and every cell against our lstm
-         too (where it is timed: asked for, or the cell one asked for extends, as the mogrifier does);
+         (peephole, coupled, slstm, mogrifier, qrnn, dglstm) against torch.nn.LSTM, and every cell against
+         our lstm too (where it is timed: asked for, or the cell one asked for extends, as the mogrifier
+         and dglstm do); a stack of one cell is built as the model builds it, each layer on the cell below
+         (dglstm's layers above the first depth-gated, its cells passed up the stack);
   step:  a whole training step (embedding, stack, decoder, loss, backward, clipping, SGD) of a
          language model, ours against the same model with torch.nn.LSTM as its stack.
 
@@ -44,13 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtrain.config import ModelConfig
-from lmtrain.model import LanguageModel, get_cell, layer_class
+from lmtrain.model import LanguageModel, get_cell, layer_class, stack_forward
 from lmtrain.tools.bench_timing import full_fp32, peak_memory_mb, time_round_robin, with_env
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # the compute dtype of each; weights stay float32
 
 # our cells that a torch module computes too, with that module (nn.RNN with tanh, as our rnn, which
-# has one bias where it has two). The others (peephole, coupled, slstm, mogrifier) have no counterpart.
+# has one bias where it has two). The others (peephole, coupled, slstm, mogrifier, qrnn, dglstm) have no counterpart.
 REFERENCES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
@@ -116,14 +118,17 @@ class TorchStack(nn.Module):
 class OurStack(nn.Module):
     def __init__(self, cell: str, layers: int, hidden: int):
         super().__init__()
-        # the cell's own layer where it has one (at the config's defaults: the mogrifier's 5 full-rank rounds)
-        self.layers = nn.ModuleList(layer_class(get_cell(cell))(get_cell(cell), hidden, hidden) for _ in range(layers))
+        # the cell's own layer where it has one (at the config's defaults: the mogrifier's 5 full-rank
+        # rounds), each on the one below as the model stacks them (dglstm: depth-gated above the first)
+        module = get_cell(cell)
+        self.layers = nn.ModuleList(layer_class(module)(module, hidden, hidden, None, module if i else None) for i in range(layers))
         for p in self.parameters():
             nn.init.uniform_(p, -0.1, 0.1)
 
     def forward(self, x, compute_dtype=None):
+        up = None
         for layer in self.layers:
-            x, _ = layer(x, layer.init_state(x.size(1), x), compute_dtype=compute_dtype)
+            x, _, up = stack_forward(layer, x, layer.init_state(x.size(1), x), up, compute_dtype=compute_dtype)
         return x
 
 
@@ -237,7 +242,7 @@ def stack_records(cells: list[str], sizes: list[int], dtypes: list[str], *, laye
 
 
 def with_baselines(cells: list[str]) -> list[str]:
-    """`cells`, each followed by the cell it extends (its module's EXTENDS: the mogrifier's lstm) where
+    """`cells`, each followed by the cell it extends (its module's EXTENDS: the mogrifier's and dglstm's lstm) where
     that is not asked for itself, so that the ratio to it has a denominator."""
     names = []
     for cell in cells:

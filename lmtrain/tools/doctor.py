@@ -4,7 +4,8 @@
                                    device x cell x precision the path the dispatcher picks, whether
                                    its self-check passed (lmtrain.model.kernels.selfcheck), what
                                    runs in the end, and one forward + backward window's time
-                                   (a cell of its own layer: path "own", its layer's window)
+                                   (a cell of its own layer: path "own", its layer's window; two
+                                   layers, one on the other, where a layer hands its cells up: dglstm)
     render(report) -> str          the same as text
     exit_code(report)              0: every fast path passed its check; 1: something fell back
 
@@ -24,7 +25,8 @@ import torch
 
 from lmtrain import __version__
 from lmtrain.config import PRECISIONS, ModelConfig
-from lmtrain.model import CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, layer_class, run_layer, selfcheck
+from lmtrain.model import (CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, layer_class, run_layer,
+                           selfcheck, stack_forward)
 
 # the CPU features lmtrain's kernels look for: /proc/cpuinfo's flag -> what it gives
 CPU_FEATURES = {
@@ -139,17 +141,26 @@ def timed_ms(run, device: torch.device) -> float:
 
 def own_layer_window(cell, device: torch.device, compute_dtype, seed: int = 0):
     """A cell of its own layer (not on the engine, dispatch.on_engine): its layer at the config's
-    defaults and WINDOW's size -> a forward + backward of it."""
+    defaults and WINDOW's size -> a forward + backward of it. A layer that hands a sequence up the
+    stack (passes_up: dglstm, whose layer above reads its cells) runs with a second layer on it,
+    built on this cell (below), so that what a layer takes from the one below is in the time."""
     g = torch.Generator().manual_seed(seed)
-    layer = layer_class(cell)(cell, WINDOW["inputs"], WINDOW["hidden"], ModelConfig())
-    for p in layer.parameters():
+    Layer, config = layer_class(cell), ModelConfig()
+    layers = [Layer(cell, WINDOW["inputs"], WINDOW["hidden"], config)]
+    if Layer.passes_up:
+        layers.append(Layer(cell, WINDOW["hidden"], WINDOW["hidden"], config, below=cell))
+    for p in (p for layer in layers for p in layer.parameters()):
         torch.nn.init.uniform_(p, -0.3, 0.3, generator=g)
-    layer.to(device)
+    for layer in layers:
+        layer.to(device)
     x = torch.randn(WINDOW["steps"], WINDOW["batch"], WINDOW["inputs"], generator=g).to(device).requires_grad_()
 
     def run():
-        y, final = layer(x, layer.init_state(WINDOW["batch"], x), compute_dtype=compute_dtype)
-        (y.square().mean() + sum(s.mean() for s in final)).backward()
+        y, up, loss = x, None, 0.0
+        for layer in layers:
+            y, final, up = stack_forward(layer, y, layer.init_state(WINDOW["batch"], x), up, compute_dtype=compute_dtype)
+            loss = loss + sum(s.mean() for s in final)
+        (loss + y.square().mean()).backward()
 
     return run
 

@@ -7,8 +7,8 @@ these checks, which cover everything lmtrain.training.loop.train does with the e
     resume      a dict with loop, hidden, average, trained, rng, data (and processes, optional)
     loop        every field of lmtrain.training.resume.LoopState and no other, typed and in range, its
                 window and position within the epoch's window lengths
-    hidden      None between epochs, else one state per layer: the cell's tensors, each
-                (train.batch_size, the layer's units), float32 and finite
+    hidden      None between epochs, else one state per layer: the layer's tensors, each
+                (train.batch_size, its width: the layer's units; the qrnn's x_prev its inputs), float32 and finite
     average     NT-ASGD's {"average": one tensor per parameter, "count": int >= 1} with `trained`
     trained     the trained weights while `model` holds the average, checked as `model` is
     rng         the generators' states, set (and put back) exactly as lmtrain.training.resume sets them
@@ -42,7 +42,6 @@ from lmtrain.model import (
     check_payload,
     check_state_dict,
     check_weight_dict,
-    get_cell,
     show,
     state_widths,
 )
@@ -118,26 +117,24 @@ def check_loop(f: Fields, value: Any) -> LoopState:
 
 
 def check_hidden(f: Fields, hidden: Any, loop: LoopState, checked: Checked) -> None:
-    """The state carried into the next window: one per layer, each the cell's tensors (B, width),
-    the widths its layer's init_state gives (the layer's units for most)."""
+    """The state carried into the next window: one per layer, each the cell's tensors (B, H_l)."""
     if hidden is None:
         if loop.lengths is not None:
             f.field("resume['hidden']", "is None in the middle of an epoch, whose next window carries a state")
         return
-    model = checked.config.model
-    layers = list(zip(model.cells, state_widths(model)))
+    layers = state_widths(checked.config.model)
     if not isinstance(hidden, (list, tuple)) or len(hidden) != len(layers):
         f.field("resume['hidden']", f"must be one state for each of the {len(layers)} layers, got {show(hidden)}")
-    for i, (state, (cell, widths)) in enumerate(zip(hidden, layers)):
-        names = get_cell(cell).STATE
+    for i, (state, widths) in enumerate(zip(hidden, layers)):
+        names = list(widths)
         if not isinstance(state, (list, tuple)) or len(state) != len(names) or \
                 not all(isinstance(t, torch.Tensor) for t in state):
             f.field(f"resume['hidden'][{i}]", f"must be the cell's {len(names)} tensors ({', '.join(names)}), got {show(state)}")
-        for j, (t, width) in enumerate(zip(state, widths)):
+        for j, (t, (name, width)) in enumerate(zip(state, widths.items())):
             want = (checked.config.train.batch_size, width)
             if tuple(t.shape) != want:
                 f.field(f"resume['hidden'][{i}][{j}]", f"has shape {tuple(t.shape)}, the config gives {want} "
-                        "(train.batch_size, the layer's state width)")
+                        f"(train.batch_size, the width of the layer's {name})")
         check_floats(f, f"resume['hidden'][{i}]", dict(enumerate(state)))
 
 

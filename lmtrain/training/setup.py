@@ -108,7 +108,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
     say(
         f"tokens: {', '.join(f'{len(v.tokens):,} {k}' for k, v in data.items())} | "
         f"vocab {tokenizer.vocab_size:,} ({tc.kind}{vocab_note(tokenizer.vocab_size, tc.vocab_size)}) | "
-        f"{count_parameters(model):,} parameters | "
+        f"{count_parameters(model):,} parameters{fixed_note(model)} | "
         f"device {device} | run {run_dir}"
     )
     return model, data, {**info, "run_dir": str(run_dir)}
@@ -255,3 +255,9 @@ def check_writable(run_dir: Path) -> None:
         probe.close()
     except OSError as e:
         raise LmtrainError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+
+
+def fixed_note(model: LanguageModel) -> str:
+    """' (N trained)' when some parameters are fixed (model.reservoir), else ''."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f" ({trained:,} trained)" if trained != count_parameters(model) else ""

@@ -158,15 +158,16 @@ class Clockwork(torch.autograd.Function):
 class Layer(RecurrentLayer):
     """The rnn's parameters (w_ih (H, I), w_hh (H, H), b_ih (H,)) and the periods; state (h, t)."""
 
-    def __init__(self, cell, input_size: int, hidden_size: int, config: ModelConfig | None = None):
+    def __init__(self, cell, input_size: int, hidden_size: int, config: ModelConfig | None = None, below=None):
         config = config or ModelConfig()
-        super().__init__(cell, input_size, hidden_size, config)
+        super().__init__(cell, input_size, hidden_size, config, below)
         self.periods = config.periods
         unit_periods(self.periods, hidden_size, torch.empty(0))  # g must divide H
 
     @staticmethod
-    def state_widths(cell, input_size: int, hidden_size: int, config: ModelConfig | None = None) -> tuple[int, ...]:
-        return (hidden_size, 1)
+    def state_widths(cell, input_size: int, hidden_size: int, config: ModelConfig | None = None) -> dict[str, int]:
+        """h (B, H) and the step counter t (B, 1)."""
+        return {"h": hidden_size, "t": 1}
 
     def initialise(self, config: ModelConfig) -> None:
         """The rnn's (model.recurrent_init), then W_hh's masked blocks 0, so the stored W_hh is

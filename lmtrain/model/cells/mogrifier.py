@@ -253,14 +253,15 @@ def round_product(source: Tensor, matrices: tuple[Tensor, ...], bias: Tensor, in
 class Layer(RecurrentLayer):
     """The LSTM's parameters (w_ih, w_hh, b_ih) and each round's (module docstring); state (h, c)."""
 
-    def __init__(self, cell, input_size: int, hidden_size: int, config: ModelConfig | None = None):
+    def __init__(self, cell, input_size: int, hidden_size: int, config: ModelConfig | None = None, below=None):
         config = config or ModelConfig()
         self.rounds, self.rank = config.mogrifier_rounds, config.mogrifier_rank
-        super().__init__(cell, input_size, hidden_size, config)
+        super().__init__(cell, input_size, hidden_size, config, below)  # below: the same layer on any cell
         self.names = round_names(self.rounds, self.rank)
 
     @staticmethod
-    def shapes(cell, input_size: int, hidden_size: int, config: ModelConfig | None = None) -> dict[str, tuple[int, ...]]:
+    def shapes(cell, input_size: int, hidden_size: int, config: ModelConfig | None = None,
+               below=None) -> dict[str, tuple[int, ...]]:
         config = config or ModelConfig()
         lstm_shapes = RecurrentLayer.shapes(cell, input_size, hidden_size, config)
         return lstm_shapes | round_shapes(config.mogrifier_rounds, config.mogrifier_rank, input_size, hidden_size)

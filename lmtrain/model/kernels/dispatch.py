@@ -11,8 +11,8 @@ on it. Every other module asks here; `explain` says what was chosen and why (for
                  loops, model/kernels/lstm.py, or their Python version)       bias or extras, when kernels are on
     engine       the generic engine with the cell's per-step functions         everything else
                  (model/recurrence.py)
-    own          a cell without a STEP runs its own layer (its module's Layer;  that cell (mogrifier),
-                 not through run_layer)                                        always
+    own          a cell without a STEP runs its own layer (its module's Layer;  that cell (mogrifier,
+                 not through run_layer)                                        qrnn), always
 
 Every path computes what the engine computes; the tests hold each to it.
 
@@ -71,8 +71,8 @@ def cell_name(cell: ModuleType) -> str:
 
 def on_engine(cell: ModuleType) -> bool:
     """Whether `cell` runs on the recurrence engine and its paths (this module's choice): it has a
-    STEP, from which its forward_step / backward_step are generated. A cell without one (mogrifier)
-    runs its own layer's loop (its module's `Layer`), path "own"."""
+    STEP, from which its forward_step / backward_step are generated. A cell without one (mogrifier,
+    qrnn) runs its own layer's loop (its module's `Layer`), path "own"."""
     return hasattr(cell, "STEP")
 
 
@@ -87,7 +87,7 @@ def on_triton(x: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "persistent", "triton", "fused", "sequence" or "engine"; explain: "own" (on_engine)
+    path: str  # "persistent", "triton", "fused", "sequence" or "engine"; explain: "own" (not on_engine)
     reason: str
 
 
