@@ -42,32 +42,38 @@ from lmtrain.model.layer import RecurrentLayer
 GATES, STATE, RECURRENT_BIAS, EXTRA = 1, ("h", "t"), False, {}
 
 
-def unit_periods(periods: tuple[int, ...], hidden: int, like: Tensor) -> Tensor:
-    """Each unit's module period, (H,), in like's dtype and device: T_i repeated k = H / g times."""
+def unit_periods(periods: tuple[int, ...], hidden: int, device: torch.device | None = None) -> Tensor:
+    """Each unit's module period, (H,) int64: T_i repeated k = H / g times."""
     if hidden % len(periods):
         raise LmtrainError(f"config key 'model.clockwork_periods' gives {len(periods)} modules, which must divide "
                            f"a clockwork layer's units: {hidden}")
-    return torch.tensor(periods, dtype=like.dtype, device=like.device).repeat_interleave(hidden // len(periods))
+    return torch.tensor(periods, device=device).repeat_interleave(hidden // len(periods))
 
 
-def recurrent_mask(periods: tuple[int, ...], hidden: int, like: Tensor) -> Tensor:
+def recurrent_mask(periods: tuple[int, ...], hidden: int, device: torch.device | None = None) -> Tensor:
     """M (H, H) bool: M[a, b] is whether unit a (a row of W_hh) receives from unit b, i.e. b's
     module period is at least a's; block-upper-triangular for sorted periods."""
-    period = unit_periods(periods, hidden, like)
+    period = unit_periods(periods, hidden, device)
     return period[None, :] >= period[:, None]
+
+
+def steps_of(counter: Tensor) -> Tensor:
+    """The state's t (B, 1), float, as the integers it holds (int64): the arithmetic on it is
+    exact in int64 whatever the float's width."""
+    return counter.detach().round().long()
 
 
 def ticks(counter: Tensor, periods: tuple[int, ...], steps: int) -> Tensor:
     """counter (B, 1), the state's t -> (steps, B, g) bool: whether module i updates at each of
     the next `steps` steps, (t + s) mod T_i = 0."""
-    s = torch.arange(steps, dtype=counter.dtype, device=counter.device).view(steps, 1, 1)
-    period = torch.tensor(periods, dtype=counter.dtype, device=counter.device)
-    return torch.remainder(counter.detach().unsqueeze(0) + s, period) == 0
+    s = torch.arange(steps, device=counter.device).view(steps, 1, 1)
+    period = torch.tensor(periods, device=counter.device)
+    return torch.remainder(steps_of(counter).unsqueeze(0) + s, period) == 0
 
 
 def advanced(counter: Tensor, periods: tuple[int, ...], steps: int) -> Tensor:
-    """The counter `steps` steps on, modulo the periods' least common multiple: (B, 1)."""
-    return torch.remainder(counter.detach() + steps, math.lcm(*periods))
+    """The counter `steps` steps on, modulo the periods' least common multiple: (B, 1), counter's dtype."""
+    return torch.remainder(steps_of(counter) + steps, math.lcm(*periods)).to(counter.dtype)
 
 
 def reference(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
@@ -76,15 +82,16 @@ def reference(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tenso
     the final (h, t)."""
     h, t = state
     hidden = h.size(1)
-    w = w_hh * recurrent_mask(periods, hidden, h)
-    period = unit_periods(periods, hidden, t)
+    w = w_hh * recurrent_mask(periods, hidden, h.device)
+    period = unit_periods(periods, hidden, h.device)
+    step = steps_of(t)  # (B, 1) int64
     outputs = []
     for x_t in x:
         n = torch.tanh(x_t @ w_ih.t() + h @ w.t() + b_ih)
-        h = torch.where(torch.remainder(t, period) == 0, n, h)  # (B, H): the modules due at this step update
+        h = torch.where(torch.remainder(step, period) == 0, n, h)  # (B, H): the modules due at this step update
         outputs.append(h)
-        t = t + 1
-    return torch.stack(outputs), (h, torch.remainder(t, math.lcm(*periods)))
+        step = step + 1
+    return torch.stack(outputs), (h, torch.remainder(step, math.lcm(*periods)).to(t.dtype))
 
 
 def run(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, periods: tuple[int, ...],
@@ -94,7 +101,7 @@ def run(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_i
     if x.dtype != torch.float32:
         compute_dtype = None
     h0, counter = state
-    w = w_hh * recurrent_mask(periods, h0.size(1), h0)  # outside the loop: autograd zeroes the masked blocks' gradient
+    w = w_hh * recurrent_mask(periods, h0.size(1), h0.device)  # outside the loop: autograd zeroes the masked blocks' gradient
     y, h = Clockwork.apply(compute_dtype, x, h0, ticks(counter, periods, x.size(0)), w_ih, w, b_ih)
     return y, (h, advanced(counter, periods, x.size(0)))
 
@@ -162,7 +169,7 @@ class Layer(RecurrentLayer):
         config = config or ModelConfig()
         super().__init__(cell, input_size, hidden_size, config, below)
         self.periods = config.periods
-        unit_periods(self.periods, hidden_size, torch.empty(0))  # g must divide H
+        unit_periods(self.periods, hidden_size)  # g must divide H
 
     @staticmethod
     def state_widths(cell, input_size: int, hidden_size: int, config: ModelConfig | None = None) -> dict[str, int]:
@@ -174,7 +181,7 @@ class Layer(RecurrentLayer):
         itself block-upper-triangular."""
         super().initialise(config)
         with torch.no_grad():
-            self.w_hh.mul_(recurrent_mask(self.periods, self.hidden_size, self.w_hh))
+            self.w_hh.mul_(recurrent_mask(self.periods, self.hidden_size, self.w_hh.device))
 
     def init_state(self, batch_size: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """(h (B, H), t (B, 1)), both zero: the stream's first step updates every module."""
