@@ -125,6 +125,30 @@ def test_slow_modules_feed_fast_ones_and_not_the_other_way():
     assert mask[0].all() and mask[:, 0].sum() == 2 and mask[6:, :6].any().item() is False  # rows receive
 
 
+def test_one_module_of_period_1_is_the_rnn():
+    """Periods "1": every unit updates every step from every unit, our rnn on the same weights."""
+    torch.manual_seed(0)
+    rnn = LanguageModel(config(cell="rnn"), 11).double()
+    ours = LanguageModel(config(clockwork_periods="1"), 11).double()
+    ours.load_state_dict(rnn.state_dict())
+    tokens = torch.randint(0, 11, (9, 3))
+    results = []
+    for model in (rnn, ours):
+        logits, state = model(tokens, model.init_state(3))
+        (logits * torch.linspace(-1, 1, 11, dtype=F64)).sum().backward()
+        results.append((logits, [s[0] for s in state], [p.grad for p in model.parameters()]))
+    (a, ha, ga), (b, hb, gb) = results
+    assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert all(torch.allclose(x, y, atol=1e-12, rtol=0) for x, y in zip(ha + ga, hb + gb))
+
+
+def test_bench_times_it_beside_the_rnn_against_torch_nn_rnn():
+    from lmtrain.tools.bench import reference_name, with_baselines
+
+    assert with_baselines(["clockwork"]) == ["clockwork", "rnn"]
+    assert reference_name("clockwork") == "torch.nn.RNN"
+
+
 def config(**changes) -> ModelConfig:
     return ModelConfig(**{"cell": "clockwork", "layers": 2, "embedding_size": 6, "hidden_size": 8} | changes)
 

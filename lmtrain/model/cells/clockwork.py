@@ -40,6 +40,7 @@ from lmtrain.model.layer import RecurrentLayer
 
 # the layer's parameters are the rnn's (w_ih (H, I), w_hh (H, H), b_ih (H,)); its state (h, t)
 GATES, STATE, RECURRENT_BIAS, EXTRA = 1, ("h", "t"), False, {}
+EXTENDS = "rnn"  # the cell this one adds to (one module of period 1 is it): `lmtrain bench` times it beside this one
 
 
 def unit_periods(periods: tuple[int, ...], hidden: int, device: torch.device | None = None) -> Tensor:
