@@ -7,15 +7,19 @@ non-decreasing), which updates only at the steps t with t mod T_i = 0 and copies
              h_{t-1}[i]     otherwise
 
 M is a fixed 0/1 mask of (H, H) blocks: module i (a row block, W_hh being (out, in)) receives from
-module j (a column block) only if T_j >= T_i, so slow modules feed fast ones and not the other way;
-with the modules sorted by period, W_hh ⊙ M is block-upper-triangular, as the paper's W_H (whose
-rows are also the receiving units). The masked blocks are set to 0 at init and the mask is applied
-in every forward, so they get no gradient and never act, whatever a checkpoint holds there.
+module j (a column block) only if T_j >= T_i, so slow modules feed fast ones and not the other way,
+the paper's rule (j feeds i if T_i < T_j) with each module's own block, and modules of equal period
+feeding each other both ways; with the modules sorted by period, W_hh ⊙ M is block-upper-triangular,
+as the paper's W_H (whose rows are also the receiving units). The masked blocks are set to 0 at
+init and the mask is applied in every forward, so they get no gradient and never act, whatever a
+checkpoint holds there.
 
-t is the stream's step counter, from 0 at a zero state: the state tuple is (h, t), h (B, H) and
-t (B, 1), float like h (so it travels, detaches, checkpoints and resumes with the rest of the
-state), kept modulo the periods' least common multiple L (which every T_i divides: t mod T_i
-is unchanged) so that it stays an exact small integer; model config validation bounds L by 2^24.
+t is the stream's step counter, from 0 at a zero state (a stream's first step updates every
+module): the state tuple is (h, t), h (B, H) and t (B, 1), float like h (so it travels, detaches,
+checkpoints and resumes with the rest of the state), kept modulo the periods' least common
+multiple L (which every T_i divides: t mod T_i is unchanged) so that it stays an exact small
+integer (model config validation bounds L by 2^24, float32's exact integers); the arithmetic on it
+is done in int64.
 
 `reference` is the plain-autograd definition; `run` is the fast path: one autograd Function over
 the window (Clockwork) with a hand-written backward. Its forward makes the input projections of
