@@ -36,7 +36,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn | dglstm for every layer, or one per layer:
+    # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn | dglstm | clockwork for every layer, or one per layer:
     # `cell = ["lstm", "gru"]` in TOML, `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru").
     # A dglstm layer on a dglstm layer is depth-gated and must be as wide as it (docs/cells.md)
     cell: str = "lstm"
@@ -81,6 +81,10 @@ class ModelConfig:
     # spectral radius model.spectral_radius; only the embedding and the decoder learn
     reservoir: bool = False
     spectral_radius: float = 0.9  # model.reservoir's largest |eigenvalue| of each W_hh (below 1: fading memory)
+    # the clockwork cell's module periods T_i (Koutník et al. 2014), non-decreasing, comma-separated
+    # (`[1, 2, 4, 8]` in TOML): g = as many modules, each H / g units, module i updating at the steps
+    # t with t mod T_i = 0; the default is the paper's series 2^(i-1) for g = 4 (docs/cells.md)
+    clockwork_periods: str = "1,2,4,8"
     # layers: each layer's cell on the one below; grid: a 2-D Grid LSTM (Kalchbrenner et al. 2015), depth
     # with an LSTM memory of its own beside time's, for model.cell = lstm and equally wide layers
     stack: str = "layers"
@@ -94,6 +98,11 @@ class ModelConfig:
         """The cell name of each layer."""
         names = tuple(self.cell.split(","))
         return names * self.layers if len(names) == 1 else names
+
+    @property
+    def periods(self) -> tuple[int, ...]:
+        """model.clockwork_periods as integers (validated by config_rules.check_periods)."""
+        return tuple(int(p) for p in self.clockwork_periods.split(","))
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
@@ -281,6 +290,8 @@ def check_value(section: str, key: str, value: Any) -> Any:
         raise LmtrainError(f"unknown config key '{section}.{key}' (known in [{section}]: {', '.join(types)})")
     if (section, key) == ("model", "cell"):
         value = join_cell_names(value)
+    if (section, key) == ("model", "clockwork_periods"):
+        value = join_periods(value)
     want = types[key]
     ok = (
         (want is bool and isinstance(value, bool))
@@ -300,6 +311,18 @@ def join_cell_names(value: Any) -> Any:
         value = ",".join(value)
     if isinstance(value, str):
         value = ",".join(name.strip() for name in value.split(","))
+    return value
+
+
+def join_periods(value: Any) -> Any:
+    """`model.clockwork_periods` as one comma-joined string: [1, 2, 4], "1, 2, 4" and 1 give "1,2,4" (or "1")."""
+    number = lambda p: isinstance(p, (int, float)) and not isinstance(p, bool)  # noqa: E731
+    if isinstance(value, list) and all(number(p) for p in value):  # TOML's [1, 2, 4]
+        value = ",".join(str(p) for p in value)
+    if number(value):  # one period, `--set model.clockwork_periods=1` (a float: check_periods's error)
+        value = str(value)
+    if isinstance(value, str):
+        value = ",".join(p.strip() for p in value.split(","))
     return value
 
 

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from lmtrain.config import Config
 
 TOKENIZER_KINDS = ("bpe", "unigram", "char", "word")
-CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn", "dglstm")
+CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn", "dglstm", "clockwork")
 # the cells whose state is h alone (their modules' STATE; tests/test_zoneout.py holds the two
 # together): model.zoneout_cell has no c to act on there
-H_ONLY_CELLS = ("gru", "rnn")
+H_ONLY_CELLS = ("gru", "rnn", "clockwork")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
@@ -46,6 +46,10 @@ UPPER_BOUNDS = {
     "model.mogrifier_rank": 1 << 20,
     "model.attention_window": 1 << 16,
 }
+
+# the clockwork cell keeps its step counter modulo the periods' least common multiple, in the
+# state's float: exact up to 2^24 in float32
+MAX_CLOCKWORK_CYCLE = 1 << 24
 
 
 def check_bounds(section: str, key: str, value: Any) -> None:
@@ -130,6 +134,7 @@ def validate(config: Config) -> None:
                            f"must be even, got {m.layer_sizes[-1]}")
     if m.qrnn_window not in (1, 2):
         raise LmtrainError(f"config key 'model.qrnn_window' must be 1 or 2, got {m.qrnn_window}")
+    check_periods(m)
     if tr.epochs == 0 and tr.max_steps == 0:
         raise LmtrainError("config keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
     for key in ("dropout", "embedding_dropout", "weight_drop", "zoneout_hidden", "zoneout_cell"):
@@ -169,3 +174,24 @@ def check_grid(m) -> None:
     if m.grid_tied and m.embedding_size != m.hidden_size:
         raise LmtrainError(f"config key 'model.grid_tied' shares the first layer's weights with every layer: it needs "
                            f"model.embedding_size = model.hidden_size, got {m.embedding_size} and {m.hidden_size}")
+
+
+def check_periods(m) -> None:
+    """model.clockwork_periods (m a ModelConfig): positive integers, non-decreasing, their cycle
+    within MAX_CLOCKWORK_CYCLE, and as many modules as divide each clockwork layer's units."""
+    key, text = "model.clockwork_periods", m.clockwork_periods
+    if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in text.split(",")):
+        raise LmtrainError(f"config key '{key}' must be positive integers, comma-separated (1,2,4,8), got '{text}'")
+    periods = m.periods
+    if list(periods) != sorted(periods):
+        raise LmtrainError(f"config key '{key}' must be in non-decreasing order (modules sorted by period), got '{text}'")
+    if math.lcm(*periods) > MAX_CLOCKWORK_CYCLE:
+        raise LmtrainError(f"config key '{key}': the periods' least common multiple must be at most "
+                           f"{MAX_CLOCKWORK_CYCLE:,} (the step counter is kept modulo it), got {math.lcm(*periods):,}")
+    names = ["model.hidden_size"] * m.layers
+    if m.tie_weights:
+        names[-1] = "model.embedding_size (the tied last layer's units)"
+    for name, units, cell in zip(names, m.layer_sizes, m.cells):
+        if cell == "clockwork" and units % len(periods):
+            raise LmtrainError(f"config key '{key}' gives {len(periods)} modules, which must divide each clockwork "
+                               f"layer's units: {name} is {units}")

@@ -73,7 +73,7 @@ def test_the_table_shows_the_reference_and_both_ratios():
 def test_bench_rejects_unknown_cell():
     result = CliRunner().invoke(app, ["bench", "--cells", "lstm,transformer"])
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == ["error: --cells: unknown cell 'transformer' (known: lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, dglstm)"]
+    assert result.stderr.strip().splitlines() == ["error: --cells: unknown cell 'transformer' (known: lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, dglstm, clockwork)"]
 
 
 def test_round_robin_interleaves_and_takes_medians():

@@ -243,7 +243,7 @@ def test_slstm_gradient_at_an_exact_tie_is_torch_maximums():
 def test_model_with_a_cell_per_layer_builds_and_trains_one_step():
     names = list(CELLS)
     config = load_config(None, [f"model.cell={','.join(names)}", f"model.layers={len(names)}",
-                                "model.embedding_size=6", "model.hidden_size=5"]).model
+                                "model.embedding_size=6", "model.hidden_size=8"]).model  # 8: the clockwork cell's 4 modules divide it
     torch.manual_seed(0)
     model = LanguageModel(config, vocab_size=11).double()
     assert [layer.cell for layer in model.layers] == [CELLS[name] for name in names]
@@ -283,7 +283,7 @@ def test_cell_list_from_toml_and_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, dglstm, got 'transformer'"),
+        (["model.cell=transformer"], "config key 'model.cell' must be one of lstm, peephole, coupled, gru, rnn, slstm, mogrifier, qrnn, dglstm, clockwork, got 'transformer'"),
         (["model.cell=lstm,tranformer"], "'model.cell' must be one of"),
         (["model.cell=lstm,,gru", "model.layers=3"], "'model.cell' must be one of"),
         (["model.cell=lstm,gru", "model.layers=3"], "config key 'model.cell' names 2 cells for 3 layers"),

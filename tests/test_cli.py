@@ -470,7 +470,7 @@ def test_evaluate_and_generate_reject_bad_input(command, target, args, fragments
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
-@pytest.mark.parametrize("cell", ["lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn", "dglstm", "gru,lstm"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrnn", "dglstm", "clockwork", "gru,lstm"])
 def test_every_cell_trains_evaluates_and_samples(tmp_path, cell):
     corpus = write_corpus(tmp_path / "corpus", sizes=(120, 20, 20))
     run = tmp_path / "run"

@@ -34,8 +34,10 @@ def has_cell_state(name: str) -> bool:
 
 
 # every cell, and the qrnn with its window of 2 (x_prev in its state, not zoned)
-CASES = [(name, {}) for name in CELLS] + [("qrnn", {"qrnn_window": 2})]
-CASE_IDS = [name + ("-window2" if keys else "") for name, keys in CASES]
+# the clockwork cell's modules must divide HIDDEN: three of one unit each
+KEYS = {"clockwork": {"clockwork_periods": "1,2,3"}}
+CASES = [(name, KEYS.get(name, {})) for name in CELLS] + [("qrnn", {"qrnn_window": 2})]
+CASE_IDS = [name + ("-window2" if "qrnn_window" in keys else "") for name, keys in CASES]
 
 
 def own_references(layer):
@@ -45,6 +47,7 @@ def own_references(layer):
         "mogrifier": lambda x, s: cell.reference(x, s, layer.w_ih, layer.w_hh, layer.b_ih, layer.parameters_of_rounds()),
         "qrnn": lambda x, s: cell.reference(x, s, layer.w_ih, layer.b_ih, getattr(layer, "window", 1)),
         "dglstm": lambda x, s: cell.reference(x, None, s, layer.w_ih, layer.w_hh, layer.b_ih)[::2],
+        "clockwork": lambda x, s: cell.reference(x, s, layer.w_ih, layer.w_hh, layer.b_ih, getattr(layer, "periods", ())),
     }
 
 
@@ -75,7 +78,8 @@ def window_inputs(layer, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(STEPS, BATCH, INPUTS, generator=g, dtype=F64).requires_grad_()
     zeros = layer.init_state(BATCH, x)
-    state = tuple((torch.rand(z.shape, generator=g, dtype=F64) + (0.5 if name == "n" else -0.5)).requires_grad_()
+    state = tuple(torch.full(z.shape, 5.0, dtype=F64) if name == "t" else  # the clockwork's step counter: a whole number
+                  (torch.rand(z.shape, generator=g, dtype=F64) + (0.5 if name == "n" else -0.5)).requires_grad_()
                   for name, z in zip(layer.state_names, zeros))
     return x, state
 
@@ -122,8 +126,9 @@ def test_the_layer_computes_what_the_reference_computes(name, keys, training):
     assert zone is not None and isinstance(zone.keep[0], float) != training
     y_ref, final_ref, _ = zoneout.reference(reference_window(layer), x, state, zone.keep, zone.scaled)
     assert_close([y, *final], [y_ref, *final_ref])
-    wrt = [x, *state, *layer.parameters()]
-    assert_close(grads_of([y, *final], wrt), grads_of([y_ref, *final_ref], wrt))
+    wrt = [x, *(s for s in state if s.requires_grad), *layer.parameters()]  # not the clockwork's counter
+    outputs = [y, *(s for s in final if s.requires_grad)]
+    assert_close(grads_of(outputs, wrt), grads_of([y_ref, *(s for s in final_ref if s.requires_grad)], wrt))
 
     plain = make_layer(name, keys).train(training)
     y_plain, _, _ = stack_forward(plain, x, state, None)
@@ -275,9 +280,11 @@ def test_p_zero_is_the_plain_layer_on_its_own_path(name):
     """zoneout_hidden = zoneout_cell = 0: no Zone, no draw, bit for bit the layer without the keys,
     on the path it took before (the lstm's sequence kernel)."""
     torch.manual_seed(0)
-    plain = LanguageModel(ModelConfig(cell=name, embedding_size=6, hidden_size=6), 9).train()
+    keys = KEYS.get(name, {})
+    plain = LanguageModel(ModelConfig(cell=name, embedding_size=6, hidden_size=6, **keys), 9).train()
     torch.manual_seed(0)
-    zeros = LanguageModel(ModelConfig(cell=name, embedding_size=6, hidden_size=6, zoneout_hidden=0.0, zoneout_cell=0.0), 9).train()
+    zeros = LanguageModel(ModelConfig(cell=name, embedding_size=6, hidden_size=6, zoneout_hidden=0.0, zoneout_cell=0.0,
+                                      **keys), 9).train()
     tokens = torch.randint(0, 9, (5, 2))
     assert all(layer.zone(torch.zeros(5, 2, 6)) is None for layer in zeros.layers)
     assert all(is_standard(a) == is_standard(b) for a, b in zip(plain.layers, zeros.layers))

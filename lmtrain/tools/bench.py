@@ -7,7 +7,8 @@ alike; the figure is the median over the repeats. Two things are timed:
   stack: forward + backward of the recurrent layers alone on a random (T, B, H) input, each cell
          against the torch module computing its equations (REFERENCES: lstm against torch.nn.LSTM,
          gru against torch.nn.GRU, rnn against torch.nn.RNN with tanh); the cells torch lacks
-         (peephole, coupled, slstm, mogrifier, qrnn, dglstm) against torch.nn.LSTM, and every cell against
+         (peephole, coupled, slstm, mogrifier, qrnn, dglstm) against torch.nn.LSTM, or the module of the
+         cell they extend (clockwork, whose one module is the rnn, against torch.nn.RNN), and every cell against
          our lstm too (where it is timed: asked for, or the cell one asked for extends, as the mogrifier
          and dglstm do); a stack of one cell is built as the model builds it, each layer on the cell below
          (dglstm's layers above the first depth-gated, its cells passed up the stack);
@@ -93,12 +94,14 @@ class Record:
 
 
 def reference_cell(cell: str) -> str:
-    """The cell whose torch module `cell` is compared with: its own, else the LSTM's."""
-    return cell if cell in REFERENCES else "lstm"
+    """The cell whose torch module `cell` is compared with: its own, else the cell's it extends
+    (its module's EXTENDS) where torch has that, else the LSTM's."""
+    base = cell if cell in REFERENCES else getattr(get_cell(cell), "EXTENDS", None)
+    return base if base in REFERENCES else "lstm"
 
 
 def reference_name(cell: str) -> str:
-    """'torch.nn.GRU' for gru; 'torch.nn.LSTM' for the cells torch lacks."""
+    """'torch.nn.GRU' for gru, 'torch.nn.RNN' for clockwork; 'torch.nn.LSTM' for the other cells torch lacks."""
     return f"torch.nn.{REFERENCES[reference_cell(cell)].__name__}"
 
 
