@@ -178,7 +178,7 @@ def check_grid(m) -> None:
 
 def check_periods(m) -> None:
     """model.clockwork_periods (m a ModelConfig): positive integers, non-decreasing, their cycle
-    within MAX_CLOCKWORK_CYCLE, and as many modules as divide each clockwork layer's units."""
+    within MAX_CLOCKWORK_CYCLE, and no more modules than each clockwork layer has units."""
     key, text = "model.clockwork_periods", m.clockwork_periods
     if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in text.split(",")):
         raise LmtrainError(f"config key '{key}' must be positive integers, comma-separated (1,2,4,8), got '{text}'")
@@ -192,6 +192,6 @@ def check_periods(m) -> None:
     if m.tie_weights:
         names[-1] = "model.embedding_size (the tied last layer's units)"
     for name, units, cell in zip(names, m.layer_sizes, m.cells):
-        if cell == "clockwork" and units % len(periods):
-            raise LmtrainError(f"config key '{key}' gives {len(periods)} modules, which must divide each clockwork "
-                               f"layer's units: {name} is {units}")
+        if cell == "clockwork" and units < len(periods):
+            raise LmtrainError(f"config key '{key}' gives {len(periods)} modules, more than a clockwork layer's "
+                               f"units: {name} is {units}")

@@ -173,9 +173,36 @@ def test_the_layer_its_shapes_and_its_state():
         assert (layer.w_hh[clockwork.recurrent_mask((1, 2), 8)] != 0).all()
 
 
-def test_a_model_of_another_width_is_refused_in_building_too():
-    with pytest.raises(LmtrainError, match="config key 'model.clockwork_periods' gives 3 modules, which must divide"):
-        LanguageModel(config(clockwork_periods="1,2,4"), 11)
+def test_modules_that_do_not_divide_the_units_split_them_first_ones_wider():
+    """10 units in 4 modules: 3, 3, 2, 2; the mask and the clocks follow those sizes, and the fast
+    path is still the reference (outputs, state and every gradient)."""
+    assert clockwork.module_sizes(4, 10) == [3, 3, 2, 2] and clockwork.module_sizes(4, 650) == [163, 163, 162, 162]
+    assert clockwork.unit_periods((1, 2, 4, 8), 10).tolist() == [1, 1, 1, 2, 2, 2, 4, 4, 8, 8]
+    mask = clockwork.recurrent_mask((1, 2, 4, 8), 10)
+    assert mask[0].all() and not mask[9, :8].any() and mask[9, 8:].all()  # the slowest module reads only itself
+    torch.manual_seed(0)
+    periods = (1, 2, 4, 8)
+    x = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+    state = (h, torch.full((2, 1), 3.0, dtype=torch.float64))
+    w = [(torch.rand(shape, dtype=torch.float64) - 0.5).requires_grad_() for shape in ((10, 3), (10, 10), (10,))]
+    y_ref, (h_ref, t_ref) = clockwork.reference(x, state, *w, periods)
+    y, (h_fast, t_fast) = clockwork.run(x, state, *w, periods)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h_fast, h_ref, rtol=0, atol=1e-12)
+    assert torch.equal(t_fast, t_ref)
+    wrt = [x, h, *w]
+    for a, b in zip(torch.autograd.grad((y * y_ref.detach()).sum() + h_fast.sum(), wrt),
+                    torch.autograd.grad((y_ref * y_ref.detach()).sum() + h_ref.sum(), wrt)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    model = LanguageModel(config(clockwork_periods="1,2,4"), 11)  # 3 modules of 8 units: 3, 3, 2
+    assert (model.layers[0].w_hh[~clockwork.recurrent_mask((1, 2, 4), 8)] == 0).all()
+    assert clockwork.module_sizes(3, 8) == [3, 3, 2]
+
+
+def test_more_modules_than_units_is_refused_in_building_too():
+    with pytest.raises(LmtrainError, match="config key 'model.clockwork_periods' gives 5 modules, more than a clockwork layer's 4 units"):
+        clockwork.module_sizes(5, 4)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -242,9 +269,9 @@ def test_the_periods_read_as_toml_lists_and_strings(tmp_path):
     (["model.clockwork_periods=0,1"], "config key 'model.clockwork_periods' must be positive integers, comma-separated (1,2,4,8), got '0,1'"),
     (["model.clockwork_periods=1,-2"], "must be positive integers, comma-separated (1,2,4,8), got '1,-2'"),
     (["model.clockwork_periods=1,4,2,8"], "config key 'model.clockwork_periods' must be in non-decreasing order (modules sorted by period), got '1,4,2,8'"),
-    (["model.clockwork_periods=1,2,4"], "config key 'model.clockwork_periods' gives 3 modules, which must divide each clockwork layer's units: model.hidden_size is 16"),
-    (["model.tie_weights=true", "model.embedding_size=10"],
-     "gives 4 modules, which must divide each clockwork layer's units: model.embedding_size (the tied last layer's units) is 10"),
+    (["model.clockwork_periods=" + ",".join(["1"] * 17)], "config key 'model.clockwork_periods' gives 17 modules, more than a clockwork layer's units: model.hidden_size is 16"),
+    (["model.tie_weights=true", "model.embedding_size=3"],
+     "gives 4 modules, more than a clockwork layer's units: model.embedding_size (the tied last layer's units) is 3"),
     (["model.clockwork_periods=fast"], "must be positive integers, comma-separated (1,2,4,8), got 'fast'"),
     (["model.clockwork_periods=1,,2"], "got '1,,2'"),
     (["model.clockwork_periods=1.5,2"], "got '1.5,2'"),

@@ -1,6 +1,8 @@
 """The clockwork RNN (Koutník, Greff, Gomez & Schmidhuber 2014): a tanh RNN whose H units are g
-modules of k = H / g units each, module i with period T_i (model.clockwork_periods, sorted
-non-decreasing), which updates only at the steps t with t mod T_i = 0 and copies itself between:
+modules of k = H / g units each (where g does not divide H, the first H mod g modules have one unit
+more: 650 units in 4 modules are 163, 163, 162, 162), module i with period T_i
+(model.clockwork_periods, sorted non-decreasing), which updates only at the steps t with
+t mod T_i = 0 and copies itself between:
 
     a_t = W_ih x_t + (W_hh ⊙ M) h_{t-1} + b          (H,)
     h_t[i] = tanh(a_t[i])   if t mod T_i = 0          for each module i (its k units)
@@ -48,12 +50,19 @@ GATES, STATE, RECURRENT_BIAS, EXTRA = 1, ("h", "t"), False, {}
 EXTENDS = "rnn"  # the cell this one adds to (one module of period 1 is it): `lmtrain bench` times it beside this one
 
 
+def module_sizes(modules: int, hidden: int) -> list[int]:
+    """The units of each of `modules` modules of a layer of `hidden` units, in order: H // g each,
+    one more for the first H mod g."""
+    if modules > hidden:
+        raise LmtrainError(f"config key 'model.clockwork_periods' gives {modules} modules, more than a clockwork "
+                           f"layer's {hidden} units")
+    return [hidden // modules + (i < hidden % modules) for i in range(modules)]
+
+
 def unit_periods(periods: tuple[int, ...], hidden: int, device: torch.device | None = None) -> Tensor:
-    """Each unit's module period, (H,) int64: T_i repeated k = H / g times."""
-    if hidden % len(periods):
-        raise LmtrainError(f"config key 'model.clockwork_periods' gives {len(periods)} modules, which must divide "
-                           f"a clockwork layer's units: {hidden}")
-    return torch.tensor(periods, device=device).repeat_interleave(hidden // len(periods))
+    """Each unit's module period, (H,) int64: T_i repeated for each of module i's units."""
+    sizes = torch.tensor(module_sizes(len(periods), hidden), device=device)
+    return torch.tensor(periods, device=device).repeat_interleave(sizes)
 
 
 def recurrent_mask(periods: tuple[int, ...], hidden: int, device: torch.device | None = None) -> Tensor:
@@ -69,11 +78,11 @@ def steps_of(counter: Tensor) -> Tensor:
     return counter.detach().round().long()
 
 
-def ticks(counter: Tensor, periods: tuple[int, ...], steps: int) -> Tensor:
-    """counter (B, 1), the state's t -> (steps, B, g) bool: whether module i updates at each of
-    the next `steps` steps, (t + s) mod T_i = 0."""
+def ticks(counter: Tensor, periods: tuple[int, ...], steps: int, hidden: int) -> Tensor:
+    """counter (B, 1), the state's t -> (steps, B, H) bool: whether each unit's module updates at
+    each of the next `steps` steps, (t + s) mod T_i = 0."""
     s = torch.arange(steps, device=counter.device).view(steps, 1, 1)
-    period = torch.tensor(periods, device=counter.device)
+    period = unit_periods(periods, hidden, counter.device)
     return torch.remainder(steps_of(counter).unsqueeze(0) + s, period) == 0
 
 
@@ -108,26 +117,22 @@ def run(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_i
         compute_dtype = None
     h0, counter = state
     w = w_hh * recurrent_mask(periods, h0.size(1), h0.device)  # outside the loop: autograd zeroes the masked blocks' gradient
-    y, h = Clockwork.apply(compute_dtype, x, h0, ticks(counter, periods, x.size(0)), w_ih, w, b_ih)
+    y, h = Clockwork.apply(compute_dtype, x, h0, ticks(counter, periods, x.size(0), h0.size(1)), w_ih, w, b_ih)
     return y, (h, advanced(counter, periods, x.size(0)))
 
 
 class Clockwork(torch.autograd.Function):
     """y, h_T = Clockwork.apply(compute_dtype, x, h_0, due, w_ih, w_hh, b_ih).
 
-    x: (T, B, I); h_0: (B, H); due: (T, B, g) bool, whether module i updates at step t (ticks);
-    w_ih: (H, I); w_hh: (H, H), already masked; b_ih: (H,). y: (T, B, H).
+    x: (T, B, I); h_0: (B, H); due: (T, B, H) bool, whether each unit's module updates at step t
+    (ticks); w_ih: (H, I); w_hh: (H, H), already masked; b_ih: (H,). y: (T, B, H).
     Kept for the backward: h_0 .. h_{T-1} and the tanh values n_t (T, B, H).
-
-    A module's units are contiguous, so (B, H) reads as (B, g, k) and `due` as (B, g, 1):
-
-        h (B, H) = [ module 0: k units | module 1: k units | ... | module g-1 ]
     """
 
     @staticmethod
     def forward(ctx, compute_dtype, x: Tensor, h0: Tensor, due: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor):
         steps, batch, inputs = x.shape
-        hidden, modules = h0.size(1), due.size(2)
+        hidden = h0.size(1)
         op = lambda t: mixed.operand(t, compute_dtype)  # noqa: E731
         w_in, w = op(w_ih), op(w_hh)
         # the input projections of every step, one product: (T·B, I) -> (T, B, H)
@@ -136,11 +141,9 @@ class Clockwork(torch.autograd.Function):
         ys = x.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T
         ns = x.new_empty(steps, batch, hidden)  # tanh(a_t), what the due modules take
         ys[0] = h0
-        due_k = due.unsqueeze(3)  # (T, B, g, 1)
         for t in range(steps):
             n = torch.tanh(mixed.mm(op(ys[t]), w_t, xw[t]), out=ns[t])
-            torch.where(due_k[t], n.view(batch, modules, -1), ys[t].view(batch, modules, -1),
-                        out=ys[t + 1].view(batch, modules, -1))
+            torch.where(due[t], n, ys[t], out=ys[t + 1])
         ctx.compute_dtype = compute_dtype
         ctx.save_for_backward(x, ys, ns, due, w_in, w)
         return ys[1:].clone(), ys[steps].clone()
@@ -151,19 +154,16 @@ class Clockwork(torch.autograd.Function):
         compute_dtype = ctx.compute_dtype
         op = lambda t: mixed.operand(t, compute_dtype)  # noqa: E731
         steps, batch, hidden = ns.shape
-        modules = due.size(2)
-        due_k = due.unsqueeze(3)  # (T, B, g, 1)
         da = ns.new_empty(steps, batch, hidden)  # the gradient at each step's pre-activation a_t
         dh = dh_last.clone() if dh_last is not None else ns.new_zeros(batch, hidden)
         zero = ns.new_zeros(())
         for t in reversed(range(steps)):
             if dy is not None:
                 dh = dh + dy[t]
-            blocks = dh.view(batch, modules, -1)
             # a due module's units: dn = dh, da = dn (1 - n²); the others pass dh on unchanged
-            torch.where(due_k[t], blocks, zero, out=da[t].view(batch, modules, -1))
+            torch.where(due[t], dh, zero, out=da[t])
             da[t].mul_(1 - ns[t].square())
-            dh = torch.where(due_k[t], zero, blocks).view(batch, hidden) + mixed.mm(op(da[t]), w)
+            dh = torch.where(due[t], zero, dh) + mixed.mm(op(da[t]), w)
         dx, dw_ih, dw_hh, db, _ = mixed.sequence_grads(da, da, x, ys[:-1], w_in, compute_dtype, ctx.needs_input_grad[1])
         return None, dx, dh, None, dw_ih, dw_hh, db
 
@@ -175,7 +175,7 @@ class Layer(RecurrentLayer):
         config = config or ModelConfig()
         super().__init__(cell, input_size, hidden_size, config, below)
         self.periods = config.periods
-        unit_periods(self.periods, hidden_size)  # g must divide H
+        module_sizes(len(self.periods), hidden_size)  # no more modules than units
 
     @staticmethod
     def state_widths(cell, input_size: int, hidden_size: int, config: ModelConfig | None = None) -> dict[str, int]:
