@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,6 +132,30 @@ def cli(*args):
 def ok(result):
     assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
     return result
+
+
+def assert_config_refused(tmp_path: Path, items: list[str], fragment: str, match: str) -> None:
+    """The --set `items` are refused by load_config (an LmtrainError matching `match`) and by
+    `lmtrain train` on a small corpus with one error line holding `fragment`, no run directory made."""
+    from lmtrain.config import load_config
+    from lmtrain.errors import LmtrainError
+
+    with pytest.raises(LmtrainError, match=match):
+        load_config(None, items)
+    result = cli("train", write_small_corpus(tmp_path / "corpus"), "--run-dir", tmp_path / "run", *sets(*items))
+    assert_one_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def evaluate_and_generate(run: Path) -> dict:
+    """A trained run scores its valid split to a finite perplexity, the same twice, and samples the
+    same non-empty text twice from one seed; returns the metrics."""
+    metrics = json.loads(ok(cli("evaluate", run, "--split", "valid", "--json")).stdout)
+    assert metrics["tokens"] > 0 and math.isfinite(metrics["ppl"])
+    assert json.loads(ok(cli("evaluate", run, "--split", "valid", "--json")).stdout)["ppl"] == metrics["ppl"]
+    first = ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout
+    assert first.strip() and first == ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout
+    return metrics
 
 
 def needs_cuda(why: str):

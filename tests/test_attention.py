@@ -14,10 +14,10 @@ import tomllib
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_one_error, cli, needs_cuda, ok, private_cache_one_thread, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, assert_one_error, cli, evaluate_and_generate, needs_cuda, ok, private_cache_one_thread, sets, write_small_corpus
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
-from lmtrain.config import Config, ModelConfig, load_config
+from lmtrain.config import Config, ModelConfig
 from lmtrain.errors import LmtrainError
 from lmtrain.generation.sampler import Sampler
 from lmtrain.generation.stepper import Stepper
@@ -281,11 +281,7 @@ def test_export_refuses_it_by_name():
 ])
 def test_bad_values_are_one_error_line_naming_the_key(setting, fragment, tmp_path):
     items = ["model.attention_window=4", "model.embedding_size=13", setting]
-    with pytest.raises(LmtrainError, match="model.attention_window"):
-        load_config(None, items)
-    result = cli("train", write_small_corpus(tmp_path / "corpus"), "--run-dir", tmp_path / "run", *sets(*items))
-    assert_one_error(result, fragment)
-    assert not (tmp_path / "run").exists()
+    assert_config_refused(tmp_path, items, fragment, "model.attention_window")
 
 
 ATTENTION = [*TINY_WORD, "model.layers=2", "model.attention_window=4", "train.log_interval=3"]

@@ -5,15 +5,12 @@ errors, exact resume, export refusing it, and a train/evaluate/generate run thro
 
 from __future__ import annotations
 
-import json
-import math
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_one_error, cli, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, assert_one_error, cli, evaluate_and_generate, ok, sets, write_small_corpus
 
-from lmtrain.config import ModelConfig, load_config
-from lmtrain.errors import LmtrainError
+from lmtrain.config import ModelConfig
 from lmtrain.model import LanguageModel, load_run, model_shapes, parameter_keys, state_widths
 from lmtrain.model import grid
 
@@ -181,11 +178,7 @@ def test_weight_drop_drops_both_matrices_that_read_the_past():
 ])
 def test_bad_values_are_one_error_line_naming_the_key(setting, fragment, tmp_path):
     items = [*TINY_WORD, "model.layers=2", *setting]
-    with pytest.raises(LmtrainError, match="model.(stack|grid_tied)"):
-        load_config(None, items)
-    result = cli("train", write_small_corpus(tmp_path / "corpus"), "--run-dir", tmp_path / "run", *sets(*items))
-    assert_one_error(result, fragment)
-    assert not (tmp_path / "run").exists()
+    assert_config_refused(tmp_path, items, fragment, "model.(stack|grid_tied)")
 
 
 @pytest.mark.parametrize("tied", ["false", "true"])
@@ -205,10 +198,7 @@ def test_train_evaluate_generate_and_export_through_the_cli(tmp_path):
     corpus = write_small_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     ok(cli("train", corpus, "--run-dir", run, *sets(*GRID, "model.grid_tied=true", "train.max_steps=6")))
-    metrics = json.loads(ok(cli("evaluate", run, "--split", "valid", "--json")).stdout)
-    assert metrics["tokens"] > 0 and math.isfinite(metrics["ppl"])
-    first = ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout
-    assert first.strip() and first == ok(cli("generate", run, "--seed", "3", "--max-tokens", "8")).stdout
+    evaluate_and_generate(run)
     for fmt, fragment in (("torch-lstm", "model.stack is grid"), ("onnx", "grid")):
         result = cli("export", run, "--out", tmp_path / f"out.{fmt}", "--format", fmt)
         assert_one_error(result, fragment)

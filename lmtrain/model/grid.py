@@ -68,7 +68,7 @@ def reference(x: Tensor, below: Tensor | None, state: tuple[Tensor, Tensor], w_i
     operands as the fast path does (lmtrain.model.kernels.mixed)."""
 
     def product(a: Tensor, w: Tensor) -> Tensor:
-        return mixed.operand(a, compute_dtype) @ mixed.operand(w, compute_dtype).t()
+        return mixed.linear(a, w, compute_dtype)
 
     h, c = state
     ys, ms = [], []

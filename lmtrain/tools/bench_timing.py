@@ -77,9 +77,14 @@ def peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
     try:  # the profiler's allocation timeline: every tensor's creation and destruction, in order
         from torch.profiler._memory_profiler import Action
 
-        changes = [(size if action == Action.CREATE else -size) for _, action, _, size in prof._memory_profile().timeline
-                   if action in (Action.CREATE, Action.DESTROY)]
-    except (ImportError, AttributeError, RuntimeError):  # a torch without it: per-operator accounting
+        changes, created = [], set()
+        for _, action, (key, _), size in prof._memory_profile().timeline:
+            if action == Action.CREATE:
+                created.add(key)
+                changes.append(size)
+            elif action == Action.DESTROY and key in created:  # not what was held before: a gradient of
+                changes.append(-size)  # the last call freed during this one would lower the count
+    except (ImportError, AttributeError, RuntimeError, TypeError, ValueError):  # a torch without it: per-operator accounting
         changes = [e.self_cpu_memory_usage for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
     held = peak = 0
     for change in changes:

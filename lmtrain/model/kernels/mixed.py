@@ -31,6 +31,12 @@ def operand(t: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
     return rounded if t.is_cuda else rounded.to(t.dtype)
 
 
+def linear(a: Tensor, w: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
+    """a (..., I) @ w (O, I)^T with both operands rounded as `operand` rounds them: the references'
+    product, beside which the fast paths' `mm` is held."""
+    return operand(a, compute_dtype) @ operand(w, compute_dtype).t()
+
+
 def mm(a: Tensor, b: Tensor, add: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """a (M, K) @ b (K, N) (+ add, (M, N) or (N,)) in float32, the operands from `operand`."""
     if a.dtype == torch.bfloat16 and a.device.type != "cpu":  # CUDA: bfloat16 operands, float32 output (a bfloat16
