@@ -147,6 +147,39 @@ def assert_config_refused(tmp_path: Path, items: list[str], fragment: str, match
     assert not (tmp_path / "run").exists()
 
 
+def assert_trains_in_bf16(items: list[str], state_lengths: list[int]) -> None:
+    """A model of the --set `items` (tiny: embedding 6, hidden 5) runs a window with bfloat16
+    products, its state of `state_lengths` tensors per layer, and every parameter gets a finite gradient."""
+    from lmtrain.config import load_config
+    from lmtrain.model import LanguageModel
+
+    config = load_config(None, ["model.embedding_size=6", "model.hidden_size=5", *items]).model
+    torch.manual_seed(0)
+    model = LanguageModel(config, 11)
+    tokens = torch.randint(0, 11, (6, 3))
+    logits, state = model(tokens[:-1], model.init_state(3), torch.bfloat16)
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[1:].flatten()).backward()
+    assert [len(s) for s in state] == state_lengths
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def resume_matches_straight(tmp_path: Path, keys: list[str], between=None) -> Path:
+    """8 steps of `lmtrain train --set keys` straight, and 4 then `--resume` to 8 (`between(run)`
+    looks at the stopped run first): the two end with the same weights, key for key, to the bit.
+    Returns the resumed run's directory."""
+    from lmtrain.model import load_run
+
+    corpus = write_small_corpus(tmp_path / "corpus")
+    ok(cli("train", corpus, "--run-dir", tmp_path / "straight", *sets(*keys, "train.max_steps=8")))
+    ok(cli("train", corpus, "--run-dir", tmp_path / "stopped", *sets(*keys, "train.max_steps=4")))
+    if between is not None:
+        between(tmp_path / "stopped")
+    ok(cli("train", "--resume", tmp_path / "stopped", "--set", "train.max_steps=8"))
+    straight, resumed = (load_run(tmp_path / name, torch.device("cpu")).model.state_dict() for name in ("straight", "stopped"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    return tmp_path / "stopped"
+
+
 def evaluate_and_generate(run: Path) -> dict:
     """A trained run scores its valid split to a finite perplexity, the same twice, and samples the
     same non-empty text twice from one seed; returns the metrics."""

@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, resume_matches_straight, sets, write_small_corpus
 
 from lmtrain.config import ModelConfig, load_config
 from lmtrain.errors import LmtrainError
@@ -288,15 +288,12 @@ CLOCKWORK = [*TINY_WORD, "model.layers=2", "model.cell=clockwork", "train.log_in
 def test_resume_continues_exactly(tmp_path):
     """Periods whose cycle (105) the steps stopped at (4 windows of 12) do not complete, so the
     resumed run must take the carried counter from the checkpoint to continue as the straight one."""
-    corpus = write_small_corpus(tmp_path / "corpus")
+    def counters_are_off_the_cycle(run):
+        hidden = torch.load(run / "last.pt", weights_only=True)["resume"]["hidden"]
+        assert all(tuple(t.shape) == (4, 1) and (t % 105 != 0).all() for _, t in hidden)
+
     keys = [*CLOCKWORK, "model.clockwork_periods=1,3,5,7", "train.optimizer=adamw", "train.lr=0.003"]
-    ok(cli("train", corpus, "--run-dir", tmp_path / "straight", *sets(*keys, "train.max_steps=8")))
-    ok(cli("train", corpus, "--run-dir", tmp_path / "stopped", *sets(*keys, "train.max_steps=4")))
-    hidden = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["resume"]["hidden"]
-    assert all(tuple(t.shape) == (4, 1) and (t % 105 != 0).all() for _, t in hidden)
-    ok(cli("train", "--resume", tmp_path / "stopped", "--set", "train.max_steps=8"))
-    straight, resumed = (load_run(tmp_path / name, torch.device("cpu")).model.state_dict() for name in ("straight", "stopped"))
-    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    resume_matches_straight(tmp_path, keys, counters_are_off_the_cycle)
 
 
 def test_train_evaluate_and_generate_through_the_cli(tmp_path):

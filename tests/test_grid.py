@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_config_refused, assert_one_error, cli, evaluate_and_generate, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, assert_one_error, cli, evaluate_and_generate, ok, resume_matches_straight, sets, write_small_corpus
 
 from lmtrain.config import ModelConfig
 from lmtrain.model import LanguageModel, load_run, model_shapes, parameter_keys, state_widths
@@ -183,14 +183,8 @@ def test_bad_values_are_one_error_line_naming_the_key(setting, fragment, tmp_pat
 
 @pytest.mark.parametrize("tied", ["false", "true"])
 def test_resume_continues_exactly(tmp_path, tied):
-    corpus = write_small_corpus(tmp_path / "corpus")
-    keys = [*GRID, f"model.grid_tied={tied}", "train.optimizer=adamw", "train.lr=0.003"]
-    ok(cli("train", corpus, "--run-dir", tmp_path / "straight", *sets(*keys, "train.max_steps=8")))
-    ok(cli("train", corpus, "--run-dir", tmp_path / "stopped", *sets(*keys, "train.max_steps=4")))
-    ok(cli("train", "--resume", tmp_path / "stopped", "--set", "train.max_steps=8"))
-    straight, resumed = (load_run(tmp_path / name, torch.device("cpu")).model.state_dict() for name in ("straight", "stopped"))
-    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
-    loaded = load_run(tmp_path / "stopped", torch.device("cpu")).model
+    run = resume_matches_straight(tmp_path, [*GRID, f"model.grid_tied={tied}", "train.optimizer=adamw", "train.lr=0.003"])
+    loaded = load_run(run, torch.device("cpu")).model
     assert (loaded.layers[1].w_ih is loaded.layers[0].w_ih) == (tied == "true")  # the tie survives the checkpoint
 
 

@@ -8,9 +8,9 @@ import tomllib
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, assert_trains_in_bf16, cli, evaluate_and_generate, ok, sets, write_small_corpus
 
-from lmtrain.config import ModelConfig, load_config
+from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, get_cell, layer_class, model_shapes, run_layer
 from lmtrain.model.cells import lstm, mogrifier
@@ -199,15 +199,7 @@ def test_mixed_precision_rounds_every_products_operands(rank):
 
 
 def test_a_stack_of_mogrifier_and_lstm_layers_trains_in_bf16():
-    c = load_config(None, ["model.cell=mogrifier,lstm", "model.embedding_size=6", "model.hidden_size=5",
-                           "model.mogrifier_rank=2"]).model
-    torch.manual_seed(0)
-    model = LanguageModel(c, 11)
-    tokens = torch.randint(0, 11, (6, 3))
-    logits, state = model(tokens[:-1], model.init_state(3), torch.bfloat16)
-    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[1:].flatten()).backward()
-    assert [len(s) for s in state] == [2, 2]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_trains_in_bf16(["model.cell=mogrifier,lstm", "model.mogrifier_rank=2"], [2, 2])
 
 
 @pytest.mark.parametrize("setting, fragment", [

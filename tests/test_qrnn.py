@@ -9,9 +9,9 @@ import tomllib
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, assert_trains_in_bf16, cli, evaluate_and_generate, ok, sets, write_small_corpus
 
-from lmtrain.config import ModelConfig, load_config
+from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, get_cell, layer_class, model_shapes, state_widths
 from lmtrain.model.cells import qrnn
@@ -177,15 +177,7 @@ def test_mixed_precision_rounds_the_gemms_operands(window):
 
 
 def test_a_stack_of_qrnn_and_lstm_layers_trains_in_bf16():
-    c = load_config(None, ["model.cell=qrnn,lstm", "model.embedding_size=6", "model.hidden_size=5",
-                           "model.qrnn_window=2"]).model
-    torch.manual_seed(0)
-    model = LanguageModel(c, 11)
-    tokens = torch.randint(0, 11, (6, 3))
-    logits, state = model(tokens[:-1], model.init_state(3), torch.bfloat16)
-    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[1:].flatten()).backward()
-    assert [len(s) for s in state] == [3, 2]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_trains_in_bf16(["model.cell=qrnn,lstm", "model.qrnn_window=2"], [3, 2])
 
 
 @pytest.mark.parametrize("setting, fragment", [

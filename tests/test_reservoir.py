@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, resume_matches_straight, sets, write_small_corpus
 
 from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
@@ -81,13 +81,7 @@ def test_training_leaves_the_reservoir_as_drawn_and_moves_the_decoder(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    corpus = write_small_corpus(tmp_path / "corpus")
-    keys = [*RESERVOIR, "train.optimizer=adamw", "train.lr=0.003"]
-    ok(cli("train", corpus, "--run-dir", tmp_path / "straight", *sets(*keys, "train.max_steps=8")))
-    ok(cli("train", corpus, "--run-dir", tmp_path / "stopped", *sets(*keys, "train.max_steps=4")))
-    ok(cli("train", "--resume", tmp_path / "stopped", "--set", "train.max_steps=8"))
-    straight, resumed = (load_run(tmp_path / name, torch.device("cpu")).model.state_dict() for name in ("straight", "stopped"))
-    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    resume_matches_straight(tmp_path, [*RESERVOIR, "train.optimizer=adamw", "train.lr=0.003"])
 
 
 @pytest.mark.parametrize("setting, fragment", [

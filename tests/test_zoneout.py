@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, sets, write_small_corpus
+from helpers import TINY_WORD, assert_config_refused, cli, evaluate_and_generate, ok, resume_matches_straight, sets, write_small_corpus
 
 from lmtrain.config import Config, ModelConfig
 from lmtrain.config_rules import H_ONLY_CELLS
 from lmtrain.errors import LmtrainError
 from lmtrain.generation.stepper import Stepper
-from lmtrain.model import CELLS, LanguageModel, dispatch, get_cell, layer_class, load_run, stack_forward
+from lmtrain.model import CELLS, LanguageModel, dispatch, get_cell, layer_class, stack_forward
 from lmtrain.model import zoneout
 from lmtrain.model.kernels.dispatch import on_engine
 from lmtrain.model.layer import is_standard
@@ -347,13 +347,7 @@ ZONED = [*TINY_WORD, "model.zoneout_hidden=0.2", "model.zoneout_cell=0.3", "trai
 
 
 def test_resume_continues_exactly(tmp_path):
-    corpus = write_small_corpus(tmp_path / "corpus")
-    keys = [*ZONED, "train.optimizer=adamw", "train.lr=0.003"]
-    ok(cli("train", corpus, "--run-dir", tmp_path / "straight", *sets(*keys, "train.max_steps=8")))
-    ok(cli("train", corpus, "--run-dir", tmp_path / "stopped", *sets(*keys, "train.max_steps=4")))
-    ok(cli("train", "--resume", tmp_path / "stopped", "--set", "train.max_steps=8"))
-    straight, resumed = (load_run(tmp_path / name, torch.device("cpu")).model.state_dict() for name in ("straight", "stopped"))
-    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    resume_matches_straight(tmp_path, [*ZONED, "train.optimizer=adamw", "train.lr=0.003"])
 
 
 @pytest.mark.parametrize("items, fragment", [
