@@ -53,6 +53,8 @@ PUBLISHED: dict[str, Published] = {
                                 "Press & Wolf 2017, small model with tied weights (our target: test <= 105 in 45 min on 2 CPU cores)"),
     "ptb-qrnn-small": Published("ptb", None, None,
                                 "ours: a 2-layer qrnn of at most 4.7 M parameters in 45 min on 2 CPU cores (compare ptb-small-best)"),
+    "ptb-zoneout-small": Published("ptb", None, None,
+                                   "ours: ptb-small-best with zoneout (c 0.5, h 0.05) in 45 min on 2 CPU cores (compare ptb-small-best)"),
     "ptb-awd": Published("ptb", 60.0, 57.3,
                          "Merity et al. 2017, AWD-LSTM (paper, after fine-tuning; its README gives 58.8 test before)"),
     "ptb-awd-qrnn": Published("ptb", 60.6, 58.3,
