@@ -33,6 +33,7 @@ a step at a time; tests/test_grid.py holds `run` to it.
 
 from __future__ import annotations
 
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -67,8 +68,7 @@ def reference(x: Tensor, below: Tensor | None, state: tuple[Tensor, Tensor], w_i
     y (T, B, H), m (T, B, H), the final (h, c). compute_dtype bfloat16 rounds each product's
     operands as the fast path does (lmtrain.model.kernels.mixed)."""
 
-    def product(a: Tensor, w: Tensor) -> Tensor:
-        return mixed.linear(a, w, compute_dtype)
+    product = partial(mixed.linear, compute_dtype=compute_dtype)  # a (·, I) @ w (O, I)^T, rounded as the fast path
 
     h, c = state
     ys, ms = [], []

@@ -41,6 +41,7 @@ same in plain autograd.
 
 from __future__ import annotations
 
+from functools import partial
 import torch
 from torch import Tensor
 
@@ -63,8 +64,7 @@ def reference(x: Tensor, lower: Tensor | None, state: tuple[Tensor, Tensor], w_i
     cells (T, B, H), final (h, c). depth: (w_xd, b_d, w_ld, w_cd), with lower; compute_dtype
     bfloat16 rounds each product's operands as the fast path does (lmtrain.model.kernels.mixed)."""
 
-    def product(a: Tensor, w: Tensor) -> Tensor:
-        return mixed.linear(a, w, compute_dtype)
+    product = partial(mixed.linear, compute_dtype=compute_dtype)  # a (·, I) @ w (O, I)^T, rounded as the fast path
 
     h, c = state
     outputs, cells = [], []
