@@ -42,6 +42,7 @@ same in plain autograd.
 from __future__ import annotations
 
 from functools import partial
+
 import torch
 from torch import Tensor
 
