@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config_rules import (  # the choices are named from here too: config.CELLS
-    CELLS, DEVICES, LOSS_REDUCTIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, RECURRENT_INITS, STACKS, TOKENIZER_KINDS,
+    CELLS, DEVICES, LOSS_REDUCTIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, RECURRENT_INITS, SIZES, STACKS, TOKENIZER_KINDS,
     check_bounds, validate,
 )
 from lmtrain.errors import LmtrainError
@@ -36,6 +36,11 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # auto: under a time budget (train.max_minutes, `--minutes`), the keys of the model's size, its
+    # dropout and the run's length that the config does not give are chosen from the corpus's size
+    # and this machine's measured speed (lmtrain.training.autosize); without a budget, and with
+    # fixed, every key is as given (or defaulted) here
+    size: str = "auto"
     # lstm | peephole | coupled | gru | rnn | slstm | mogrifier | qrnn | dglstm | clockwork for every layer, or one per layer:
     # `cell = ["lstm", "gru"]` in TOML, `--set model.cell=lstm,gru`; stored comma-joined ("lstm,gru").
     # A dglstm layer on a dglstm layer is depth-gated and must be as wide as it (docs/cells.md)
@@ -43,7 +48,7 @@ class ModelConfig:
     layers: int = 2  # stacked recurrent layers
     embedding_size: int = 200  # width of the word embedding (the first layer's input)
     hidden_size: int = 200  # units of each recurrent layer (of the last one too, unless tie_weights)
-    dropout: float = 0.0  # on the embedding output, between layers and before the decoder
+    dropout: float = 0.2  # on the embedding output, between layers and before the decoder
     # the three places of model.dropout one by one (AWD-LSTM's dropouti, dropouth, dropout)
     dropout_input: float = -1.0  # dropout on the embedding output; negative: model.dropout
     dropout_hidden: float = -1.0  # dropout between layers; negative: model.dropout
@@ -130,9 +135,9 @@ class TrainConfig:
     # sgd | ntasgd | adamw. ntasgd (Merity et al. 2017): SGD until validation has not improved on
     # the best of all but the last `nonmono` checks, then also average the weights from that step
     # on; validation and checkpoints then use the average
-    optimizer: str = "sgd"
+    optimizer: str = "adamw"
     nonmono: int = 5  # ntasgd's patience, in validation checks (epochs)
-    lr: float = 1.0  # learning rate (the peak, after warm-up)
+    lr: float = 0.003  # learning rate (the peak, after warm-up)
     # plateau: divide lr by lr_decay whenever validation does not improve;
     # epoch: lr = lr / lr_decay ** max(0, epoch - lr_decay_start) for epoch = 1, 2, ...;
     # cosine: from lr down to 0 over all steps, by step; constant: lr throughout
@@ -146,12 +151,14 @@ class TrainConfig:
     variable_bptt: bool = False
     ar: float = 0.0  # activation regularisation: ar * mean(dropped last-layer output ** 2)
     tar: float = 0.0  # temporal AR: tar * mean((h_t - h_{t-1}) ** 2) on the last layer's output
+    # auto: bf16 where this device multiplies in bfloat16 fast (a CPU with AVX512-BF16 and our
+    # compiled kernels, a CUDA GPU that supports it), fp32 elsewhere; a run's config.toml stores which.
     # fp32, or bf16 (mixed precision): every GEMM (the recurrences' and the decoder's) takes bfloat16
     # operands and sums in float32; the weights (the optimizer's master copy), their gradients, the
     # cell state, the gates' pointwise work and the loss stay float32. On CPUs with AVX512-BF16 the
     # LSTM runs our bfloat16 kernels; on CUDA, cuBLAS; elsewhere the rounding is emulated (same
     # results, no faster)
-    precision: str = "fp32"
+    precision: str = "auto"
     # token_mean: the gradient of the mean loss per token (the PyTorch example's convention);
     # sequence_sum: summed over the window's steps, averaged over streams (Zaremba et al. 2014's),
     # i.e. bptt times larger, so their lr and clip values apply unchanged
@@ -209,6 +216,14 @@ def load_config(path: Path | None = None, overrides: list[str] = (), base: Confi
         section, key, value = parse_override(item)
         values[section][key] = value
     return from_dict(values)
+
+
+def given_keys(path: Path | None = None, overrides: list[str] = ()) -> frozenset[str]:
+    """The keys ("section.key") that a TOML file and `--set` overrides give, as `load_config` reads
+    them (call it after load_config, which has checked both): model.size = "auto" leaves them be."""
+    keys = {f"{section}.{key}" for section, table in (read_toml(path) if path is not None else {}).items()
+            for key in table}
+    return frozenset(keys | {item.partition("=")[0].strip() for item in overrides})
 
 
 def from_dict(values: dict[str, dict[str, Any]]) -> Config:

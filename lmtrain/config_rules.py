@@ -22,11 +22,14 @@ CELLS = ("lstm", "peephole", "coupled", "gru", "rnn", "slstm", "mogrifier", "qrn
 H_ONLY_CELLS = ("gru", "rnn", "clockwork")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
-PRECISIONS = ("fp32", "bf16")  # training arithmetic (train.precision); generation weights: generation.WEIGHT_PRECISIONS
+# training arithmetic (train.precision; auto: bf16 where this device multiplies in bfloat16 fast, fp32 elsewhere,
+# lmtrain.runtime.training_precision); generation weights: generation.WEIGHT_PRECISIONS
+PRECISIONS = ("auto", "fp32", "bf16")
 RECURRENT_INITS = ("range", "torch")
 LOSS_REDUCTIONS = ("token_mean", "sequence_sum")
 DEVICES = ("auto", "cpu", "cuda")
 STACKS = ("layers", "grid")
+SIZES = ("auto", "fixed")  # model.size (lmtrain.training.autosize)
 
 # every integer key fits TOML's own range, a signed 64-bit integer, which is also what torch and
 # numpy take (a larger seed or size was a traceback from deep inside them)
@@ -78,6 +81,7 @@ def validate(config: Config) -> None:
         ("train.precision", tr.precision, PRECISIONS),
         ("model.recurrent_init", m.recurrent_init, RECURRENT_INITS),
         ("model.stack", m.stack, STACKS),
+        ("model.size", m.size, SIZES),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

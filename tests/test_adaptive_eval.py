@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMTRAIN_CACHE", str(root / "cache"))
         config = load_config(None, SETTINGS)
-        model, data, info = prepare_run(write_corpus(root / "corpus", sizes=(150, 30, 30)), config, root / "run", force=False,
+        model, config, data, info = prepare_run(write_corpus(root / "corpus", sizes=(150, 30, 30)), config, root / "run", force=False,
                                         default_run_dir=None, say=lambda line: None)
         info.pop("run_dir")
         train(model, config, data, root / "run", info)

@@ -44,7 +44,7 @@ def test_int_given_for_float_is_accepted_and_converted():
         ("model.dropout=1.0", "'model.dropout' must be in [0, 1)"),
         ("model.weight_drop=1", "'model.weight_drop' must be in [0, 1)"),
         ("model.dropout_hidden=1.5", "'model.dropout_hidden' must be below 1"),
-        ("train.precision=fp8", "'train.precision' must be one of fp32, bf16"),
+        ("train.precision=fp8", "'train.precision' must be one of auto, fp32, bf16"),
         ("train.optimizer=ntasgd", "ntasgd averages at a fixed rate"),
         ("train.nonmono=0", "'train.nonmono' must be positive"),
         ("train.ar=-1", "'train.ar' must not be negative"),
@@ -59,8 +59,8 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(LmtrainError, match="unknown config key 'model.size'"):
-        load_config(write(tmp_path, "[model]\nsize = 3\n"))
+    with pytest.raises(LmtrainError, match="unknown config key 'model.width'"):
+        load_config(write(tmp_path, "[model]\nwidth = 3\n"))
     with pytest.raises(LmtrainError, match="not valid TOML"):
         load_config(write(tmp_path, "[model\n"))
     with pytest.raises(LmtrainError, match="config file not found"):

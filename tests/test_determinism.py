@@ -25,7 +25,7 @@ SETTINGS = [
 def run_once(corpus: Path, run_dir: Path, monkeypatch, seed: int = 5, extra: tuple[str, ...] = ()) -> bytes:
     monkeypatch.setenv("LMTRAIN_CACHE", str(run_dir.parent / "cache"))
     config = load_config(None, [*SETTINGS, f"train.seed={seed}", *extra])
-    model, data, info = prepare_run(corpus, config, run_dir, force=False, default_run_dir=None, say=lambda line: None)
+    model, config, data, info = prepare_run(corpus, config, run_dir, force=False, default_run_dir=None, say=lambda line: None)
     info.pop("run_dir")
     train(model, config, data, run_dir, info)
     return (run_dir / "metrics.jsonl").read_bytes()

@@ -40,7 +40,7 @@ def test_the_model_starts_exactly_at_runs_weights(trained, tmp_path):
     run, new = trained
     config, saved = finetune_config(run, None, ["train.lr=0.5"])
     with ExitStack() as hold:
-        model, data, info = prepare_run(new, config, tmp_path / "ft", force=False, default_run_dir=default_run_dir,
+        model, _, data, info = prepare_run(new, config, tmp_path / "ft", force=False, default_run_dir=default_run_dir,
                                         say=lambda line: None, hold=hold, init_from=(run, saved))
     theirs = load_checkpoint(run / "best.pt")["model"]
     mine = model.state_dict()

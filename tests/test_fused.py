@@ -77,7 +77,7 @@ def test_scratch_buffers_are_shared_by_layers_of_one_shape_and_gradients_stay_ri
     """Two stacked layers of one size reuse the same scratch buffers one after the other; a whole
     model's loss and gradients equal those of the default path."""
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(layers=2, embedding_size=6, hidden_size=6, cell="gru"), vocab_size=17).double()
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=6, hidden_size=6, cell="gru", dropout=0.0), vocab_size=17).double()
     tokens = torch.randint(0, 17, (5, 3))
 
     def loss_and_grads():
@@ -106,7 +106,7 @@ def test_windows_of_several_lengths_share_one_scratch_buffer_per_name(monkeypatc
     rows), not one per length; every loss and gradient is bit-identical to a run that allocates
     fresh buffers for each window."""
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(layers=2, embedding_size=6, hidden_size=6, cell="gru"), vocab_size=17).double()
+    model = LanguageModel(ModelConfig(layers=2, embedding_size=6, hidden_size=6, cell="gru", dropout=0.0), vocab_size=17).double()
     monkeypatch.setenv("LMTRAIN_FUSED", "1")
     monkeypatch.setenv("LMTRAIN_FUSED_MODE", "traced")
     windows = [torch.randint(0, 17, (steps, 3)) for steps in (5, 9, 7)]

@@ -245,7 +245,7 @@ def test_training_notes_why_graphs_are_off_once_or_how_often_they_were_reused(va
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
     corpus = write_corpus(tmp_path / "corpus", sizes=(60, 10, 10))
     config = load_config(None, [*SETTINGS, f"train.variable_bptt={str(variable).lower()}", "train.epochs=1"])
-    model, data, info = prepare_run(corpus, config, tmp_path / "run", force=False, default_run_dir=None, say=lambda line: None)
+    model, config, data, info = prepare_run(corpus, config, tmp_path / "run", force=False, default_run_dir=None, say=lambda line: None)
     info.pop("run_dir")
     progress = Notes()
     record = train(model, config, data, tmp_path / "run", info, progress=progress)

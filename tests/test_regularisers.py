@@ -98,7 +98,7 @@ def test_init_ranges_and_forget_bias():
 
 def test_dropout_places_fall_back_to_dropout():
     assert ModelConfig(dropout=0.3, dropout_hidden=0.1).dropouts() == (0.3, 0.1, 0.3)
-    assert ModelConfig(dropout_input=0.0).dropouts() == (0.0, 0.0, 0.0)
+    assert ModelConfig(dropout=0.0, dropout_input=0.2).dropouts() == (0.2, 0.0, 0.0)
 
 
 def test_bf16_decoder_is_close_and_trains_float32_weights():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 
 from lmtrain import runs
 from lmtrain.api.model import TrainedModel, load, warn
-from lmtrain.config import Config, SECTIONS, load_config, toml_value
+from lmtrain.config import Config, SECTIONS, given_keys, load_config, toml_value
 from lmtrain.errors import LmtrainError, require
 from lmtrain.evaluation import CacheSettings, DynamicSettings, EvaluateSettings, evaluate_run
 from lmtrain.progress import QuietProgress, TerminalProgress
@@ -111,6 +112,7 @@ def train(corpus: PathLike | None = None, *, config: PathLike | None = None,
     One process (no torchrun); Ctrl-C raises KeyboardInterrupt, the last checkpoint written intact
     (continue with `lmtrain train --resume RUN_DIR`).
     """
+    started = time.perf_counter()  # train.max_minutes counts from here
     require((encoding_errors in ENCODING_ERRORS, f"encoding_errors must be {' or '.join(ENCODING_ERRORS)}, got {encoding_errors!r}"))
     loop_progress, say = progress_for(progress)
     items = override_items(overrides)
@@ -121,11 +123,12 @@ def train(corpus: PathLike | None = None, *, config: PathLike | None = None,
             start = (Path(init_from), saved)
         else:
             cfg = load_config(optional_path(config), items)
-        model, data, info = prepare_run(optional_path(corpus), cfg, optional_path(run_dir), force=force,
-                                        default_run_dir=default_run_dir, say=say, encoding_errors=encoding_errors,
-                                        progress=loop_progress, hold=hold, init_from=start)
+        model, cfg, data, info = prepare_run(optional_path(corpus), cfg, optional_path(run_dir), force=force,
+                                             default_run_dir=default_run_dir, say=say, encoding_errors=encoding_errors,
+                                             progress=loop_progress, hold=hold, init_from=start,
+                                             given=given_keys(optional_path(config), items), started=started)
         where = Path(info.pop("run_dir"))
-        record = train_model(model, cfg, data, where, info, progress=loop_progress)
+        record = train_model(model, cfg, data, where, info, progress=loop_progress, started=started)
     return TrainedRun(where, cfg, record)
 
 

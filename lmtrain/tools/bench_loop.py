@@ -132,7 +132,7 @@ def our_loop(corpus: Path, settings: list[str], root: Path, total_steps: int) ->
     step ended, and the tokens/s its timing.jsonl reports (mean of the train records)."""
     config = load_config(None, [*settings, f"train.max_steps={total_steps}"])
     run_dir = Path(tempfile.mkdtemp(dir=root, prefix="run-"))
-    model, data, info = prepare_run(corpus, config, run_dir, force=True, default_run_dir=None, say=lambda line: None)
+    model, config, data, info = prepare_run(corpus, config, run_dir, force=True, default_run_dir=None, say=lambda line: None)
     info.pop("run_dir", None)
     clock = StepClock()
     train(model, config, data, run_dir, info, progress=clock)
@@ -153,7 +153,7 @@ def bench_loop(corpus: Path | None, precisions: list[str], *, steps: int, warmup
         root = Path(tmp)
         corpus = corpus or synthetic_corpus(root / "corpus")
         config = load_config(None, LOOP_SETTINGS)
-        _, data, _ = prepare_run(corpus, config, root / "tokens", force=True, default_run_dir=None, say=say)
+        _, _, data, _ = prepare_run(corpus, config, root / "tokens", force=True, default_run_dir=None, say=say)
         tokens, vocab = np.asarray(data["train"].tokens), data["train"].vocab_size
         per_step = config.train.bptt * config.train.batch_size
         total = warmup + steps

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lmtrain import __version__
-from lmtrain.config import PRECISIONS, ModelConfig
+from lmtrain.config import ModelConfig
 from lmtrain.model import (CELLS, LanguageModel, build, cross_entropy, dispatch, explain, get_cell, layer_class, run_layer,
                            selfcheck, stack_forward)
 
@@ -207,7 +207,7 @@ def diagnose(devices: list[str] | None = None) -> dict:
     kept = os.environ.get("LMTRAIN_SELF_CHECK")
     os.environ["LMTRAIN_SELF_CHECK"] = "1"
     try:
-        paths = [path_report(d, c, p) for d in devices for c in CELLS for p in PRECISIONS]
+        paths = [path_report(d, c, p) for d in devices for c in CELLS for p in COMPUTE_DTYPES]
         others = side_paths() if "cpu" in devices else {}
     finally:
         if kept is None:

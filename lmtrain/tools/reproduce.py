@@ -91,7 +91,7 @@ def reproduce(name: str, data_dir: Path, *, config_dir: Path, runs_dir: Path, re
                            f"(make reproduce-{name} FORCE=1), or move it away first")
     with ExitStack() as hold:  # the run directory stays locked until it is trained and scored
         # --force as `lmtrain train --force`: only lmtrain's files go, and only from a run (lmtrain.runs)
-        model, data, info = prepare_run(corpus, config, run_dir, force=force, default_run_dir=None, say=say, hold=hold)
+        model, config, data, info = prepare_run(corpus, config, run_dir, force=force, default_run_dir=None, say=say, hold=hold)
         info.pop("run_dir")
         started = time.perf_counter()
         last = train(model, config, data, run_dir, info, progress=progress or QuietProgress())

@@ -82,6 +82,7 @@ def train(
     progress=None,
     resume: dict[str, Any] | None = None,
     stop_requested: Callable[[], Any] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Train `model` (already on its device) on data["train"], validating on data["valid"].
 
@@ -93,8 +94,10 @@ def train(
     `model`: training continues exactly where it was.
 
     Training ends:
-      - after the last epoch, or before an epoch that train.max_minutes says would end too late;
-      - at train.max_steps. At an epoch's end that is an ordinary epoch end. Mid-epoch the partial
+      - after the last epoch;
+      - at train.max_steps, or once train.max_minutes are spent, counted from `started` (the
+        command's time.perf_counter() at its start; None: now) plus the seconds of the processes
+        before a resume. At an epoch's end that is an ordinary epoch end. Mid-epoch the partial
         epoch is validated and recorded as {"kind": "stop", ...} (an epoch record's fields), best.pt
         is written if that beats every epoch end so far, and last.pt holds the exact position.
         The stop's validation changes no schedule state (plateau lr, best, NT-ASGD's history), and
@@ -112,7 +115,7 @@ def train(
     losses summed over ranks; ranks take every decision (skip a step, stop) together, and only the
     main rank writes files (lmtrain.training.distributed). A resumed run continues in one process.
 
-    Returns the last epoch (or stop) record, timing included.
+    Returns the last epoch (or stop) record, timing included, and run_s: the clock at the end.
     """
     tc = config.train
     progress = progress or QuietProgress()
@@ -142,10 +145,14 @@ def train(
         s, average, state = restore_loop(resume, model, optimizer, window_rng, device)
     model.train()
     if device.type == "cpu":
-        build.cpu_ops()  # the one-time C++ build (a minute or so) is not training time: before the clock starts
-    clock = Clock(s.elapsed_s)
+        build.cpu_ops()  # the one-time C++ build (a minute or so), before the first window is timed
+    clock = Clock(s.elapsed_s, started)
     record: dict[str, Any] = {}
     resumed_at = s.step if resume is not None else None
+    first_step = s.step
+    # the budget is checked once this process has taken a step: a setup that spent it all still
+    # gives one step, validated and checkpointed (the CLI then says by how much the budget was passed)
+    spent = lambda: clock() if s.step > first_step else 0.0  # noqa: E731
     with open_log(run_dir / "metrics.jsonl", tensorboard=config.train.tensorboard, resumed_at=resumed_at) as log, open_log(run_dir / "timing.jsonl") as timing, closing(progress):
         saver = Saver(run_dir, config, checkpoint_info, data_digest(data), model=model, optimizer=optimizer,
                       window_rng=window_rng, log=log, timing=timing)
@@ -160,10 +167,8 @@ def train(
                 record = {"kind": "interrupted", "epoch": s.epoch, "step": s.step}
                 break
             if s.lengths is None:  # between epochs
-                reason = finished(tc, s, epochs, clock())
+                reason = finished(tc, s, epochs, spent())
                 if reason is not None:
-                    if "max_minutes" in reason:
-                        progress.note(f"stopping before epoch {s.epoch}: {reason}")
                     break
                 state = start_epoch(s, tc, model, rows=inputs.size(0), streams=inputs.size(1), window_rng=window_rng,
                                      elapsed_s=clock())
@@ -179,7 +184,7 @@ def train(
                            valid_nll=record["valid_loss"], best=improved)
                 saved = True
                 continue
-            if tc.max_steps and s.step >= tc.max_steps:  # the step limit, mid-epoch
+            if finished(tc, s, epochs, spent()) is not None:  # the step limit or the budget, mid-epoch
                 logs_at = saver.log_sizes()
                 record = validate_and_record(s, tc, model, data["valid"], average=average, compute_dtype=compute_dtype,
                                              log=log, timing=timing, clock=clock, progress=progress, kind="stop")
@@ -215,7 +220,7 @@ def train(
         hits = run_window.hit_note()
         if hits:
             progress.note(hits)
-    return record
+    return {**record, "run_s": clock()}  # run_s: the run's seconds at the end, its last checkpoint written
 
 
 def start_epoch(s: LoopState, config: TrainConfig, model: LanguageModel, *, rows: int, streams: int,

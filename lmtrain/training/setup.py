@@ -37,7 +37,7 @@ from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel, Saved, count_parameters
 from lmtrain.runtime import resolve_device, seed_everything
 from lmtrain.text import BUILTIN, Corpus, TokenFile, Tokenizer, cache_dir, encode_corpus, get_tokenizer, load_corpus
-from lmtrain.training import distributed, tensorboard
+from lmtrain.training import autosize, distributed, tensorboard
 from lmtrain.training.finetune import check_new_run_dir, origin, unknown_note, unknown_shares
 from lmtrain.training.stops import finished, plan
 from lmtrain.training.payload_resume import check_resume_data, check_resume_payload
@@ -60,9 +60,12 @@ CONFIG = "config.toml"
 def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, force: bool,
                 default_run_dir, say, encoding_errors: str = "strict",
                 progress=None, hold: ExitStack | None = None,
-                init_from: tuple[Path, Saved] | None = None) -> tuple[LanguageModel, dict[str, TokenFile], dict[str, Any]]:
+                init_from: tuple[Path, Saved] | None = None, given: frozenset[str] | None = None,
+                started: float | None = None,
+                dry_run: bool = False) -> tuple[LanguageModel | None, Config, dict[str, TokenFile], dict[str, Any]]:
     """Everything before the first training step: read and tokenize the corpus, check it is big
-    enough, make the run directory and the seeded model on the configured device.
+    enough, make the config concrete (lmtrain.training.autosize: train.precision and, under a time
+    budget, model.size = "auto"), make the run directory and the seeded model on the configured device.
 
     `default_run_dir(source)` names the run directory when `run_dir` is None; `say` takes one
     line of news for the user. Returns the model, the encoded splits and what every checkpoint
@@ -95,8 +98,15 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
     if init_from is not None:
         shares = unknown_shares(data)
         say(unknown_note(shares, init_from[0]))
-    check_model_fits(config, tokenizer.vocab_size, device)
     check_encoded(data, config, tokenizer.vocab_size, device)  # it can train and validate
+    config, plan = autosize.resolve(config, None if init_from is not None else given, vocab_size=tokenizer.vocab_size,
+                                    data=data, device=device, started=time.perf_counter() if started is None else started,
+                                    several_processes=distributed.world_size() > 1, probe_always=dry_run)
+    if plan is not None:
+        say(autosize.describe(plan, config))
+    check_model_fits(config, tokenizer.vocab_size, device)
+    if dry_run:
+        return None, config, data, {"plan": plan, "vocab_size": tokenizer.vocab_size}
     run_dir = run_dir or default_run_dir(texts.source)
     model, info = start_run(run_dir, config, tokenizer, corpus_source=texts.source, force=force, device=device, hold=hold)
     info["corpus_digests"] = corpus_digests(texts)
@@ -111,7 +121,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
         f"{count_parameters(model):,} parameters{fixed_note(model)} | "
         f"device {device} | run {run_dir}"
     )
-    return model, data, {**info, "run_dir": str(run_dir)}
+    return model, config, data, {**info, "run_dir": str(run_dir)}
 
 
 def default_run_dir(source: str) -> Path:

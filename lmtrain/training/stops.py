@@ -22,22 +22,24 @@ def plan(config: TrainConfig, rows: int) -> tuple[int, int]:
 
 def finished(config: TrainConfig, s: LoopState, epochs: int, elapsed_s: float) -> str | None:
     """Why training ends before its next step, or None: the step limit, the last epoch done, or
-    (between epochs) no time left for another epoch."""
+    train.max_minutes spent (mid-epoch too: lmtrain.training.loop validates and checkpoints there)."""
     if config.max_steps and s.step >= config.max_steps:
         return f"its train.max_steps = {config.max_steps:,} steps are done"
     if s.lengths is None and s.epoch > epochs:
         return f"its {epochs} epoch(s) are done"
-    if s.lengths is None and s.epoch > 1 and distributed.any_rank(out_of_time(config, elapsed_s, s.epoch_seconds)):
-        return f"another epoch would end past train.max_minutes = {config.max_minutes:g}"
+    if config.max_minutes and distributed.any_rank(out_of_time(config, elapsed_s)):
+        return f"its train.max_minutes = {config.max_minutes:g} are spent"
     return None
 
 
 class Clock:
-    """Training seconds: those of the runs before this one (from the checkpoint) plus this one's."""
+    """A run's seconds: those of the processes before this one (from the checkpoint) plus this
+    one's since `started` (time.perf_counter() at the command's start, so that reading the corpus,
+    the one-time C++ build and the model's sizing count against train.max_minutes; None: now)."""
 
-    def __init__(self, before_s: float):
+    def __init__(self, before_s: float, started: float | None = None):
         self.before_s = before_s
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
 
     def __call__(self) -> float:
         return self.before_s + time.perf_counter() - self.started
@@ -49,6 +51,6 @@ def steps_left(config: TrainConfig, s: LoopState) -> int:
     return min(left, config.max_steps - s.step) if config.max_steps else left
 
 
-def out_of_time(config: TrainConfig, elapsed_s: float, epoch_s: float) -> bool:
-    """Whether another epoch as long as the last would end past config.max_minutes."""
-    return bool(config.max_minutes) and elapsed_s + epoch_s > 60 * config.max_minutes
+def out_of_time(config: TrainConfig, elapsed_s: float) -> bool:
+    """Whether `elapsed_s` seconds of the run have spent config.max_minutes (0: no budget)."""
+    return bool(config.max_minutes) and elapsed_s >= 60 * config.max_minutes
