@@ -112,7 +112,7 @@ def resolve(monkeypatch, overrides, *, train_tokens=1_000_000, speed=lambda widt
     known in advance; returns (config, plan, the widths probed)."""
     probed = []
 
-    def probe(config, vocab_size, train, device):
+    def probe(config, vocab_size, train, device, steps=autosize.PROBE_STEPS):
         probed.append(config.model.hidden_size)
         return speed(config.model.hidden_size)
 
@@ -141,10 +141,10 @@ def test_auto_size_takes_the_widest_model_the_budget_trains_well(monkeypatch, mi
     config, plan, probed = resolve(monkeypatch, [f"train.max_minutes={minutes}"], speed=speed)
     width = expected_width(minutes, speed)
     assert config.model.hidden_size == config.model.embedding_size == width and config.model.tie_weights
-    assert probed == list(autosize.WIDTHS[: autosize.WIDTHS.index(width) + 2])[: len(autosize.WIDTHS)]
+    assert probed == [*autosize.WIDTHS[: autosize.WIDTHS.index(width) + 2], width]  # then the chosen one, longer
     # the steps fill the budget at the probed speed (less the margin), and the rate ends with them
     tokens = config.train.max_steps * config.train.batch_size * config.train.bptt
-    assert tokens == pytest.approx(autosize.SPEED_MARGIN * speed(width) * 60 * minutes, rel=0.02)
+    assert tokens == pytest.approx(autosize.SPEED_MARGIN * speed(width) * 60 * minutes, rel=0.03)
     assert config.train.epochs == math.ceil(config.train.max_steps / math.ceil(1_000_000 // 20 / 35))
     assert config.train.lr_schedule == "cosine" and config.model.size == "fixed" and plan.sized
     epochs = plan.epochs

@@ -44,9 +44,11 @@ WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the units of both layers, embed
 # model learns more per token but needs more tokens; docs/defaults.md has the sweep it comes from
 TOKENS_PER_WEIGHT = 10
 DROPOUT_BY_EPOCHS = ((1.5, 0.0), (3.0, 0.1), (8.0, 0.2), (20.0, 0.3), (math.inf, 0.4))  # (epochs below, dropout)
-SPEED_MARGIN = 0.92  # steps are planned at this share of the probed speed: the machine may slow down
+SPEED_MARGIN = 0.95  # steps are planned at this share of the probed speed: the machine may slow down
 VALIDATION_SHARE = 0.35  # a validation token's time, as a share of a training token's (forward only, larger batches)
 PROBE_WARMUP, PROBE_STEPS = 2, 3  # untimed steps (the first builds and compiles), then the timed ones
+CHECKPOINT_S = 0.2  # writing last.pt (and best.pt) after a validation: a small model's take a tenth of a second
+FINAL_PROBE_STEPS = 8  # the chosen model's speed, which sets the run's length, is measured longer
 SIZE_KEYS = ("model.layers", "model.hidden_size", "model.embedding_size", "model.tie_weights")
 LENGTH_KEYS = ("train.epochs", "train.max_steps")
 DROPOUT_KEYS = ("model.dropout", "model.dropout_input", "model.dropout_hidden", "model.dropout_output")
@@ -94,11 +96,13 @@ def resolve(config: Config, given: frozenset[str] | None, *, vocab_size: int, da
             break  # too wide for the budget; the narrowest is taken whatever its rate
         chosen, speed = candidate, rate
     if model_given:
-        speed = probe(config, vocab_size, data["train"], device)
+        speed = probe(config, vocab_size, data["train"], device, steps=FINAL_PROBE_STEPS)
         probed.append((config.model.hidden_size, speed))
     config = chosen
+    if not model_given:
+        speed = probe(config, vocab_size, data["train"], device, steps=FINAL_PROBE_STEPS)
     if not any(key in given for key in LENGTH_KEYS):
-        steps = max(1, int(SPEED_MARGIN * speed * train_seconds(config, started, speed, data) / tokens_per_step(config)))
+        steps = fill(config, speed, started, data)
         config = replace(config, "train", max_steps=steps, epochs=math.ceil(steps / steps_per_epoch(config, data)))
     if "train.lr_schedule" not in given:
         config = replace(config, "train", lr_schedule="cosine")  # down to 0 at the last planned step
@@ -127,8 +131,19 @@ def training_precision(device: torch.device) -> str:
     return "bf16" if step_ops.offers("bf16", device) else "fp32"
 
 
-def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.device) -> float:
-    """Training tokens per second of `config`'s model here: PROBE_STEPS timed steps (forward,
+def fill(config: Config, speed: float, started: float, data: dict[str, TokenFile]) -> int:
+    """The steps that fill what is left of the budget at `speed` tokens/s (less SPEED_MARGIN), the
+    validation at every epoch's end included."""
+    per_epoch, steps = steps_per_epoch(config, data), 1
+    for _ in range(3):  # the epochs' validations depend on the steps: a fixed point, reached in two rounds
+        validations = math.ceil(steps / per_epoch) - 1  # the last one is the final validation, already counted
+        left = train_seconds(config, started, speed, data) - validations * validation_seconds(speed, data)
+        steps = max(1, int(SPEED_MARGIN * speed * left / tokens_per_step(config)))
+    return steps
+
+
+def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.device, steps: int = PROBE_STEPS) -> float:
+    """Training tokens per second of `config`'s model here: `steps` timed steps (forward,
     backward, clipping, the optimizer) after PROBE_WARMUP untimed ones, on the split's first windows.
     The probe's model is thrown away; the run's own is built afterwards from its seed."""
     tc = config.train
@@ -142,7 +157,7 @@ def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.devic
     x, y = tokens[:-1].contiguous(), tokens[1:].contiguous()
     state = model.init_state(tc.batch_size)
     started = 0.0
-    for step in range(PROBE_WARMUP + PROBE_STEPS):
+    for step in range(PROBE_WARMUP + steps):
         if step == PROBE_WARMUP:
             sync(device)
             started = time.perf_counter()
@@ -151,7 +166,7 @@ def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return PROBE_STEPS * y.numel() / max(1e-9, time.perf_counter() - started)
+    return steps * y.numel() / max(1e-9, time.perf_counter() - started)
 
 
 def plan_for(config: Config, speed: float, probed, data: dict[str, TokenFile], started: float, *, sized: bool) -> Plan:
@@ -172,7 +187,7 @@ def train_seconds(config: Config, started: float, speed: float, data: dict[str, 
 
 def validation_seconds(speed: float, data: dict[str, TokenFile]) -> float:
     """Expected seconds of one validation (and the checkpoint after it) at training speed `speed`."""
-    return 1.0 + VALIDATION_SHARE * len(data["valid"].tokens) / max(speed, 1e-9)
+    return CHECKPOINT_S + VALIDATION_SHARE * len(data["valid"].tokens) / max(speed, 1e-9)
 
 
 def tokens_per_step(config: Config) -> int:
