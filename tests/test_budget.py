@@ -203,3 +203,18 @@ def test_the_probe_measures_real_training_steps():
                                 "train.precision=fp32"])
     split = fake_data(10_000)["train"]
     assert 0 < autosize.probe(config, 50, split, torch.device("cpu")) < math.inf
+
+
+def test_a_run_from_before_model_size_resumes(corpus, tmp_path):
+    """config.toml and last.pt written before the key existed: it counts as its default on both sides."""
+    from lmtrain.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    ok(cli("train", corpus, "--run-dir", run, *sets(*TINY_WORD, "train.max_steps=4")))
+    lines = (run / "config.toml").read_text().splitlines()
+    (run / "config.toml").write_text("\n".join(line for line in lines if not line.startswith("size = ")) + "\n")
+    payload = load_checkpoint(run / "last.pt")
+    del payload["config"]["model"]["size"]
+    save_checkpoint(run / "last.pt", payload, keep_previous=False)
+    ok(cli("train", "--resume", run, "--set", "train.max_steps=8"))
+    assert records(run)[-1]["step"] == 8

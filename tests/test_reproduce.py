@@ -126,3 +126,13 @@ def test_configs_say_what_the_papers_say():
     assert best.model.layers == 2 and best.train.max_minutes <= 45
     budget = sum(p.numel() for p in LanguageModel(small.model, 10_000).parameters())
     assert budget < 4.7e6 and sum(p.numel() for p in LanguageModel(best.model, 10_000).parameters()) <= budget
+
+
+def test_a_character_level_setup_is_shown_in_bits_per_character(tmp_path):
+    published = PUBLISHED["ptb-char-small"]
+    assert published.unit == "bpc" and load_config(CONFIGS / "ptb-char-small.toml").tokenizer.kind == "char"
+    result = {"valid_ppl": 2.71, "test_ppl": 2.65, "valid_bpc": 1.4391, "test_bpc": 1.4057, "parameters": 3_300_000,
+              "epochs": 5, "train_minutes": 29.0, "device": "a CPU", "threads": 2}
+    (tmp_path / "ptb-char-small.json").write_text(json.dumps(result))
+    (row,) = [line for line in results_table(tmp_path).splitlines() if line.startswith("| ptb-char-small ")]
+    assert "| — / 1.27 bpc | 1.439 / 1.406 bpc | 3.30 M |" in row

@@ -86,10 +86,12 @@ def reproduce(
             say(f"\ninterrupted; no result written to {results_dir / (name + '.json')}")
             raise typer.Exit(130) from None
         published = r["published"]
+        unit = next(key for key in published if key.startswith("test_")).removeprefix("test_")  # ppl or bpc
+        ours = (f"valid {r['valid_ppl']:.2f} test {r['test_ppl']:.2f}" if unit == "ppl" else
+                f"valid {r['valid_' + unit]:.3f} test {r['test_' + unit]:.3f} {unit}")
         typer.echo(
-            f"{name}: valid {r['valid_ppl']:.2f} test {r['test_ppl']:.2f} (published {published['valid_ppl']} / "
-            f"{published['test_ppl']}) | {r['train_minutes']:.1f} min of training on {r['device']} | "
-            f"{results_dir / (name + '.json')}"
+            f"{name}: {ours} (published {published['valid_' + unit]} / {published['test_' + unit]}) | "
+            f"{r['train_minutes']:.1f} min of training on {r['device']} | {results_dir / (name + '.json')}"
         )
 
 

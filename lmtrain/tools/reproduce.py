@@ -43,6 +43,7 @@ class Published:
     valid: float | None
     test: float | None
     source: str
+    unit: str = "ppl"  # what valid and test are: perplexity, or "bpc" (bits per character)
 
 
 PUBLISHED: dict[str, Published] = {
@@ -60,6 +61,9 @@ PUBLISHED: dict[str, Published] = {
     "ptb-awd-qrnn": Published("ptb", 60.6, 58.3,
                               "Merity et al. 2017, AWD-LSTM's QRNN (salesforce/awd-lstm-lm README, after fine-tuning)"),
     "ptb-mogrifier": Published("ptb", 51.4, 50.1, "Melis et al. 2020, Mogrifier LSTM 24M (no dynamic evaluation)"),
+    "ptb-char-small": Published("ptb", None, 1.27,
+                                "Krueger et al. 2017, zoneout LSTM of 1000 units on character-level PTB (our target: test <= 1.40 "
+                                "bpc in 30 min on 2 CPU cores); PTB's word-level text read as characters", unit="bpc"),
     "wt2-awd": Published("wikitext-2", 68.6, 65.8, "Merity et al. 2017, AWD-LSTM on WikiText-2 (paper, after fine-tuning)"),
     "wt2-medium-tied": Published("wikitext-2", None, None,
                                  "PyTorch word_language_model example (its README gives the command, no WikiText-2 figure)"),
@@ -112,8 +116,11 @@ def reproduce(name: str, data_dir: Path, *, config_dir: Path, runs_dir: Path, re
         "torch": torch.__version__,
         "valid_ppl": round(scores["valid"]["ppl"], 2),
         "test_ppl": round(scores["test"]["ppl"], 2),
+        "valid_bpc": rounded(scores["valid"]["bits_per_char"], 4),
+        "test_bpc": rounded(scores["test"]["bits_per_char"], 4),
         "eval_batch_size": EVAL_BATCH_SIZE,
-        "published": {"valid_ppl": published.valid, "test_ppl": published.test, "source": published.source},
+        "published": {f"valid_{published.unit}": published.valid, f"test_{published.unit}": published.test,
+                      "source": published.source},
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(results_dir / f"{name}.json") as f:
@@ -153,17 +160,27 @@ def results_table(results_dir: Path) -> str:
     ]
     for name, published in PUBLISHED.items():
         path = results_dir / f"{name}.json"
-        paper = f"{fmt(published.valid)} / {fmt(published.test)}"
+        decimals = 1 if published.unit == "ppl" else 2
+        paper = f"{fmt(published.valid, decimals)} / {fmt(published.test, decimals)}"
         if not path.is_file():
             rows.append(f"| {name} | {paper} | not yet run | | | | | {published.source} |")
             continue
         r = read_result(path)
+        unit = published.unit
+        if unit != "ppl":
+            paper += f" {unit}"
+        ours = f"{fmt(r['valid_ppl'])} / {fmt(r['test_ppl'])}" if unit == "ppl" else \
+            f"{fmt(r.get('valid_' + unit), 3)} / {fmt(r.get('test_' + unit), 3)} {unit}"
         rows.append(
-            f"| {name} | {paper} | {fmt(r['valid_ppl'])} / {fmt(r['test_ppl'])} | {r['parameters'] / 1e6:.2f} M | "
+            f"| {name} | {paper} | {ours} | {r['parameters'] / 1e6:.2f} M | "
             f"{r['epochs']} | {r['train_minutes']:.1f} | {r['device']}, {r['threads']} threads | {published.source} |"
         )
     return "\n".join(rows)
 
 
-def fmt(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+def fmt(value: float | None, decimals: int = 1) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{decimals}f}"
+
+
+def rounded(value: float | None, decimals: int) -> float | None:
+    return None if value is None else round(value, decimals)

@@ -36,7 +36,7 @@ import torch
 
 from lmtrain.atomic import open_regular
 from lmtrain.checkpoint import CheckpointDamaged, load_checkpoint, previous_path
-from lmtrain.config import RESUMABLE_KEYS, Config, to_dict
+from lmtrain.config import RESUMABLE_KEYS, Config, from_dict, to_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.runs import is_temporary, run_files
 
@@ -131,7 +131,12 @@ def check_resume_overrides(overrides: list[str]) -> None:
 
 
 def check_same_config(config: Config, stored: dict[str, dict[str, Any]], where: Path, checkpoint: Path) -> None:
-    """`config` (RUN/config.toml and the --set overrides) must be the checkpoint's but for the stopping keys."""
+    """`config` (RUN/config.toml and the --set overrides) must be the checkpoint's but for the stopping keys.
+    A key newer than the checkpoint counts as its default there, as it does in RUN/config.toml."""
+    try:
+        stored = to_dict(from_dict(stored))
+    except LmtrainError:
+        pass  # compared as stored: the first key that differs is named below
     for section, table in to_dict(config).items():
         for key, value in table.items():
             name = f"{section}.{key}"
