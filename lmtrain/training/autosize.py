@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -46,9 +47,9 @@ TOKENS_PER_WEIGHT = 10
 DROPOUT_BY_EPOCHS = ((1.5, 0.0), (3.0, 0.1), (8.0, 0.2), (20.0, 0.3), (math.inf, 0.4))  # (epochs below, dropout)
 SPEED_MARGIN = 0.95  # steps are planned at this share of the probed speed: the machine may slow down
 VALIDATION_SHARE = 0.35  # a validation token's time, as a share of a training token's (forward only, larger batches)
-PROBE_WARMUP, PROBE_STEPS = 2, 3  # untimed steps (the first builds and compiles), then the timed ones
+PROBE_WARMUP, PROBE_STEPS = 3, 5  # untimed steps (the first builds and compiles), then the timed ones
 CHECKPOINT_S = 0.2  # writing last.pt (and best.pt) after a validation: a small model's take a tenth of a second
-FINAL_PROBE_STEPS = 8  # the chosen model's speed, which sets the run's length, is measured longer
+FINAL_PROBE_STEPS = 15  # the chosen model's speed, which sets the run's length, is measured longer
 SIZE_KEYS = ("model.layers", "model.hidden_size", "model.embedding_size", "model.tie_weights")
 LENGTH_KEYS = ("train.epochs", "train.max_steps")
 DROPOUT_KEYS = ("model.dropout", "model.dropout_input", "model.dropout_hidden", "model.dropout_output")
@@ -144,8 +145,9 @@ def fill(config: Config, speed: float, started: float, data: dict[str, TokenFile
 
 def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.device, steps: int = PROBE_STEPS) -> float:
     """Training tokens per second of `config`'s model here: `steps` timed steps (forward,
-    backward, clipping, the optimizer) after PROBE_WARMUP untimed ones, on the split's first windows.
-    The probe's model is thrown away; the run's own is built afterwards from its seed."""
+    backward, clipping, the optimizer) after PROBE_WARMUP untimed ones, on the split's first
+    windows, from the median step's time (a slow step, the machine busy for a moment, moves it
+    little). The probe's model is thrown away; the run's own is built afterwards from its seed."""
     tc = config.train
     model = LanguageModel(config.model, vocab_size).to(device)
     model.train()
@@ -156,17 +158,18 @@ def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.devic
     tokens = torch.as_tensor(train.tokens[: rows * tc.batch_size].astype("int64")).view(tc.batch_size, rows).t().to(device)
     x, y = tokens[:-1].contiguous(), tokens[1:].contiguous()
     state = model.init_state(tc.batch_size)
-    started = 0.0
+    times = []
     for step in range(PROBE_WARMUP + steps):
-        if step == PROBE_WARMUP:
-            sync(device)
-            started = time.perf_counter()
+        sync(device)
+        started = time.perf_counter()
         _, state = train_window(forward, tc, compute_dtype, x, y, detach_state(state))
         gradient_norm(model, tc.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    return steps * y.numel() / max(1e-9, time.perf_counter() - started)
+        sync(device)
+        if step >= PROBE_WARMUP:
+            times.append(time.perf_counter() - started)
+    return y.numel() / max(1e-9, statistics.median(times))
 
 
 def plan_for(config: Config, speed: float, probed, data: dict[str, TokenFile], started: float, *, sized: bool) -> Plan:
