@@ -1,11 +1,11 @@
 """The bare command against the alternatives at equal wall time: `lmtrain train CORPUS --minutes M`
 (model.size = auto and the defaults), beside the same budget with the model one width narrower and
-one wider than auto chose, other learning rates, and the defaults before issue 21 (SGD lr 1, no
+one wider than auto chose (or a width given: width-256), other learning rates, and the defaults before issue 21 (SGD lr 1, no
 dropout, fp32, 2 x 200). Each run is a subprocess given M minutes; each is scored by `lmtrain
 evaluate RUN --json` on the corpus's test split in bits per byte (comparable across tokenizers).
 
     .venv/bin/python benchmarks/defaults_sweep.py [--minutes 5] [--corpora builtin,../shared/data/ptb]
-        [--variants bare,narrower,wider,lr-0.001,lr-0.01,old-defaults] [--out runs/sweep]
+        [--variants bare,narrower,wider,width-256,lr-0.001,lr-0.01,old-defaults] [--out runs/sweep]
 
 Variants run one after the other within a corpus (the bare one first: the others take its width);
 one run each, so a drift of this machine's speed between runs is in the figures. Writes OUT/sweep.jsonl (one record per run) and
@@ -37,9 +37,12 @@ def variant_sets(name: str, bare_width: int | None) -> list[str]:
         return OLD_DEFAULTS
     if name.startswith("lr-"):
         return [f"train.lr={float(name[3:])}"]
-    if name in ("narrower", "wider"):
-        at = WIDTHS.index(bare_width) + (-1 if name == "narrower" else 1)
-        width = WIDTHS[min(max(at, 0), len(WIDTHS) - 1)]
+    if name in ("narrower", "wider") or name.startswith("width-"):
+        if name.startswith("width-"):
+            width = int(name[6:])
+        else:
+            at = WIDTHS.index(bare_width) + (-1 if name == "narrower" else 1)
+            width = WIDTHS[min(max(at, 0), len(WIDTHS) - 1)]
         return [f"model.hidden_size={width}", f"model.embedding_size={width}", "model.tie_weights=true", "model.layers=2"]
     raise SystemExit(f"unknown variant {name!r}")
 

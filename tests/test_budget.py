@@ -123,19 +123,28 @@ def resolve(monkeypatch, overrides, *, train_tokens=1_000_000, speed=lambda widt
     return resolved, plan, probed
 
 
-def expected_width(minutes: float, speed) -> int:
-    """The rule written out: the widest width whose budget gives TOKENS_PER_WEIGHT tokens per recurrent weight."""
+def expected_width(minutes: float, speed, corpus_tokens: int = 1_000_000) -> int:
+    """The rule written out: the widest width whose budget gives TOKENS_PER_WEIGHT useful tokens
+    (all within one pass, then the corpus times 1 + ln(passes)) per recurrent weight."""
     chosen = autosize.WIDTHS[0]
     for width in autosize.WIDTHS[1:]:
         weights = 2 * 4 * width * (2 * width + 2)  # two LSTM layers: W_ih, W_hh and two biases per gate
-        left = 60 * minutes - autosize.validation_seconds(speed(width), fake_data(1))
-        if speed(width) * left < autosize.TOKENS_PER_WEIGHT * weights:
+        tokens = speed(width) * (60 * minutes - autosize.validation_seconds(speed(width), fake_data(1)))
+        passes = tokens / corpus_tokens
+        useful = tokens if passes <= 1 else corpus_tokens * (1 + math.log(passes))
+        if useful < autosize.TOKENS_PER_WEIGHT * weights:
             break
         chosen = width
     return chosen
 
 
-@pytest.mark.parametrize("minutes", [1.0, 10.0, 100.0])
+def test_a_pass_over_seen_text_is_worth_less():
+    assert autosize.useful_tokens(500, 1000) == 500 and autosize.useful_tokens(1000, 1000) == 1000
+    assert autosize.useful_tokens(2000, 1000) == pytest.approx(1000 * (1 + math.log(2)))
+    assert autosize.useful_tokens(1e6, 1000) < 1e6 / 50
+
+
+@pytest.mark.parametrize("minutes", [0.5, 5.0, 50.0])
 def test_auto_size_takes_the_widest_model_the_budget_trains_well(monkeypatch, minutes):
     speed = lambda width: 4e6 / width  # noqa: E731
     config, plan, probed = resolve(monkeypatch, [f"train.max_minutes={minutes}"], speed=speed)
@@ -151,10 +160,10 @@ def test_auto_size_takes_the_widest_model_the_budget_trains_well(monkeypatch, mi
     assert config.model.dropout == next(p for below, p in autosize.DROPOUT_BY_EPOCHS if epochs < below)
 
 
-def test_more_passes_over_a_small_corpus_get_more_dropout(monkeypatch):
+def test_more_passes_over_a_small_corpus_get_a_narrower_model_and_more_dropout(monkeypatch):
     big, _, _ = resolve(monkeypatch, ["train.max_minutes=10"], train_tokens=50_000_000)
     small, _, _ = resolve(monkeypatch, ["train.max_minutes=10"], train_tokens=100_000)
-    assert small.model.dropout > big.model.dropout
+    assert small.model.dropout > big.model.dropout and small.model.hidden_size < big.model.hidden_size
 
 
 def test_given_keys_win_over_auto(monkeypatch):

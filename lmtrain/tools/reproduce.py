@@ -27,7 +27,7 @@ import torch
 from lmtrain import runs
 from lmtrain.atomic import atomic_open
 from lmtrain.checkpoint import load_checkpoint
-from lmtrain.config import load_config, to_dict
+from lmtrain.config import given_keys, load_config, to_dict
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation import evaluate
 from lmtrain.model import count_parameters
@@ -89,16 +89,19 @@ def reproduce(name: str, data_dir: Path, *, config_dir: Path, runs_dir: Path, re
     if not corpus.is_dir():
         raise LmtrainError(f"{corpus} not found: DATA must hold ptb/ and wikitext-2/ (make data fills data/)")
     config = load_config(path, list(overrides))
+    began = time.perf_counter()  # a budget (train.max_minutes) counts from here, as for `lmtrain train`
     run_dir = runs_dir / f"reproduce-{name}"
     if not force and run_dir.is_dir() and not runs.is_empty(run_dir):
         raise LmtrainError(f"{run_dir} holds an earlier reproduction of {name}: pass --force to replace it "
                            f"(make reproduce-{name} FORCE=1), or move it away first")
     with ExitStack() as hold:  # the run directory stays locked until it is trained and scored
         # --force as `lmtrain train --force`: only lmtrain's files go, and only from a run (lmtrain.runs)
-        model, config, data, info = prepare_run(corpus, config, run_dir, force=force, default_run_dir=None, say=say, hold=hold)
+        # a config with model.size = "auto" has the keys it leaves out sized to its budget, as the CLI's would
+        model, config, data, info = prepare_run(corpus, config, run_dir, force=force, default_run_dir=None, say=say,
+                                                hold=hold, given=given_keys(path, list(overrides)), started=began)
         info.pop("run_dir")
         started = time.perf_counter()
-        last = train(model, config, data, run_dir, info, progress=progress or QuietProgress())
+        last = train(model, config, data, run_dir, info, progress=progress or QuietProgress(), started=began)
         train_minutes = (time.perf_counter() - started) / 60
         model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
         scores = {split: evaluate(model, data[split], EVAL_BATCH_SIZE, config.train.bptt) for split in ("valid", "test")}

@@ -7,8 +7,8 @@ train.precision "auto" becomes bf16 where this device multiplies in bfloat16 fas
 supports it; a CPU whose compiled kernels have AVX512-BF16 products) and fp32 elsewhere.
 
 model.size "auto" with a budget: the model is the widest of WIDTHS (two tied layers) that the
-budget can train on at least TOKENS_PER_WEIGHT tokens per recurrent weight, at the speed measured
-here (`probe`: a few real training steps of each width, narrowest first, on the corpus's first
+budget can train on at least TOKENS_PER_WEIGHT tokens per recurrent weight (`useful_tokens`: a
+pass over text already seen counts for less than the first), at the speed measured here (`probe`: a few real training steps of each width, narrowest first, on the corpus's first
 windows); then train.max_steps is set so that the steps fill the budget at the measured speed
 (train.epochs as many as that takes) and train.lr_schedule, unless given, is cosine, so that the
 rate comes down to 0 as the budget ends; the dropout
@@ -41,9 +41,11 @@ from lmtrain.training.loop import gradient_norm, make_optimizer, train_window
 from lmtrain.training.preflight import parameter_count
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)  # the units of both layers, embedding tied
-# training tokens per recurrent weight the budget must give a width for it to be chosen: a wider
-# model learns more per token but needs more tokens; docs/defaults.md has the sweep it comes from
-TOKENS_PER_WEIGHT = 10
+# useful training tokens (useful_tokens) per recurrent weight the budget must give a width for it
+# to be chosen: a wider model learns more per token but needs more of them. Fitted to the 5-minute
+# sweep of docs/defaults.md: there the best width was at 0.86 (the built-in corpus, 192 units) and
+# 0.94 (PTB, 384), and the next wider one lost at 0.43 (the built-in corpus, 256)
+TOKENS_PER_WEIGHT = 0.6
 DROPOUT_BY_EPOCHS = ((1.5, 0.0), (3.0, 0.1), (8.0, 0.2), (20.0, 0.3), (math.inf, 0.4))  # (epochs below, dropout)
 SPEED_MARGIN = 0.95  # steps are planned at this share of the probed speed: the machine may slow down
 VALIDATION_SHARE = 0.35  # a validation token's time, as a share of a training token's (forward only, larger batches)
@@ -93,7 +95,8 @@ def resolve(config: Config, given: frozenset[str] | None, *, vocab_size: int, da
         candidate = replace(config, "model", layers=2, hidden_size=width, embedding_size=width, tie_weights=True)
         rate = probe(candidate, vocab_size, data["train"], device)
         probed.append((width, rate))
-        if probed[1:] and rate * train_seconds(config, started, rate, data) < TOKENS_PER_WEIGHT * parameter_count(candidate.model, 1):
+        budget_tokens = rate * train_seconds(config, started, rate, data)
+        if probed[1:] and useful_tokens(budget_tokens, len(data["train"].tokens)) < TOKENS_PER_WEIGHT * parameter_count(candidate.model, 1):
             break  # too wide for the budget; the narrowest is taken whatever its rate
         chosen, speed = candidate, rate
     if model_given:
@@ -180,6 +183,14 @@ def plan_for(config: Config, speed: float, probed, data: dict[str, TokenFile], s
     finish_s = time.perf_counter() - started + train_s + validation_seconds(speed, data)
     return Plan(tokens_per_s=speed, probed=tuple(probed), steps=steps, epochs=steps / steps_per_epoch(config, data),
                 budget_s=60 * config.train.max_minutes, finish_s=finish_s, sized=sized)
+
+
+def useful_tokens(tokens: float, corpus_tokens: int) -> float:
+    """What `tokens` training tokens over a corpus of `corpus_tokens` are worth: all of them within
+    one pass; beyond it the corpus times 1 + ln(passes), each pass over seen text worth less than
+    the one before (the shape of data-constrained scaling, Muennighoff et al. 2023)."""
+    passes = tokens / max(1, corpus_tokens)
+    return tokens if passes <= 1 else corpus_tokens * (1 + math.log(passes))
 
 
 def train_seconds(config: Config, started: float, speed: float, data: dict[str, TokenFile]) -> float:
