@@ -8,11 +8,12 @@ supports it; a CPU whose compiled kernels have AVX512-BF16 products) and fp32 el
 
 model.size "auto" with a budget: the model is the widest of WIDTHS (two tied layers) that the
 budget can train on at least TOKENS_PER_WEIGHT tokens per recurrent weight (`useful_tokens`: a
-pass over text already seen counts for less than the first), at the speed measured here (`probe`: a few real training steps of each width, narrowest first, on the corpus's first
+pass over text already seen counts for less than the first), at the speed measured here
+(`probe`: a few real training steps of each width, narrowest first, on the corpus's first
 windows); then train.max_steps is set so that the steps fill the budget at the measured speed
 (train.epochs as many as that takes) and train.lr_schedule, unless given, is cosine, so that the
-rate comes down to 0 as the budget ends; the dropout
-follows the epochs planned (DROPOUT_BY_EPOCHS: none for about one pass, more the more passes).
+rate comes down to 0 as the budget ends; the dropout follows the epochs planned
+(DROPOUT_BY_EPOCHS: none for about one pass, more the more passes).
 Keys the config gives (`given`: its TOML file and `--set`) are never changed: giving any of
 SIZE_KEYS keeps the model as configured, any of LENGTH_KEYS the run's length, any of DROPOUT_KEYS
 the dropout. The resolved values are what config.toml and the checkpoints store, with model.size
@@ -62,7 +63,7 @@ class Plan:
     """What the resolution measured and expects (`lmtrain train --dry-run` prints it)."""
 
     tokens_per_s: float  # the chosen model's training speed, probed here
-    probed: tuple[tuple[int, float], ...]  # (hidden size, tokens/s) of each model tried
+    probed: tuple[tuple[int, float], ...]  # (hidden size, tokens/s) of each width model.size = auto tried
     steps: int  # optimizer steps the run will take (train.max_steps, or its epochs' steps)
     epochs: float  # passes over the training split those steps make
     budget_s: float  # train.max_minutes in seconds (0: no budget)
@@ -87,24 +88,9 @@ def resolve(config: Config, given: frozenset[str] | None, *, vocab_size: int, da
         if not probe_always:
             return config, None
         speed = probe(config, vocab_size, data["train"], device)
-        return config, plan_for(config, speed, ((config.model.hidden_size, speed),), data, started, sized=False)
-    model_given = any(key in given for key in SIZE_KEYS)
-    probed: list[tuple[int, float]] = []
-    chosen, speed = config, 0.0
-    for width in (() if model_given else WIDTHS):
-        candidate = replace(config, "model", layers=2, hidden_size=width, embedding_size=width, tie_weights=True)
-        rate = probe(candidate, vocab_size, data["train"], device)
-        probed.append((width, rate))
-        budget_tokens = rate * train_seconds(config, started, rate, data)
-        if probed[1:] and useful_tokens(budget_tokens, len(data["train"].tokens)) < TOKENS_PER_WEIGHT * parameter_count(candidate.model, 1):
-            break  # too wide for the budget; the narrowest is taken whatever its rate
-        chosen, speed = candidate, rate
-    if model_given:
-        speed = probe(config, vocab_size, data["train"], device, steps=FINAL_PROBE_STEPS)
-        probed.append((config.model.hidden_size, speed))
-    config = chosen
-    if not model_given:
-        speed = probe(config, vocab_size, data["train"], device, steps=FINAL_PROBE_STEPS)
+        return config, plan_for(config, speed, (), data, started, sized=False)
+    config, probed = (config, []) if any(key in given for key in SIZE_KEYS) else widest(config, vocab_size, data, device, started)
+    speed = probe(config, vocab_size, data["train"], device, steps=FINAL_PROBE_STEPS)  # it sets the run's length
     if not any(key in given for key in LENGTH_KEYS):
         steps = fill(config, speed, started, data)
         config = replace(config, "train", max_steps=steps, epochs=math.ceil(steps / steps_per_epoch(config, data)))
@@ -117,6 +103,23 @@ def resolve(config: Config, given: frozenset[str] | None, *, vocab_size: int, da
     return config, plan_for(config, speed, tuple(probed), data, started, sized=True)
 
 
+def widest(config: Config, vocab_size: int, data: dict[str, TokenFile], device: torch.device,
+           started: float) -> tuple[Config, list[tuple[int, float]]]:
+    """`config` with the widest model of WIDTHS that the budget trains well (the module's rule),
+    and the (width, tokens/s) of each width probed, narrowest first, up to the first too wide."""
+    chosen, probed = None, []
+    for width in WIDTHS:
+        candidate = replace(config, "model", layers=2, hidden_size=width, embedding_size=width, tie_weights=True)
+        rate = probe(candidate, vocab_size, data["train"], device)
+        probed.append((width, rate))
+        budget_tokens = rate * train_seconds(config, started, rate, data)
+        weights = parameter_count(candidate.model, 1)  # the recurrent ones: a vocabulary of one
+        if chosen is not None and useful_tokens(budget_tokens, len(data["train"].tokens)) < TOKENS_PER_WEIGHT * weights:
+            break  # too wide for the budget (the narrowest is taken whatever its rate)
+        chosen = candidate
+    return chosen, probed
+
+
 def describe(plan: Plan, config: Config) -> str:
     """One line of what the resolution chose and expects, for the user."""
     m, tc = config.model, config.train
@@ -124,8 +127,9 @@ def describe(plan: Plan, config: Config) -> str:
     chosen = (f"model.size auto chose {m.layers} x {m.hidden_size}{' tied' if m.tie_weights else ''}, dropout {m.dropout:g}, "
               if plan.sized else "")
     budget = f" of the {plan.budget_s / 60:g}-minute budget" if plan.budget_s else ""
-    return (f"{chosen}{plan.steps:,} steps ({plan.epochs:.2f} epochs), {tc.precision}; tokens/s probed {tried}; "
-            f"expected to end {plan.finish_s / 60:.1f} min after the start{budget}, final validation included")
+    return (f"{chosen}{plan.steps:,} steps ({plan.epochs:.2f} epochs), {tc.precision}, {plan.tokens_per_s:,.0f} tokens/s"
+            + (f" (widths probed, tokens/s: {tried})" if tried else "")
+            + f"; expected to end {plan.finish_s / 60:.1f} min after the start{budget}, final validation included")
 
 
 def training_precision(device: torch.device) -> str:
@@ -176,11 +180,14 @@ def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.devic
 
 
 def plan_for(config: Config, speed: float, probed, data: dict[str, TokenFile], started: float, *, sized: bool) -> Plan:
+    """The Plan of `config` at `speed` tokens/s: its steps, and when it ends (every validation counted),
+    no later than the budget plus the final validation."""
     steps = planned_steps(config, data)
-    train_s = steps * tokens_per_step(config) / max(speed, 1e-9)
+    validations = math.ceil(steps / steps_per_epoch(config, data))  # one per epoch end, the last the final one
+    run_s = steps * tokens_per_step(config) / max(speed, 1e-9) + (validations - 1) * validation_seconds(speed, data)
     if config.train.max_minutes:
-        train_s = min(train_s, max(0.0, 60 * config.train.max_minutes - (time.perf_counter() - started)))
-    finish_s = time.perf_counter() - started + train_s + validation_seconds(speed, data)
+        run_s = min(run_s, max(0.0, 60 * config.train.max_minutes - (time.perf_counter() - started)))
+    finish_s = time.perf_counter() - started + run_s + validation_seconds(speed, data)
     return Plan(tokens_per_s=speed, probed=tuple(probed), steps=steps, epochs=steps / steps_per_epoch(config, data),
                 budget_s=60 * config.train.max_minutes, finish_s=finish_s, sized=sized)
 
