@@ -23,7 +23,7 @@ H_ONLY_CELLS = ("gru", "rnn", "clockwork")
 OPTIMIZERS = ("sgd", "ntasgd", "adamw")
 LR_SCHEDULES = ("plateau", "epoch", "cosine", "constant")
 # training arithmetic (train.precision; auto: bf16 where this device multiplies in bfloat16 fast, fp32 elsewhere,
-# lmtrain.runtime.training_precision); generation weights: generation.WEIGHT_PRECISIONS
+# lmtrain.training.autosize.training_precision); generation weights: generation.WEIGHT_PRECISIONS
 PRECISIONS = ("auto", "fp32", "bf16")
 RECURRENT_INITS = ("range", "torch")
 LOSS_REDUCTIONS = ("token_mean", "sequence_sum")

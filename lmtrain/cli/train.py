@@ -136,7 +136,7 @@ def print_plan(config: Config, plan: Plan, started: float) -> None:
     typer.echo(f"# steps: {plan.steps:,} ({plan.epochs:.2f} epochs)")
     finish = datetime.datetime.now() + datetime.timedelta(seconds=plan.finish_s - (time.perf_counter() - started))
     typer.echo(f"# expected finish: {plan.finish_s / 60:.1f} min from the start, about {finish:%H:%M:%S}"
-               + (f" (budget {plan.budget_s / 60:g} min)" if plan.budget_s else ""))
+               + (f" (budget {config.train.max_minutes:g} min)" if config.train.max_minutes else ""))
 
 
 def forwarded_args(ctx: typer.Context, drop: str) -> list[str]:

@@ -36,7 +36,7 @@ import torch
 
 from lmtrain.config import Config, from_dict, to_dict
 from lmtrain.model import LanguageModel, detach_state, step_ops
-from lmtrain.text import TokenFile
+from lmtrain.text import EOS_ID, TokenFile, lazy_batchify, windows
 from lmtrain.training.distributed import WindowForward
 from lmtrain.training.loop import gradient_norm, make_optimizer, train_window
 from lmtrain.training.preflight import parameter_count
@@ -66,7 +66,6 @@ class Plan:
     probed: tuple[tuple[int, float], ...]  # (hidden size, tokens/s) of each width model.size = auto tried
     steps: int  # optimizer steps the run will take (train.max_steps, or its epochs' steps)
     epochs: float  # passes over the training split those steps make
-    budget_s: float  # train.max_minutes in seconds (0: no budget)
     finish_s: float  # expected seconds from the command's start to the end, final validation included
     sized: bool  # whether model.size = auto chose the model, dropout and length
 
@@ -126,7 +125,7 @@ def describe(plan: Plan, config: Config) -> str:
     tried = ", ".join(f"{width}: {rate:,.0f}" for width, rate in plan.probed)
     chosen = (f"model.size auto chose {m.layers} x {m.hidden_size}{' tied' if m.tie_weights else ''}, dropout {m.dropout:g}, "
               if plan.sized else "")
-    budget = f" of the {plan.budget_s / 60:g}-minute budget" if plan.budget_s else ""
+    budget = f" of the {tc.max_minutes:g}-minute budget" if tc.max_minutes else ""
     return (f"{chosen}{plan.steps:,} steps ({plan.epochs:.2f} epochs), {tc.precision}, {plan.tokens_per_s:,.0f} tokens/s"
             + (f" (widths probed, tokens/s: {tried})" if tried else "")
             + f"; expected to end {plan.finish_s / 60:.1f} min after the start{budget}, final validation included")
@@ -161,9 +160,7 @@ def probe(config: Config, vocab_size: int, train: TokenFile, device: torch.devic
     optimizer = make_optimizer(model, tc)
     forward = WindowForward(model)
     compute_dtype = torch.bfloat16 if tc.precision == "bf16" else None
-    rows = max(2, min(tc.bptt + 1, len(train.tokens) // tc.batch_size))
-    tokens = torch.as_tensor(train.tokens[: rows * tc.batch_size].astype("int64")).view(tc.batch_size, rows).t().to(device)
-    x, y = tokens[:-1].contiguous(), tokens[1:].contiguous()
+    x, y = (t.to(device) for t in next(windows(*lazy_batchify(train.tokens, tc.batch_size, EOS_ID), tc.bptt)))
     state = model.init_state(tc.batch_size)
     times = []
     for step in range(PROBE_WARMUP + steps):
@@ -189,7 +186,7 @@ def plan_for(config: Config, speed: float, probed, data: dict[str, TokenFile], s
         run_s = min(run_s, max(0.0, 60 * config.train.max_minutes - (time.perf_counter() - started)))
     finish_s = time.perf_counter() - started + run_s + validation_seconds(speed, data)
     return Plan(tokens_per_s=speed, probed=tuple(probed), steps=steps, epochs=steps / steps_per_epoch(config, data),
-                budget_s=60 * config.train.max_minutes, finish_s=finish_s, sized=sized)
+                finish_s=finish_s, sized=sized)
 
 
 def useful_tokens(tokens: float, corpus_tokens: int) -> float:

@@ -106,7 +106,7 @@ def prepare_run(corpus: Path | None, config: Config, run_dir: Path | None, *, fo
         say(autosize.describe(plan, config))
     check_model_fits(config, tokenizer.vocab_size, device)
     if dry_run:
-        return None, config, data, {"plan": plan, "vocab_size": tokenizer.vocab_size}
+        return None, config, data, {"plan": plan}
     run_dir = run_dir or default_run_dir(texts.source)
     model, info = start_run(run_dir, config, tokenizer, corpus_source=texts.source, force=force, device=device, hold=hold)
     info["corpus_digests"] = corpus_digests(texts)
