@@ -1,7 +1,11 @@
 """The benchmark's plumbing on a tiny setting: record fields, interleaving, memory accounting."""
 
 import json
+import random
+import subprocess
+import sys
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -149,3 +153,40 @@ def test_fp32_benchmarks_run_without_tf32_and_put_the_switches_back(monkeypatch)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     bench.bench_stacks(["lstm"], [8], ["fp32"], layers=1, batch=2, bptt=3, repeats=1, warmup=0, device=torch.device("cpu"))
     assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32 is True
+
+
+def test_bench_loop_times_both_loops_each_in_a_process_of_its_own(tmp_path, monkeypatch):
+    from lmtrain.tools import bench_loop
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(200)]
+    for split, lines in (("train", 120), ("valid", 12), ("test", 12)):
+        (tmp_path / f"{split}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(20))
+                                                         for _ in range(lines)) + "\n")
+    children = []
+    real = bench_loop.run_child
+    monkeypatch.setattr(bench_loop, "run_child", lambda impl, *a, **k: children.append(impl) or real(impl, *a, **k))
+    result = CliRunner().invoke(app, ["bench", "--loop", "--corpus", str(tmp_path), "--steps", "3", "--warmup-steps",
+                                      "2", "--repeats", "2", "--dtypes", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    records = {r["impl"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert children == ["plain", "ours", "plain", "ours"]  # interleaved rounds, one process per loop
+    assert records["plain"]["ratio_vs_plain"] == 1.0 and records["ours"]["precision"] == "fp32"
+    assert records["ours"]["tokens_per_s"] > 0 and records["ours"]["ratio_vs_plain"] > 0
+    assert records["ours"]["steps"] == 3 and records["ours"]["rounds"] == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_freed_blocks_are_kept_for_reuse_once_the_console_script_asks():
+    """A 32 MB tensor made and freed again and again: with the default allocator each one is a
+    fresh mapping whose 8,192 pages fault in again; kept, the heap settles after a few rounds
+    and the last ones reuse its pages."""
+    probe = ("import resource, sys, torch\n"
+             "from lmtrain.runtime import keep_freed_memory\n"
+             "assert keep_freed_memory() if sys.argv[1] == 'keep' else True\n"
+             "for _ in range(20): torch.ones(8 << 20)\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "for _ in range(5): torch.ones(8 << 20)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {how: int(subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True,
+                                      check=True).stdout) for how in ("default", "keep")}
+    assert faults["default"] > 30_000 and faults["keep"] < 2_000, faults

@@ -23,6 +23,7 @@ except ImportError:  # typer from 0.2x on carries its own copy of click
 
 from lmtrain.errors import LmtrainError, one_line
 from lmtrain.model import selfcheck
+from lmtrain.runtime import keep_freed_memory
 from lmtrain.text import ENCODING_ERRORS
 from lmtrain.training import distributed
 
@@ -96,6 +97,7 @@ def quiet_broken_pipe():
 
 def main() -> None:
     """The console script: the app, and under torchrun each rank's exit through distributed.leave."""
+    keep_freed_memory()
     if not distributed.launched():
         app()
         return

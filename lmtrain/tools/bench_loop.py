@@ -1,5 +1,6 @@
 """`lmtrain bench --loop`: the whole training loop of `lmtrain train` against a plain loop written
-as the PyTorch word-language-model example writes its own, same config, same process, interleaved.
+as the PyTorch word-language-model example writes its own, same config, interleaved rounds, each
+loop in a fresh process of its own, as the two programs run.
 
     ours:   lmtrain.training.train as `lmtrain train` runs it: windows from the token file's
             memmap, dropout, the step, clipping, the optimizer, the non-finite checks, logging
@@ -12,15 +13,25 @@ as the PyTorch word-language-model example writes its own, same config, same pro
 Both run the example's configuration (LOOP_SETTINGS: 2 x 200, dropout 0.2, SGD lr 20, clip 0.25,
 bptt 35, batch 20) on the same corpus and vocabulary. A round trains each for `warmup + steps`
 training steps; tokens/s counts the last `steps` of them (from the progress callback, so start-up
-and the final validation are outside). The figure is the median over the rounds; `lmtrain
-train`'s own tokens/s (the mean of timing.jsonl's train records) is reported beside it.
+and the final validation are outside). A loop's figure is its median over the rounds, and `vs
+plain` the median of each round's ratio to the plain loop of the same round (the pairs run
+minutes apart at most, so the machine's drift cancels); `lmtrain train`'s own tokens/s (the mean
+of timing.jsonl's train records) is reported beside it.
+
+Each loop runs in a child process (`python -m lmtrain.tools.bench_loop`, `run_child`) set up as its
+program is: ours as the console script sets itself up (lmtrain.runtime.keep_freed_memory), the
+plain one with Python's and torch's defaults. One process for both would give the plain loop our
+process's settings, which the example's `main.py` does not have.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +43,9 @@ import torch
 import torch.nn as nn
 
 from lmtrain.config import Config, load_config
+from lmtrain.errors import LmtrainError, one_line
 from lmtrain.progress import TerminalProgress
+from lmtrain.runtime import keep_freed_memory
 from lmtrain.text import EOS_ID, batchify
 from lmtrain.training import prepare_run, train
 
@@ -141,6 +154,35 @@ def our_loop(corpus: Path, settings: list[str], root: Path, total_steps: int) ->
     return clock.times, (statistics.mean(rates) if rates else None)
 
 
+def run_child(impl: str, corpus: Path, root: Path, settings: list[str], total_steps: int,
+              vocab: int = 0) -> tuple[list[float], float | None]:
+    """One loop in a fresh Python process (`main` below) -> what plain_loop / our_loop return; the
+    plain loop reads the token ids bench_loop saved in `root` and needs their `vocab` size."""
+    request = root / f"request-{impl}.json"
+    request.write_text(json.dumps({"impl": impl, "corpus": str(corpus), "root": str(root), "settings": settings,
+                                   "steps": total_steps, "vocab": vocab}), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "lmtrain.tools.bench_loop", str(request)],
+                          capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise LmtrainError(f"the {impl} loop's process failed: {one_line(done.stderr.strip()[-500:] or done.returncode)}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer["times"], answer["own"]
+
+
+def main(request_path: str) -> None:
+    """A child's side of run_child: read the request, run the loop, print its times as one JSON line."""
+    request = json.loads(Path(request_path).read_text(encoding="utf-8"))
+    corpus, root, settings = Path(request["corpus"]), Path(request["root"]), request["settings"]
+    if request["impl"] == "plain":
+        config = load_config(None, settings)
+        tokens = np.load(root / "train-tokens.npy")
+        times, own = plain_loop(config, tokens, request["vocab"], request["steps"]), None
+    else:
+        keep_freed_memory()  # as lmtrain.cli.main does before any command
+        times, own = our_loop(corpus, settings, root, request["steps"])
+    print(json.dumps({"times": times, "own": own}))
+
+
 def rate(times: list[float], warmup: int, tokens_per_step: int) -> float:
     """Tokens/s over the steps after the first `warmup` ones."""
     return (len(times) - warmup) * tokens_per_step / (times[-1] - times[warmup - 1])
@@ -154,15 +196,17 @@ def bench_loop(corpus: Path | None, precisions: list[str], *, steps: int, warmup
         corpus = corpus or synthetic_corpus(root / "corpus")
         config = load_config(None, LOOP_SETTINGS)
         _, _, data, _ = prepare_run(corpus, config, root / "tokens", force=True, default_run_dir=None, say=say)
-        tokens, vocab = np.asarray(data["train"].tokens), data["train"].vocab_size
+        np.save(root / "train-tokens.npy", np.asarray(data["train"].tokens))
         per_step = config.train.bptt * config.train.batch_size
         total = warmup + steps
         plain, ours, reported = [], {p: [] for p in precisions}, {p: [] for p in precisions}
+        ratios = {p: [] for p in precisions}
         for r in range(rounds):
-            plain.append(rate(plain_loop(config, tokens, vocab, total), warmup, per_step))
+            plain.append(rate(run_child("plain", corpus, root, LOOP_SETTINGS, total, data["train"].vocab_size)[0], warmup, per_step))
             for precision in precisions:
-                times, own = our_loop(corpus, [*LOOP_SETTINGS, f"train.precision={precision}"], root, total)
+                times, own = run_child("ours", corpus, root, [*LOOP_SETTINGS, f"train.precision={precision}"], total)
                 ours[precision].append(rate(times, warmup, per_step))
+                ratios[precision].append(ours[precision][-1] / plain[-1])
                 reported[precision].append(own)
             say(f"round {r + 1}/{rounds}: plain {plain[-1]:,.0f} tok/s, "
                 + ", ".join(f"ours {p} {ours[p][-1]:,.0f}" for p in precisions))
@@ -170,8 +214,8 @@ def bench_loop(corpus: Path | None, precisions: list[str], *, steps: int, warmup
     records = [LoopRecord("plain", "fp32", base, 1.0, None, steps, rounds)]
     for p in precisions:
         own = [v for v in reported[p] if v is not None]
-        median = statistics.median(ours[p])
-        records.append(LoopRecord("ours", p, median, median / base, statistics.median(own) if own else None, steps, rounds))
+        records.append(LoopRecord("ours", p, statistics.median(ours[p]), statistics.median(ratios[p]),
+                                  statistics.median(own) if own else None, steps, rounds))
     return records
 
 
@@ -181,3 +225,7 @@ def format_loop_table(records: list[LoopRecord]) -> str:
         own = f"{r.timing_tokens_per_s:,.0f}" if r.timing_tokens_per_s is not None else ""
         lines.append(f"| {r.impl} | {r.precision} | {r.tokens_per_s:,.0f} | {r.ratio_vs_plain:.2f} | {own} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
