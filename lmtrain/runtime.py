@@ -43,13 +43,15 @@ def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed blocks under KEPT_BLOCK_BYTES for reuse (-> whether it
     took the settings; elsewhere than Linux with glibc nothing changes).
 
-    By default every tensor over a few MB (a window's logits: bptt x batch x vocab floats, 28 MB at
-    35 x 20 x 10,000) is a fresh mmap, returned to the system when freed, so each training step
-    pays for its pages again as they are first written: about 6 ms of a 75 ms step in the fused
-    cross-entropy's backward at that size, 25 ms for one 92 MB tensor (WikiText-2's vocabulary),
-    measured on our CPU (docs/speed.md). Kept, the next step's tensors reuse the same pages. The
-    process's peak memory is unchanged; what it holds between peaks is no longer given back. Called
-    once by the console script (lmtrain.cli.main), not by the library on import.
+    By default a block over glibc's mmap threshold (which adapts to freed blocks, up to 32 MB) is a
+    fresh mapping, returned to the system when freed, so a training step's large tensors (a
+    window's logits: bptt x batch x vocab floats, 28 MB at 35 x 20 x 10,000) often pay for their
+    pages again as they are first written. Kept, the next step's tensors reuse the same pages:
+    our loop at the PyTorch example's configuration on PTB, fp32, 7,925 -> 9,384 tokens/s; the
+    fused cross-entropy's backward at 33,278 words, 28.0 -> 5.1 ms (benchmarks/freed_memory.py,
+    docs/speed.md). The process's peak memory is unchanged; what it holds between peaks is no
+    longer given back. Called once by the console script (lmtrain.cli.main), not by the library
+    on import.
     """
     if not sys.platform.startswith("linux"):
         return False
