@@ -20,21 +20,17 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, sys, tempfile, time
+import sys, tempfile
 from pathlib import Path
 import torch
 from lmtrain.runtime import keep_freed_memory
+from lmtrain.tools.bench_timing import time_round_robin
 what, keep, arg = sys.argv[1], sys.argv[2] == "kept", sys.argv[3]
 if keep:
     assert keep_freed_memory()
 
-def median_ms(f, n=15):
-    for _ in range(3):
-        f()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter(); f(); times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2] * 1000
+def median_ms(f):
+    return time_round_robin({"one": f}, 15, 3, torch.device("cpu"))["one"] * 1000
 
 if what == "fresh tensor":
     print(median_ms(lambda: torch.ones(700, int(arg))))

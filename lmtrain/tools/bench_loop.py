@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -162,7 +161,7 @@ def run_child(impl: str, corpus: Path, root: Path, settings: list[str], total_st
     request.write_text(json.dumps({"impl": impl, "corpus": str(corpus), "root": str(root), "settings": settings,
                                    "steps": total_steps, "vocab": vocab}), encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "lmtrain.tools.bench_loop", str(request)],
-                          capture_output=True, text=True, env=os.environ.copy())
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise LmtrainError(f"the {impl} loop's process failed: {one_line(done.stderr.strip()[-500:] or done.returncode)}")
     answer = json.loads(done.stdout.strip().splitlines()[-1])
